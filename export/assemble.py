@@ -1,0 +1,156 @@
+"""Stamp the traced pieces into whole graphs and write every weight once into one shared file.
+
+prefill = prologue -> block x n_layers -> head_last
+decode  = prologue -> block_past x n_layers -> head_last
+score   = prologue -> block x n_layers -> head_all      (logits for every position: perplexity)
+
+Each weight is stored once, in the layout the first graph asks for (decode first: it is the hot
+path); a graph that wants the other layout gets a Transpose node that ONNX Runtime and TensorRT fold
+at load time. All graphs reference the same `weights.bin` through ONNX external data.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from .checkpoint import Checkpoint
+from .pieces import Piece
+
+ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
+SMALL = 1 << 16          # tensors at least this large start on a 64 KiB boundary (mmap-friendly on every OS)
+
+
+class WeightsFile:
+    """Appends tensors to one file and hands out external-data TensorProtos pointing at them."""
+
+    def __init__(self, path: Path, dtype: torch.dtype):
+        self.path, self.dtype = path, dtype
+        self.file = open(path, "wb")
+        self.offset = 0
+        self.stored: dict[str, TensorProto] = {}
+        self.layout: dict[str, str] = {}      # parameter -> layout it is stored in ("" or "T")
+
+    def add(self, name: str, tensor: torch.Tensor) -> TensorProto:
+        data = tensor.detach().to(self.dtype).contiguous()
+        raw = data.view(torch.uint8).numpy()
+        align = 1 << 16 if raw.nbytes >= SMALL else 64
+        pad = -self.offset % align
+        if pad:
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+        self.file.write(raw.tobytes())
+        proto = TensorProto(name=name, data_type=ONNX_DTYPE[self.dtype], dims=list(data.shape),
+                            data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(raw.nbytes))):
+            proto.external_data.add(key=k, value=v)
+        self.offset += raw.nbytes
+        self.stored[name] = proto
+        return proto
+
+    def close(self):
+        self.file.close()
+
+
+class GraphBuilder:
+    """Collects nodes and initializers of one graph while pieces are instantiated into it."""
+
+    def __init__(self, ckpt: Checkpoint, weights: WeightsFile):
+        self.ckpt, self.weights = ckpt, weights
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, TensorProto] = {}
+
+    def weight(self, param: str, layout: str) -> str:
+        """Name of a value holding `param` in `layout`, storing it in the weights file on first use."""
+        w = self.weights
+        if param not in w.layout:
+            t = self.ckpt.tensors[param].load()
+            stored_name = param + (".T" if layout == "T" else "")
+            w.add(stored_name, t.t() if layout == "T" else t)
+            w.layout[param] = layout
+        stored_layout = w.layout[param]
+        stored_name = param + (".T" if stored_layout == "T" else "")
+        self.initializers[stored_name] = w.stored[stored_name]
+        if stored_layout == layout:
+            return stored_name
+        # The other layout: transpose at load time rather than storing the weight twice.
+        out = param + (".T" if layout == "T" else "")
+        if not any(out in n.output for n in self.nodes):
+            self.nodes.insert(0, helper.make_node("Transpose", [stored_name], [out], name=f"{out}/Transpose", perm=[1, 0]))
+        return out
+
+    def add(self, piece: Piece, scope: str, layer: int | None, bind: dict[str, str], shared_scope: str) -> None:
+        """Instantiate a piece: values get `scope/` prefixes, bound inputs/outputs take outer names."""
+        consts = {}
+        for init in piece.graph.initializer:
+            name = f"{shared_scope}/{init.name}"       # identical in every instance: share it
+            consts[init.name] = name
+            if name not in self.initializers:
+                t = copy.deepcopy(init)
+                t.name = name
+                self.initializers[name] = t
+
+        def rename(v: str) -> str:
+            if not v:
+                return v
+            if v in bind:
+                return bind[v]
+            if v in consts:
+                return consts[v]
+            if v.startswith("@w:"):
+                param, layout = v[3:].split("|")
+                if layer is not None:
+                    param = param.replace("layers.0.", f"layers.{layer}.", 1)
+                return self.weight(param, layout)
+            return f"{scope}/{v}"
+
+        for node in piece.graph.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise RuntimeError(f"piece node {node.name} has a subgraph; the assembler does not handle those")
+            n = copy.deepcopy(node)
+            n.name = f"{scope}/{node.name or node.op_type}"
+            n.input[:] = [rename(v) for v in node.input]
+            n.output[:] = [rename(v) for v in node.output]
+            self.nodes.append(n)
+
+    def prune(self, outputs: list[str]) -> None:
+        """Drop nodes whose results no graph output needs (the score graph's K/V)."""
+        needed, kept = set(outputs), []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                kept.append(node)
+                needed.update(node.input)
+        self.nodes = kept[::-1]
+        self.initializers = {k: v for k, v in self.initializers.items() if k in needed}
+
+    def to_model(self, name: str, inputs, outputs, opset: int) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=list(self.initializers.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ardeploy")
+        # onnx writes the newest IR version by default, which ONNX Runtime may not read yet.
+        model.ir_version = 10
+        return model
+
+
+def build_graph(kind: str, pieces: dict[str, Piece], ckpt: Checkpoint, weights: WeightsFile,
+                io: dict, opset: int) -> onnx.ModelProto:
+    """kind: prefill | decode | score. `io` gives the contract's ValueInfoProtos (see bundle.graph_io)."""
+    spec = ckpt.spec
+    b = GraphBuilder(ckpt, weights)
+    b.add(pieces["prologue"], "prologue", None,
+          {"input_ids": "input_ids", "attention_mask": "attention_mask",
+           "x": "hidden.0", "cos": "rope.cos", "sin": "rope.sin", "mask": "attn.mask"}, "prologue")
+    block = pieces["block_past" if kind == "decode" else "block"]
+    for i in range(spec.n_layers):
+        bind = {"x": f"hidden.{i}", "cos": "rope.cos", "sin": "rope.sin", "mask": "attn.mask",
+                "y": f"hidden.{i + 1}", "k": f"present.{i}.key", "v": f"present.{i}.value"}
+        if kind == "decode":
+            bind.update({"past_k": f"past.{i}.key", "past_v": f"past.{i}.value"})
+        b.add(block, f"layers.{i}", i, bind, "block")
+    head = pieces["head_all" if kind == "score" else "head_last"]
+    b.add(head, "head", None, {"x": f"hidden.{spec.n_layers}", "logits": "logits"}, "head")
+    inputs, outputs = io["inputs"], io["outputs"]
+    b.prune([o.name for o in outputs])
+    return b.to_model(kind, inputs, outputs, opset)

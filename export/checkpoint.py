@@ -1,0 +1,117 @@
+"""What every loader returns: a ModelSpec, lazily loaded tensors under canonical names, tokenizer facts.
+
+Tensors are loaded one at a time (`LazyTensor.load()`), so writing a bundle never holds a whole model
+in memory; only `verify` builds the full PyTorch reference.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .spec import ModelSpec
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot read: the message names the file or tensor at fault."""
+
+
+@dataclass
+class LazyTensor:
+    shape: tuple[int, ...]
+    loader: Callable[[], torch.Tensor]
+
+    def load(self) -> torch.Tensor:
+        return self.loader()
+
+
+@dataclass
+class Checkpoint:
+    spec: ModelSpec
+    tensors: dict[str, LazyTensor]
+    source: str
+    source_format: str                       # "hf" | "meta" | "gguf"
+    source_files: list[Path] = field(default_factory=list)
+    tokenizer_json: str | None = None        # serialized `tokenizers` JSON, when the checkpoint has one
+    chat_template: str | None = None
+    special_tokens: dict = field(default_factory=dict)   # bos_token_id, eos_token_id (list), pad_token_id
+    generation_defaults: dict = field(default_factory=dict)
+    family: str = "llama"
+    warnings: list[str] = field(default_factory=list)
+
+    def source_sha256(self) -> str:
+        """Hash of the weight files (names and bytes), so a bundle says exactly what it came from."""
+        h = hashlib.sha256()
+        for path in sorted(self.source_files):
+            h.update(path.name.encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.load() for name, t in self.tensors.items()}
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor names (Hugging Face Llama layout, no `model.` prefix) and their shapes."""
+    d, f, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
+    q, kv = spec.n_heads * hd, spec.n_kv_heads * hd
+    shapes = {"embed_tokens.weight": (spec.vocab_size, d), "norm.weight": (d,)}
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, d)
+    for i in range(spec.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d),
+            p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d),
+            p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+        })
+        if spec.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if spec.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+    return shapes
+
+
+def check_tensors(spec: ModelSpec, tensors: dict[str, LazyTensor], source: str, name_of=lambda n: n) -> None:
+    """Fail with one message naming every missing or mis-shaped tensor (in the checkpoint's own names)."""
+    expected = expected_shapes(spec)
+    missing = [name_of(n) for n in expected if n not in tensors]
+    wrong = [f"{name_of(n)} has shape {list(tensors[n].shape)}, expected {list(s)}"
+             for n, s in expected.items() if n in tensors and tuple(tensors[n].shape) != s]
+    problems = []
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        problems.append(f"missing tensor(s) {shown}")
+    problems += wrong
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def unpermute_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of q/k rotating interleaved pairs (Meta, GGUF) -> rows rotating the two halves (Hugging Face).
+
+    Per head, interleaved row 2j pairs with 2j+1; the half-split layout pairs row j with j + hd/2.
+    Taking the even rows first, then the odd rows, maps one onto the other exactly (a permutation).
+    """
+    rows, cols = w.shape[0], w.shape[1:]
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *cols).transpose(1, 2).reshape(rows, *cols)
+
+
+def permute_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `unpermute_interleaved` (used to write Meta-format test checkpoints)."""
+    rows, cols = w.shape[0], w.shape[1:]
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *cols).transpose(1, 2).reshape(rows, *cols)

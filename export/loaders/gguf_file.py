@@ -1,0 +1,102 @@
+"""llama-architecture GGUF files (llama.cpp's format), dequantized to float with the `gguf` package.
+
+llama.cpp's converter permutes q/k rows of `llama` models into the interleaved-pair rotation;
+we undo that permutation on load. The tokenizer is rebuilt from the GGUF metadata.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, CheckpointError, LazyTensor, check_tensors, unpermute_interleaved
+from ..spec import ModelSpec
+
+SUPPORTED_ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+NAMES = {
+    "token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight",
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def _canonical(name: str) -> str | None:
+    if name.startswith("blk."):
+        _, i, rest = name.split(".", 2)
+        return f"layers.{i}.{NAMES[rest]}" if rest in NAMES else None
+    return NAMES.get(name)
+
+
+def field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def load_gguf(path: Path) -> Checkpoint:
+    import gguf
+    from gguf import quants
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read as GGUF ({type(e).__name__}: {e})") from None
+    arch = field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCH:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCH)})")
+    k = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+    try:
+        n_heads = int(k("attention.head_count"))
+        n_kv = int(k("attention.head_count_kv", n_heads))
+        hidden = int(k("embedding_length"))
+        tensors_by_name = {t.name: t for t in reader.tensors}
+        emb = tensors_by_name["token_embd.weight"]
+        vocab = int(emb.shape[-1]) if len(emb.shape) > 1 else int(k("vocab_size"))
+        head_dim = int(k("attention.key_length", hidden // n_heads))
+        scaling = None
+        scale_type = k("rope.scaling.type")
+        if scale_type == "linear":
+            scaling = {"type": "linear", "factor": float(k("rope.scaling.factor"))}
+        elif scale_type not in (None, "none"):
+            raise CheckpointError(f"{path}: rope scaling {scale_type!r} is not supported")
+        spec = ModelSpec(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=int(k("feed_forward_length")),
+            n_layers=int(k("block_count")), n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+            rms_norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(k("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            max_position_embeddings=int(k("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in tensors_by_name,
+            attention_bias="blk.0.attn_q.bias" in tensors_by_name,
+            qk_norm=arch == "qwen3", architecture=SUPPORTED_ARCH[arch])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: GGUF metadata or tensor missing: {e}") from None
+
+    if "rope_freqs.weight" in tensors_by_name:
+        # llama3-style scaling baked into per-frequency factors; we only support the metadata forms.
+        raise CheckpointError(f"{path}: rope_freqs (baked llama3 rope scaling) is not supported yet")
+
+    tensors: dict[str, LazyTensor] = {}
+    for t in reader.tensors:
+        canon = _canonical(t.name)
+        if canon is None:
+            continue
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
+        permute = arch == "llama" and (canon.endswith("q_proj.weight") or canon.endswith("k_proj.weight"))
+        heads = n_heads if "q_proj" in canon else n_kv
+
+        def load(t=t, shape=shape, permute=permute, heads=heads):
+            arr = quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+            w = torch.from_numpy(np.ascontiguousarray(arr))
+            return unpermute_interleaved(w, heads) if permute else w
+        tensors[canon] = LazyTensor(shape, load)
+    check_tensors(spec, tensors, str(path))
+
+    from ..tokenizer_convert import from_gguf
+    tok_json, specials = from_gguf(reader)
+    defaults = {}
+    return Checkpoint(spec=spec, tensors=tensors, source=str(path), source_format="gguf", source_files=[path],
+                      tokenizer_json=tok_json, chat_template=field(reader, "tokenizer.chat_template"),
+                      special_tokens=specials, generation_defaults=defaults, family=arch)

@@ -1,0 +1,211 @@
+"""Export-friendly PyTorch modules of a LLaMA-family decoder (our numerical reference).
+
+Written for `torch.onnx` rather than for training: no Python-side caches, positions and the causal
+mask are computed from `attention_mask` inside the graph, and the KV cache is time-major
+`[T, B, n_kv_heads, head_dim]` so that a runtime can bind slices of one preallocated buffer.
+
+Parameter names follow the Hugging Face Llama layout without the `model.` prefix
+(`embed_tokens.weight`, `layers.0.self_attn.q_proj.weight`, ...); loaders map every format onto them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .spec import ModelSpec
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """Inverse frequencies of the half-split rotation, with `linear` or `llama3` scaling applied."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    blend = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - blend) * slowed / factor + blend * slowed
+    in_band = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return torch.where(in_band, blended, slowed)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm; the reduction always runs in float32 (FP16 overflows otherwise)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary(nn.Module):
+    """cos/sin for any position, computed from positions (no table, so any length up to max_seq works)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions.float()[..., None] * self.inv_freq          # [B, S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                        # [B, S, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        d, hd = spec.hidden_size, spec.head_dim
+        self.n_heads, self.n_kv, self.hd = spec.n_heads, spec.n_kv_heads, hd
+        self.q_proj = nn.Linear(d, spec.n_heads * hd, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(spec.n_heads * hd, d, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = hd ** -0.5
+
+    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
+        """x [B,S,d]; cos/sin [B,S,hd]; mask [B,S,T] additive float32; past [P,B,n_kv,hd].
+
+        Returns the output and this call's K/V only, time-major [S,B,n_kv,hd].
+        """
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.hd)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.hd)
+        v = self.v_proj(x).view(B, S, self.n_kv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        new_k, new_v = k.transpose(0, 1), v.transpose(0, 1)            # [S,B,n_kv,hd]
+        if past_k is not None:
+            all_k, all_v = torch.cat((past_k, new_k), 0), torch.cat((past_v, new_v), 0)
+        else:
+            all_k, all_v = new_k, new_v
+        # Grouped-query attention without repeating K/V: the query heads of a group share one matmul.
+        rep = self.n_heads // self.n_kv
+        qg = q.view(B, S, self.n_kv, rep, self.hd).permute(0, 2, 3, 1, 4)   # [B,n_kv,rep,S,hd]
+        kt = all_k.permute(1, 2, 3, 0).unsqueeze(2)                          # [B,n_kv,1,hd,T]
+        vt = all_v.permute(1, 2, 0, 3).unsqueeze(2)                          # [B,n_kv,1,T,hd]
+        scores = torch.matmul(qg, kt) * self.scale                          # [B,n_kv,rep,S,T]
+        scores = scores.float() + mask[:, None, None, :, :]
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, vt)                                        # [B,n_kv,rep,S,hd]
+        out = out.permute(0, 3, 1, 2, 4).reshape(B, S, self.n_heads * self.hd)
+        return self.o_proj(out), new_k, new_v
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+def positions_and_mask(attention_mask: torch.Tensor, S: int):
+    """From a [B, T] 0/1 mask (left padding) derive the last S tokens' positions and their additive mask.
+
+    Position = number of real tokens before it; query i (absolute index T-S+i) sees key j when
+    j <= T-S+i and key j is a real token. A fully masked row (a pad query) gets a uniform softmax,
+    never NaN, because the mask uses float32's lowest finite value instead of -inf.
+    """
+    T = attention_mask.shape[1]
+    positions = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)[:, T - S:]
+    q_idx = torch.arange(S, device=attention_mask.device) + (T - S)
+    k_idx = torch.arange(T, device=attention_mask.device)
+    causal = k_idx[None, :] <= q_idx[:, None]                              # [S, T]
+    allowed = causal[None, :, :] & (attention_mask[:, None, :] > 0)        # [B, S, T]
+    zero = torch.zeros((), dtype=torch.float32)
+    lowest = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32)
+    return positions, torch.where(allowed, zero, lowest)
+
+
+class Decoder(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.rotary = Rotary(spec)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    def prologue(self, input_ids, attention_mask):
+        """Embeddings of the S new tokens, their rotary cos/sin and the additive attention mask."""
+        x = self.embed_tokens(input_ids)
+        positions, mask = positions_and_mask(attention_mask, input_ids.shape[1])
+        cos, sin = self.rotary(positions, x.dtype)
+        return x, cos, sin, mask
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head; logits are always float32."""
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(h), w).float()
+
+    def forward(self, input_ids, attention_mask, past=None, all_logits: bool = False):
+        """input_ids [B,S]; attention_mask [B,P+S]; past: list of (k, v) [P,B,n_kv,hd] or None.
+
+        Returns logits float32 ([B,vocab] for the last position, or [B,S,vocab]) and per-layer (k, v)
+        of the S new tokens.
+        """
+        x, cos, sin, mask = self.prologue(input_ids, attention_mask)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            pk, pv = past[i] if past is not None else (None, None)
+            x, k, v = layer(x, cos, sin, mask, pk, pv)
+            presents.append((k, v))
+        logits = self.head(x if all_logits else x[:, -1, :])
+        return logits, presents
+
+
+def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Decoder:
+    """Create the module on the meta device and adopt the loader's tensors (no random init, no copy)."""
+    with torch.device("meta"):
+        model = Decoder(spec)
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(dtype).eval()
+    model.rotary.inv_freq = rope_inv_freq(spec)   # frequencies stay float32 whatever the weights' dtype
+    return model

@@ -1,0 +1,151 @@
+"""Trace the three pieces every graph is made of: prologue, one decoder block, head.
+
+`torch.export` spends about 1.4 s per decoder layer on this 2-core machine, so tracing a whole
+30-layer model three times would take minutes. All layers run the same code, so we trace one block
+(with and without a past) and let `assemble.py` stamp it out once per layer with that layer's weights.
+
+Pieces are traced with random weights whose values are all distinct. After export, each weight-like
+initializer is found again by its values: either a parameter itself or its transpose (the exporter
+folds `Linear`'s transpose into the initializer). It becomes a placeholder `@w:<name>|<layout>` that
+`assemble.py` points at the shared weights file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+
+import onnx
+import torch
+from torch import nn
+
+from .model import Decoder
+from .spec import ModelSpec
+
+TRACE_VOCAB = 64   # the vocabulary size only shapes weights, never a graph constant: trace with a small one
+
+
+@dataclass
+class Piece:
+    graph: onnx.GraphProto          # values consumed from weights are named "@w:<param>|<layout>"
+    inputs: list[str]
+    outputs: list[str]
+
+
+class _Prologue(nn.Module):
+    def __init__(self, dec):
+        super().__init__()
+        self.dec = dec
+
+    def forward(self, input_ids, attention_mask):
+        return self.dec.prologue(input_ids, attention_mask)
+
+
+class _Head(nn.Module):
+    def __init__(self, dec, all_positions: bool):
+        super().__init__()
+        self.dec, self.all_positions = dec, all_positions
+
+    def forward(self, x):
+        return self.dec.head(x if self.all_positions else x[:, -1, :])
+
+
+def trace_model(spec: ModelSpec, dtype: torch.dtype) -> Decoder:
+    """One-layer decoder with the real dimensions (small vocabulary) and distinct random weights."""
+    tspec = dataclasses.replace(spec, n_layers=1, vocab_size=min(spec.vocab_size, TRACE_VOCAB))
+    gen = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        dec = Decoder(tspec)
+    state = {n: torch.randn(p.shape, generator=gen) for n, p in dec.state_dict().items()}
+    dec.load_state_dict(state, assign=True)
+    dec = dec.to(dtype).eval()
+    from .model import rope_inv_freq
+    dec.rotary.inv_freq = rope_inv_freq(tspec)
+    return dec
+
+
+def _weight_placeholders(model_ir, params: dict[str, torch.Tensor]) -> None:
+    """Rename initializers that hold a parameter (or its transpose) to `@w:<name>|<layout>` and drop their data."""
+    def key(shape, raw: bytes):
+        return tuple(shape), raw[:64], raw[-64:]
+
+    # Index parameters by shape and a fingerprint of their bytes, so matching stays linear.
+    index: dict[tuple, list[tuple[str, str, bytes]]] = {}
+    for name, p in params.items():
+        for layout, t in (("", p), ("T", p.t() if p.dim() == 2 else None)):
+            if t is not None:
+                raw = t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+                index.setdefault(key(t.shape, raw), []).append((name, layout, raw))
+    graph = model_ir.graph
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor is None or not value.dtype.is_floating_point() or tensor.size < 2:
+            continue
+        raw = tensor.tobytes()
+        for name, layout, cand in index.get(key(tensor.shape.numpy(), raw), []):
+            if cand == raw:
+                graph.initializers.pop(value.name)
+                value.const_value = None
+                value.name = f"@w:{name}|{layout}"
+                break
+
+
+def _to_piece(prog, params) -> Piece:
+    model_ir = prog.model
+    _weight_placeholders(model_ir, params)
+    if model_ir.functions:
+        raise RuntimeError("exported piece still has ONNX functions; expected them inlined")
+    import onnx_ir as ir  # ships with onnxscript, which torch.onnx uses
+    proto = ir.serde.serialize_model(model_ir)
+    graph = proto.graph
+    del graph.value_info[:]           # shapes of the traced (small-vocabulary) piece; ORT/TRT re-infer them
+    return Piece(graph=graph, inputs=[i.name for i in graph.input], outputs=[o.name for o in graph.output])
+
+
+def _export(module, args, names_in, names_out, dynamic_shapes, opset: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        return torch.onnx.export(module, args, input_names=names_in, output_names=names_out,
+                                 dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset,
+                                 optimize=True, verbose=False, report=False)
+
+
+def trace_pieces(spec: ModelSpec, dtype: torch.dtype, opset: int, need_score: bool = True, progress=None) -> dict[str, Piece]:
+    """Pieces: prologue, block (no past), block_past, head_last, head_all."""
+    from torch.export import Dim
+    dec = trace_model(spec, dtype)
+    params = dict(dec.named_parameters())
+    B, S, P = 2, 3, 4   # example sizes >= 2 so torch.export keeps every dimension symbolic
+    batch, seq, past, total = (Dim("batch", min=1, max=1 << 14), Dim("seq", min=1, max=1 << 20),
+                               Dim("past", min=1, max=1 << 20), Dim("total", min=1, max=1 << 21))
+    d, hd, nkv = spec.hidden_size, spec.head_dim, spec.n_kv_heads
+    ids = torch.randint(0, dec.spec.vocab_size, (B, S))
+    x = torch.randn(B, S, d).to(dtype)
+    cos, sin = torch.randn(B, S, hd).to(dtype), torch.randn(B, S, hd).to(dtype)   # distinct objects: export merges aliases
+    pk = torch.randn(P, B, nkv, hd).to(dtype)
+    block = dec.layers[0]
+    jobs = {
+        "prologue": (_Prologue(dec), (ids, torch.ones(B, P + S, dtype=torch.int64)),
+                     ["input_ids", "attention_mask"], ["x", "cos", "sin", "mask"],
+                     {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total}}),
+        "block": (block, (x, cos, sin, torch.zeros(B, S, S)), ["x", "cos", "sin", "mask"], ["y", "k", "v"],
+                  {"x": {0: batch, 1: seq}, "cos": {0: batch, 1: seq}, "sin": {0: batch, 1: seq},
+                   "mask": {0: batch, 1: seq, 2: seq}}),
+        "block_past": (block, (x, cos, sin, torch.zeros(B, S, P + S), pk, pk.clone()),
+                       ["x", "cos", "sin", "mask", "past_k", "past_v"], ["y", "k", "v"],
+                       {"x": {0: batch, 1: seq}, "cos": {0: batch, 1: seq}, "sin": {0: batch, 1: seq},
+                        "mask": {0: batch, 1: seq, 2: total}, "past_k": {0: past, 1: batch},
+                        "past_v": {0: past, 1: batch}}),
+        "head_last": (_Head(dec, False), (x,), ["x"], ["logits"], {"x": {0: batch, 1: seq}}),
+    }
+    if need_score:
+        jobs["head_all"] = (_Head(dec, True), (x,), ["x"], ["logits"], {"x": {0: batch, 1: seq}})
+    pieces = {}
+    for name, (module, args, names_in, names_out, ds) in jobs.items():
+        if progress:
+            progress(name)
+        prog = _export(module, args, names_in, names_out, ds, opset)
+        pieces[name] = _to_piece(prog, params)
+    return pieces
