@@ -18,17 +18,14 @@ import onnx
 import torch
 
 from .assemble import WeightsFile, build_graph
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, ExportError
 from .contract import describe, graph_io, value_infos
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_KINDS = ("decode", "prefill", "score")     # decode first: it decides how shared weights are laid out
 DEFAULT_OPSET = 21
 BUNDLE_FORMAT_VERSION = 1
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def toolkit_version() -> str:

@@ -12,11 +12,8 @@ from typing import Callable
 
 import torch
 
+from .errors import CheckpointError  # noqa: F401  (re-exported for loaders)
 from .spec import ModelSpec
-
-
-class CheckpointError(ValueError):
-    """A checkpoint we cannot read: the message names the file or tensor at fault."""
 
 
 @dataclass

@@ -88,8 +88,8 @@ def load_gguf(path: Path) -> Checkpoint:
         heads = n_heads if "q_proj" in canon else n_kv
 
         def load(t=t, shape=shape, permute=permute, heads=heads):
-            arr = quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
-            w = torch.from_numpy(np.ascontiguousarray(arr))
+            arr = quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            w = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))   # writable copy; the file stays mapped read-only
             return unpermute_interleaved(w, heads) if permute else w
         tensors[canon] = LazyTensor(shape, load)
     check_tensors(spec, tensors, str(path))

@@ -1,0 +1,122 @@
+"""`ardeploy verify`: run a bundle in ONNX Runtime and compare it with the PyTorch reference.
+
+ONNX Runtime runs prefill and N greedy decode steps with its KV cache in the runtime's preallocated
+time-major arena (the real runtime path). The same tokens are fed to our PyTorch modules (float32,
+with their own cache) and, when asked and available, to `transformers`. Reported per step: max
+|Δlogits| and whether the argmax agrees.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
+
+
+def default_prompt_ids(bundle, n_random: int = 12) -> list[int]:
+    tok = bundle.tokenizer()
+    if tok is not None:
+        return tok.encode(DEFAULT_PROMPT).ids
+    rng = np.random.default_rng(0)
+    return rng.integers(0, bundle.vocab_size, n_random).tolist()
+
+
+def run_bundle_greedy(backend, bundle, prompt_ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and the logits of every step, through the runtime's arena-bound backend."""
+    arena = backend.new_arena(1)
+    arena.reset(1)
+    ids = np.asarray([prompt_ids], dtype=np.int64)
+    logits = backend.step(ids, np.ones_like(ids), arena).copy()
+    out_tokens, out_logits = [], [logits[0]]
+    for _ in range(steps):
+        tok = int(np.argmax(logits[0]))
+        out_tokens.append(tok)
+        if len(out_tokens) == steps:
+            break
+        mask = np.ones((1, arena.length + 1), dtype=np.int64)
+        logits = backend.step(np.asarray([[tok]], dtype=np.int64), mask, arena).copy()
+        out_logits.append(logits[0])
+    return out_tokens, out_logits
+
+
+@torch.no_grad()
+def torch_step_logits(model, prompt_ids: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """Our PyTorch modules, fed the same tokens step by step with their own (time-major) cache."""
+    ids = torch.tensor([prompt_ids])
+    logits, presents = model(ids, torch.ones_like(ids))
+    past = presents
+    out = [logits[0].float().numpy()]
+    total = len(prompt_ids)
+    for tok in tokens[:-1]:
+        total += 1
+        logits, new = model(torch.tensor([[tok]]), torch.ones(1, total, dtype=torch.long), past)
+        past = [(torch.cat([pk, k]), torch.cat([pv, v])) for (pk, pv), (k, v) in zip(past, new)]
+        out.append(logits[0].float().numpy())
+    return out
+
+
+@torch.no_grad()
+def transformers_step_logits(hf_model, prompt_ids: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """All steps' logits from one full forward pass of `transformers` over prompt + tokens."""
+    seq = torch.tensor([prompt_ids + tokens[:-1]])
+    logits = hf_model(seq).logits[0].float().numpy()
+    n = len(prompt_ids)
+    return [logits[n - 1 + i] for i in range(len(tokens))]
+
+
+def load_transformers(source: Path):
+    from transformers import AutoModelForCausalLM
+    if source.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
+                                                    dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+
+
+def compare(name: str, ref: list[np.ndarray], got: list[np.ndarray], got_tokens: list[int]) -> dict:
+    deltas = [float(np.max(np.abs(r - g))) for r, g in zip(ref, got)]
+    ref_tokens = [int(np.argmax(r)) for r in ref]
+    first_diff = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), None)
+    return {"reference": name, "max_abs_dlogits": max(deltas), "per_step_max_abs_dlogits": deltas,
+            "greedy_agree": first_diff is None, "first_disagreement_step": first_diff}
+
+
+def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, with_transformers: bool | None = None,
+                  threads: int | None = None) -> dict:
+    from ardeploy.runtime.backends.ort import OrtBackend
+    from ardeploy.runtime.bundle import Bundle
+
+    from .loaders import load_checkpoint
+    from .model import build_model
+
+    bundle = Bundle.load(bundle_path)
+    src = Path(source or bundle.manifest["source"]["path"])
+    if bundle.manifest["dtype"] == "bf16":
+        raise RuntimeError("ONNX Runtime's CPU provider does not run bfloat16 graphs; "
+                           "verify an fp32 or fp16 export, or build the bf16 bundle with TensorRT")
+    prompt_ids = list(prompt_ids or default_prompt_ids(bundle))
+    report = {"bundle": str(bundle_path), "source": str(src), "dtype": bundle.manifest["dtype"],
+              "prompt_tokens": len(prompt_ids), "steps": steps}
+    t = time.perf_counter()
+    backend = OrtBackend(bundle, threads=threads)
+    tokens, ort_logits = run_bundle_greedy(backend, bundle, prompt_ids, steps)
+    report["ort_seconds"] = round(time.perf_counter() - t, 3)
+    report["tokens"] = tokens
+
+    ckpt = load_checkpoint(src)
+    model = build_model(ckpt.spec, ckpt.state_dict(), torch.float32)
+    report["comparisons"] = [compare("ardeploy-pytorch-fp32", torch_step_logits(model, prompt_ids, tokens),
+                                     ort_logits, tokens)]
+    if with_transformers is None:
+        with_transformers = ckpt.source_format == "hf"
+    if with_transformers:
+        try:
+            hf = load_transformers(src)
+        except ImportError:
+            report["transformers"] = "not installed (pip install transformers)"
+        else:
+            report["comparisons"].append(compare("transformers-fp32", transformers_step_logits(hf, prompt_ids, tokens),
+                                                 ort_logits, tokens))
+    return report

@@ -1,0 +1,42 @@
+"""The backend interface: load graphs, bind inputs/outputs (KV by address into the arena), run.
+
+    backend = OrtBackend(bundle)             # or TrtBackend(bundle)
+    arena = backend.new_arena()
+    arena.reset(batch)
+    logits = backend.step(input_ids, attention_mask, arena)   # prefill when arena.length == 0
+
+`step` runs the prefill graph on an empty arena and the decode graph otherwise; either way the
+new tokens' K/V land in arena positions [length, length + S) and `arena.length` advances by S.
+`logits` is a float32 host array [B, vocab] for the last position.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..kv_arena import KVArena
+
+
+class Backend(Protocol):
+    name: str
+
+    def new_arena(self, max_batch: int | None = None) -> KVArena: ...
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray: ...
+
+    def run_seconds(self) -> float:
+        """Seconds spent inside the graph-execution call so far (benchmarks split overhead from it)."""
+        ...
+
+
+def check_step(input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, vocab: int) -> tuple[int, int]:
+    """Shared argument checks; returns (B, S)."""
+    B, S = input_ids.shape
+    if B != arena.batch:
+        raise ValueError(f"input batch {B} does not match the arena's batch {arena.batch}")
+    if attention_mask.shape != (B, arena.length + S):
+        raise ValueError(f"attention_mask must be [{B}, {arena.length + S}], got {list(attention_mask.shape)}")
+    if arena.length + S > arena.max_seq:
+        raise IndexError(f"{arena.length + S} positions exceed the cache's max_seq {arena.max_seq}")
+    return B, S

@@ -1,0 +1,55 @@
+"""The KV arena: one preallocated time-major buffer per layer and K/V, [max_seq, B, n_kv, head_dim].
+
+Because time is the outermost axis, the first P positions of every sequence in the batch are one
+contiguous block (`past`), and so are positions [P, P+S) (`present`). Backends bind those blocks
+by address: prefill writes slots [0, S), decode step reads [0, P) and writes [P, P+S). The runtime
+never copies a KV byte; `bytes_copied` counts what a backend had to copy anyway (see the TensorRT
+alignment note in docs/ARCHITECTURE.md) so benchmarks can prove it stays constant.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVArena:
+    def __init__(self, n_layers: int, max_seq: int, max_batch: int, n_kv: int, head_dim: int, dtype,
+                 allocate=None):
+        """`allocate(n_elements, dtype) -> (buffer, base_address)`; default: host memory (numpy)."""
+        self.n_layers, self.max_seq, self.max_batch = n_layers, max_seq, max_batch
+        self.n_kv, self.head_dim, self.dtype = n_kv, head_dim, np.dtype(dtype)
+        n = max_seq * max_batch * n_kv * head_dim
+        allocate = allocate or (lambda count, dt: (lambda a: (a, a.ctypes.data))(np.zeros(count, dt)))
+        # [layer][0 = key, 1 = value] -> (buffer, base address)
+        self.buffers = [[allocate(n, self.dtype) for _ in range(2)] for _ in range(n_layers)]
+        self.batch = max_batch
+        self.length = 0            # positions [0, length) hold valid K/V
+        self.bytes_copied = 0      # copies a backend could not avoid (must not grow with length)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.n_layers * self.max_seq * self.max_batch * self.n_kv * self.head_dim * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one time position for the whole batch."""
+        return self.batch * self.n_kv * self.head_dim * self.dtype.itemsize
+
+    def reset(self, batch: int) -> None:
+        """Start a new set of sequences; the same memory is re-viewed as [max_seq, batch, n_kv, hd]."""
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch {batch} exceeds the arena's max_batch {self.max_batch}")
+        self.batch, self.length = batch, 0
+
+    def region(self, layer: int, kv: int, start: int, stop: int) -> tuple[int, list[int]]:
+        """(address, shape) of positions [start, stop) of one layer's K (kv=0) or V (kv=1)."""
+        if not 0 <= start <= stop <= self.max_seq:
+            raise IndexError(f"KV positions [{start}, {stop}) outside the arena (max_seq {self.max_seq})")
+        base = self.buffers[layer][kv][1]
+        return base + start * self.row_bytes, [stop - start, self.batch, self.n_kv, self.head_dim]
+
+    def view(self, layer: int, kv: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Host view of positions [start, stop) (host arenas only): for tests and inspection."""
+        buf = self.buffers[layer][kv][0]
+        rows = buf[: self.max_seq * self.batch * self.n_kv * self.head_dim].reshape(
+            self.max_seq, self.batch, self.n_kv, self.head_dim)
+        return rows[start: self.length if stop is None else stop]

@@ -1,0 +1,163 @@
+"""Sampling on a [B, vocab] float32 logits array: a chain of logits processors, then greedy or a draw.
+
+Every filter follows the definition of the matching `transformers` processor/warper, so the same
+settings give the same distribution: repetition penalty, temperature, top-k, top-p, min-p (applied
+in that order). Removed entries become -inf. Later features (classifier-free guidance, restricting
+to a token range, per-range parameters) are more processors in the same chain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+NEG_INF = -np.inf
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0               # 0: off
+    top_p: float = 1.0           # 1.0: off
+    min_p: float = 0.0           # 0.0: off
+    repetition_penalty: float = 1.0
+    seed: int | None = None      # row r draws from seed + r
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    eos_ids: list[int] | None = None   # None: the bundle's
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (got {self.min_p})")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+class LogitsProcessor(Protocol):
+    def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        """logits [B, V] (may be modified in place and returned); history: each row's tokens so far."""
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def repetition_penalty(penalty: float) -> LogitsProcessor:
+    """Tokens already seen: positive logits divided by `penalty`, negative ones multiplied."""
+    def apply(logits, history):
+        for row, seen in enumerate(history):
+            if seen:
+                idx = np.unique(np.asarray(seen, dtype=np.int64))
+                s = logits[row, idx]
+                logits[row, idx] = np.where(s < 0, s * penalty, s / penalty)
+        return logits
+    return apply
+
+
+def temperature(t: float) -> LogitsProcessor:
+    return lambda logits, history: np.divide(logits, t, out=logits)
+
+
+def top_k(k: int) -> LogitsProcessor:
+    """Keep the k largest; entries tied with the k-th value are kept too."""
+    def apply(logits, history):
+        kk = min(k, logits.shape[-1])
+        kth = np.partition(logits, -kk, axis=-1)[:, -kk][:, None]
+        logits[logits < kth] = NEG_INF
+        return logits
+    return apply
+
+
+def top_p(p: float) -> LogitsProcessor:
+    """Nucleus: drop the least likely tokens whose cumulative probability stays <= 1 - p (at least one kept)."""
+    def apply(logits, history):
+        order = np.argsort(logits, axis=-1, kind="stable")          # ascending
+        sorted_logits = np.take_along_axis(logits, order, axis=-1)
+        cum = np.cumsum(softmax(sorted_logits), axis=-1)
+        drop_sorted = cum <= (1 - p)
+        drop_sorted[:, -1] = False
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        logits[drop] = NEG_INF
+        return logits
+    return apply
+
+
+def min_p(p: float) -> LogitsProcessor:
+    """Drop tokens whose probability is below p times the most likely token's."""
+    def apply(logits, history):
+        probs = softmax(logits)
+        thresh = p * probs.max(axis=-1, keepdims=True)
+        drop = probs < thresh
+        logits[drop] = NEG_INF
+        return logits
+    return apply
+
+
+def processors_for(cfg: SamplingConfig) -> list[LogitsProcessor]:
+    chain: list[LogitsProcessor] = []
+    if cfg.repetition_penalty != 1.0:
+        chain.append(repetition_penalty(cfg.repetition_penalty))
+    if cfg.is_greedy:
+        return chain
+    if cfg.temperature != 1.0:
+        chain.append(temperature(cfg.temperature))
+    if cfg.top_k:
+        chain.append(top_k(cfg.top_k))
+    if cfg.top_p < 1.0:
+        chain.append(top_p(cfg.top_p))
+    if cfg.min_p > 0.0:
+        chain.append(min_p(cfg.min_p))
+    return chain
+
+
+class Sampler:
+    """Processors then greedy argmax or one draw per row from that row's own generator."""
+
+    def __init__(self, cfg: SamplingConfig, batch: int, extra: list[LogitsProcessor] | None = None):
+        self.cfg = cfg
+        self.chain = list(extra or []) + processors_for(cfg)
+        seed = cfg.seed if cfg.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
+        self.rngs = [np.random.default_rng(seed + row) for row in range(batch)]
+
+    def distribution(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        """Processed logits [B, V] (a copy; the backend's buffer is left alone)."""
+        x = np.array(logits, dtype=np.float32, copy=True)
+        for proc in self.chain:
+            x = proc(x, history)
+        return x
+
+    def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        x = self.distribution(logits, history)
+        if self.cfg.is_greedy:
+            return np.argmax(x, axis=-1)
+        probs = softmax(x.astype(np.float64))
+        cdf = np.cumsum(probs, axis=-1)
+        out = np.empty(len(x), dtype=np.int64)
+        for row, rng in enumerate(self.rngs):
+            u = rng.random() * cdf[row, -1]
+            out[row] = min(int(np.searchsorted(cdf[row], u, side="right")), x.shape[-1] - 1)
+        return out
+
+
+ProcessorFactory = Callable[[int], LogitsProcessor]

@@ -1,0 +1,73 @@
+"""Text in and out: chat templates, incremental detokenization, stop strings."""
+from __future__ import annotations
+
+
+def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
+    """Apply a Hugging Face style Jinja chat template (with the generation prompt added)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise jinja2.exceptions.TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                             bos_token=bos_token, eos_token=eos_token)
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text pieces that never split a UTF-8 character.
+
+    It re-decodes a short window of recent tokens (so merges that depend on neighbours, like the
+    SentencePiece leading space, come out right) and holds text back while it ends in U+FFFD,
+    the mark of an incomplete multi-byte character.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int] | None = None):
+        self.tok = tokenizer
+        self.ids: list[int] = list(prompt_ids[-4:]) if prompt_ids else []
+        self.prefix = 0                # window start
+        self.read = len(self.ids)      # tokens already turned into text
+
+    def add(self, token: int) -> str:
+        self.ids.append(int(token))
+        prefix_text = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=False)
+        full = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=False)
+        if full.endswith("\ufffd") or len(full) <= len(prefix_text):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return full[len(prefix_text):]
+
+
+class StopStrings:
+    """Finds stop strings in streamed text, across token boundaries, and holds back text that
+    might be the start of one so a stop string is never printed."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        if not self.stops:
+            return piece, False
+        self.pending += piece
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            pos = min(h[0] for h in hits)
+            out, self.pending = self.pending[:pos], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
