@@ -76,6 +76,8 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if spec.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
+        if spec.attention_out_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (d,)
         if spec.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
     return shapes
@@ -87,7 +89,11 @@ def check_tensors(spec: ModelSpec, tensors: dict[str, LazyTensor], source: str, 
     missing = [name_of(n) for n in expected if n not in tensors]
     wrong = [f"{name_of(n)} has shape {list(tensors[n].shape)}, expected {list(s)}"
              for n, s in expected.items() if n in tensors and tuple(tensors[n].shape) != s]
+    unexpected = [name_of(n) for n in tensors if n not in expected]
     problems = []
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
+        problems.append(f"unexpected tensor(s) {shown} (not part of {spec.architecture} as configured)")
     if missing:
         shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
         problems.append(f"missing tensor(s) {shown}")

@@ -79,7 +79,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, spec.n_heads * hd, bias=spec.attention_bias)
         self.k_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.attention_bias)
         self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(spec.n_heads * hd, d, bias=False)
+        self.o_proj = nn.Linear(spec.n_heads * hd, d, bias=spec.attention_out_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
             self.k_norm = RMSNorm(hd, spec.rms_norm_eps)

@@ -24,7 +24,8 @@ class ModelSpec:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False   # bias on q/k/v projections (o_proj has none in Llama)
+    attention_bias: bool = False   # bias on q/k/v projections
+    attention_out_bias: bool = False   # bias on o_proj (Llama's attention_bias sets both; Qwen has q/k/v only)
     qk_norm: bool = False          # per-head RMSNorm on q and k before RoPE (Qwen3, Emu3.5)
     architecture: str = "LlamaForCausalLM"
     extra: dict = field(default_factory=dict)  # family-specific facts (image layout, ...)
@@ -61,6 +62,8 @@ class ModelSpec:
         per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
         if self.attention_bias:
             per_layer += q + 2 * kv
+        if self.attention_out_bias:
+            per_layer += d
         if self.qk_norm:
             per_layer += 2 * self.head_dim
         return v * d * (1 if self.tie_word_embeddings else 2) + self.n_layers * per_layer + d

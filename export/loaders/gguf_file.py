@@ -20,6 +20,7 @@ NAMES = {
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
 }
@@ -70,6 +71,7 @@ def load_gguf(path: Path) -> Checkpoint:
             max_position_embeddings=int(k("context_length", 4096)),
             tie_word_embeddings="output.weight" not in tensors_by_name,
             attention_bias="blk.0.attn_q.bias" in tensors_by_name,
+            attention_out_bias="blk.0.attn_output.bias" in tensors_by_name,
             qk_norm=arch == "qwen3", architecture=SUPPORTED_ARCH[arch])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: GGUF metadata or tensor missing: {e}") from None

@@ -62,6 +62,8 @@ def spec_from_config(cfg: dict, source: str) -> ModelSpec:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
+            # Llama's attention_bias also puts a bias on o_proj; Qwen3's does not.
+            attention_out_bias=bool(cfg.get("attention_bias", False)) and SUPPORTED[arch] == "llama",
             qk_norm=SUPPORTED[arch] == "qwen3", architecture=arch)
     except KeyError as e:
         raise CheckpointError(f"{source}: config.json lacks {e.args[0]!r}") from None

