@@ -141,16 +141,16 @@ def build_graph(kind: str, pieces: dict[str, Piece], ckpt: Checkpoint, weights: 
     b = GraphBuilder(ckpt, weights)
     b.add(pieces["prologue"], "prologue", None,
           {"input_ids": "input_ids", "attention_mask": "attention_mask",
-           "x": "hidden.0", "cos": "rope.cos", "sin": "rope.sin", "mask": "attn.mask"}, "prologue")
+           "io_x": "hidden.0", "io_cos": "rope.cos", "io_sin": "rope.sin", "io_mask": "attn.mask"}, "prologue")
     block = pieces["block_past" if kind == "decode" else "block"]
     for i in range(spec.n_layers):
-        bind = {"x": f"hidden.{i}", "cos": "rope.cos", "sin": "rope.sin", "mask": "attn.mask",
-                "y": f"hidden.{i + 1}", "k": f"present.{i}.key", "v": f"present.{i}.value"}
+        bind = {"io_x": f"hidden.{i}", "io_cos": "rope.cos", "io_sin": "rope.sin", "io_mask": "attn.mask",
+                "io_y": f"hidden.{i + 1}", "io_k": f"present.{i}.key", "io_v": f"present.{i}.value"}
         if kind == "decode":
-            bind.update({"past_k": f"past.{i}.key", "past_v": f"past.{i}.value"})
+            bind.update({"io_past_k": f"past.{i}.key", "io_past_v": f"past.{i}.value"})
         b.add(block, f"layers.{i}", i, bind, "block")
     head = pieces["head_all" if kind == "score" else "head_last"]
-    b.add(head, "head", None, {"x": f"hidden.{spec.n_layers}", "logits": "logits"}, "head")
+    b.add(head, "head", None, {"io_x": f"hidden.{spec.n_layers}", "io_logits": "logits"}, "head")
     inputs, outputs = io["inputs"], io["outputs"]
     b.prune([o.name for o in outputs])
     return b.to_model(kind, inputs, outputs, opset)

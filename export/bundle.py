@@ -36,15 +36,27 @@ def toolkit_version() -> str:
         return "0+unknown"
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    """Check the target before any work is done; return the temporary folder to build in."""
-    out = out.resolve()
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an output we cannot or must not write, before any work is done."""
+    out = Path(out).resolve()
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: already exists and is not empty (use --force to replace it)")
-    parent = out.parent
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"{out}: cannot write there ({parent} is not a folder)")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ExportError(f"{out}: cannot write there ({parent} is not writable)")
+            break
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """Return the temporary folder to build in, beside the target."""
+    check_out(out, force)
+    out = out.resolve()
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
         raise ExportError(f"{out}: cannot write there ({e.strerror})") from None
 
@@ -142,6 +154,7 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
 
 def export_path(path: str | Path, out: str | Path, **kw) -> dict:
     from .loaders import load_checkpoint
+    check_out(Path(out), kw.get("force", False))
     ckpt = load_checkpoint(path)
     for w in ckpt.warnings:
         _log(f"warning: {w}", kw.get("quiet", False))

@@ -4,6 +4,9 @@
 30-layer model three times would take minutes. All layers run the same code, so we trace one block
 (with and without a past) and let `assemble.py` stamp it out once per layer with that layer's weights.
 
+Piece inputs and outputs are named `io_*`: the exporter names values after aten ops (`cos`,
+`sin`, ...), and an output called like an op once came out produced twice.
+
 Pieces are traced with random weights whose values are all distinct. After export, each weight-like
 initializer is found again by its values: either a parameter itself or its transpose (the exporter
 folds `Linear`'s transpose into the initializer). It becomes a placeholder `@w:<name>|<layout>` that
@@ -99,6 +102,10 @@ def _to_piece(prog, params) -> Piece:
     import onnx_ir as ir  # ships with onnxscript, which torch.onnx uses
     proto = ir.serde.serialize_model(model_ir)
     graph = proto.graph
+    produced = [o for node in graph.node for o in node.output if o]
+    if len(produced) != len(set(produced)):
+        dup = next(o for o in produced if produced.count(o) > 1)
+        raise RuntimeError(f"exported piece is not in SSA form: {dup!r} is produced twice")
     del graph.value_info[:]           # shapes of the traced (small-vocabulary) piece; ORT/TRT re-infer them
     return Piece(graph=graph, inputs=[i.name for i in graph.input], outputs=[o.name for o in graph.output])
 
@@ -128,20 +135,20 @@ def trace_pieces(spec: ModelSpec, dtype: torch.dtype, opset: int, need_score: bo
     block = dec.layers[0]
     jobs = {
         "prologue": (_Prologue(dec), (ids, torch.ones(B, P + S, dtype=torch.int64)),
-                     ["input_ids", "attention_mask"], ["x", "cos", "sin", "mask"],
+                     ["input_ids", "attention_mask"], ["io_x", "io_cos", "io_sin", "io_mask"],
                      {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total}}),
-        "block": (block, (x, cos, sin, torch.zeros(B, S, S)), ["x", "cos", "sin", "mask"], ["y", "k", "v"],
+        "block": (block, (x, cos, sin, torch.zeros(B, S, S)), ["io_x", "io_cos", "io_sin", "io_mask"], ["io_y", "io_k", "io_v"],
                   {"x": {0: batch, 1: seq}, "cos": {0: batch, 1: seq}, "sin": {0: batch, 1: seq},
                    "mask": {0: batch, 1: seq, 2: seq}}),
         "block_past": (block, (x, cos, sin, torch.zeros(B, S, P + S), pk, pk.clone()),
-                       ["x", "cos", "sin", "mask", "past_k", "past_v"], ["y", "k", "v"],
+                       ["io_x", "io_cos", "io_sin", "io_mask", "io_past_k", "io_past_v"], ["io_y", "io_k", "io_v"],
                        {"x": {0: batch, 1: seq}, "cos": {0: batch, 1: seq}, "sin": {0: batch, 1: seq},
                         "mask": {0: batch, 1: seq, 2: total}, "past_k": {0: past, 1: batch},
                         "past_v": {0: past, 1: batch}}),
-        "head_last": (_Head(dec, False), (x,), ["x"], ["logits"], {"x": {0: batch, 1: seq}}),
+        "head_last": (_Head(dec, False), (x,), ["io_x"], ["io_logits"], {"x": {0: batch, 1: seq}}),
     }
     if need_score:
-        jobs["head_all"] = (_Head(dec, True), (x,), ["x"], ["logits"], {"x": {0: batch, 1: seq}})
+        jobs["head_all"] = (_Head(dec, True), (x,), ["io_x"], ["io_logits"], {"x": {0: batch, 1: seq}})
     pieces = {}
     for name, (module, args, names_in, names_out, ds) in jobs.items():
         if progress:

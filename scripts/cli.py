@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (*_user_errors(), CheckpointError, ExportError) as e:
-        print(f"ardeploy: error: {e}", file=sys.stderr)
+        print(f"ardeploy: error: {' '.join(str(e).split())}", file=sys.stderr)   # always one line
         return 2
     except KeyboardInterrupt:
         print("ardeploy: interrupted", file=sys.stderr)

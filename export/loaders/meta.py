@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -40,9 +41,12 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: never unpickle arbitrary objects; mmap: tensors are read when touched.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors ({e})") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused to load: it holds a Python object{what}, not only tensors") from None
     except Exception as e:   # truncated or not a torch file
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {first})") from None
 
 
 def _axis(meta_name: str):
