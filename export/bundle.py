@@ -152,10 +152,11 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
         raise
 
 
-def export_path(path: str | Path, out: str | Path, **kw) -> dict:
+def export_path(path: str | Path, out: str | Path, family: str | None = None, family_options: dict | None = None,
+                **kw) -> dict:
     from .loaders import load_checkpoint
     check_out(Path(out), kw.get("force", False))
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, family=family, **(family_options or {}))
     for w in ckpt.warnings:
         _log(f"warning: {w}", kw.get("quiet", False))
     return export_bundle(ckpt, out, **kw)

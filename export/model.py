@@ -201,10 +201,15 @@ class Decoder(nn.Module):
         return logits, presents
 
 
+def decoder_class(spec: ModelSpec) -> type[Decoder]:
+    """The Decoder subclass for a spec's architecture (families override the prologue or head)."""
+    return Decoder
+
+
 def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Decoder:
     """Create the module on the meta device and adopt the loader's tensors (no random init, no copy)."""
     with torch.device("meta"):
-        model = Decoder(spec)
+        model = decoder_class(spec)(spec)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(dtype).eval()
     model.rotary.inv_freq = rope_inv_freq(spec)   # frequencies stay float32 whatever the weights' dtype

@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from .model import Decoder
+from .model import Decoder, decoder_class, rope_inv_freq
 from .spec import ModelSpec
 
 TRACE_VOCAB = 64   # the vocabulary size only shapes weights, never a graph constant: trace with a small one
@@ -59,11 +59,10 @@ def trace_model(spec: ModelSpec, dtype: torch.dtype) -> Decoder:
     tspec = dataclasses.replace(spec, n_layers=1, vocab_size=min(spec.vocab_size, TRACE_VOCAB))
     gen = torch.Generator().manual_seed(0)
     with torch.device("meta"):
-        dec = Decoder(tspec)
+        dec = decoder_class(tspec)(tspec)
     state = {n: torch.randn(p.shape, generator=gen) for n, p in dec.state_dict().items()}
     dec.load_state_dict(state, assign=True)
     dec = dec.to(dtype).eval()
-    from .model import rope_inv_freq
     dec.rotary.inv_freq = rope_inv_freq(tspec)
     return dec
 

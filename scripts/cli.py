@@ -33,7 +33,9 @@ def cmd_export(a) -> int:
 
     from .models import resolve
     t = time.perf_counter()
-    manifest = export_path(resolve(a.path), a.out, dtype=a.dtype, max_seq=a.max_seq, max_batch=a.max_batch,
+    family_options = {k: v for k, v in (("image_size", a.image_size), ("vq", a.vq)) if v is not None}
+    manifest = export_path(resolve(a.path), a.out, family=a.family, family_options=family_options,
+                           dtype=a.dtype, max_seq=a.max_seq, max_batch=a.max_batch,
                            opset=a.opset, force=a.force, quiet=a.quiet, score_graph=not a.no_score)
     size = manifest["weights"]["bytes"] / 2**20
     print(f"exported {manifest['spec']['architecture']} ({manifest['spec']['n_layers']} layers, {manifest['dtype']}) "
@@ -158,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1, help="largest batch the runtime allocates for")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (21: newest that TensorRT 10.x parsers know)")
     p.add_argument("--no-score", action="store_true", help="skip the all-positions graph used by eval/calibrate")
+    p.add_argument("--family", default=None,
+                   help="model family when the files cannot tell (e.g. llamagen-c2i for a bare .pt state dict)")
+    p.add_argument("--image-size", type=int, default=None, help="image-token models: image size in pixels")
+    p.add_argument("--vq", default=None, help="image-token models: VQ tokenizer checkpoint whose decoder is exported")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_export)
@@ -193,7 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     add_backend_args(p)
     p.set_defaults(func=cmd_chat)
+
+    # Commands owned by the other packages: each module defines register(subparsers).
+    import importlib
+    for module in COMMAND_MODULES:
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
     return ap
+
+
+COMMAND_MODULES = ["ardeploy.engines.commands", "ardeploy.calibration.commands", "ardeploy.image_commands",
+                   "ardeploy.bench"]
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,12 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, CheckpointError
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, family: str | None = None, **family_options) -> Checkpoint:
+    """family: force a family whose checkpoints cannot be recognised from the files alone
+    (e.g. "llamagen-c2i" for a bare .pt state dict); family_options go to that family's loader."""
     path = Path(path)
+    if family not in (None, "auto"):
+        raise CheckpointError(f"unknown --family {family!r}")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_file():
