@@ -32,9 +32,11 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu", prepack: bool = False,
-                 graphs=("prefill", "decode")):
+                 graphs=("prefill", "decode"), audit: bool = False):
+        """audit: after each step, check that every present.* output was written at the arena address
+        it was bound to, and count the bytes of any that were not (benchmarks and tests)."""
         import onnxruntime as ort
-        self.bundle, self.device = bundle, device
+        self.bundle, self.device, self.audit = bundle, device, audit
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -83,6 +85,9 @@ class OrtBackend:
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         dev, dt = self.device, arena.dtype
+        logits = self._logits[:B]
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        bound = [logits.ctypes.data]
         for i in range(self.bundle.n_layers):
             for kv, name in ((0, "key"), (1, "value")):
                 if P:
@@ -90,11 +95,15 @@ class OrtBackend:
                     io.bind_input(f"past.{i}.{name}", dev, 0, dt, shape, ptr)
                 ptr, shape = arena.region(i, kv, P, P + S)
                 io.bind_output(f"present.{i}.{name}", dev, 0, dt, shape, ptr)
-        logits = self._logits[:B]
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+                bound.append(ptr)
         t = time.perf_counter()
         sess.run_with_iobinding(io)
         self._run_s += time.perf_counter() - t
+        if self.audit:
+            # Outputs come back in binding order; any not at its bound address was copied.
+            for value, ptr in zip(io.get_outputs()[1:], bound[1:]):
+                if value.data_ptr() != ptr:
+                    arena.bytes_copied += int(np.prod(value.shape())) * dt.itemsize
         arena.length = P + S
         return logits
 

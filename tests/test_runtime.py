@@ -1,0 +1,191 @@
+"""The runtime: generation through `Generator`, the zero-copy KV arena, chat cache reuse, stop strings,
+UTF-8-safe streaming, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ardeploy.cli import main
+from ardeploy.runtime import ChatSession, Generator, SamplingConfig
+from ardeploy.runtime.backends.ort import OrtBackend
+from ardeploy.runtime.bundle import Bundle, BundleError
+from conftest import rng_ids, threads
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_hf, export_once):
+    folder, model = tiny_hf("gqa_tied_llama3_bias")
+    return export_once(folder, max_seq=128, max_batch=2), model
+
+
+def test_generator_greedy_equals_transformers(tiny_bundle):
+    bundle, model = tiny_bundle
+    prompt = rng_ids(6, seed=9)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    gen = Generator.load(bundle, threads=threads())
+    assert gen.generate(prompt, SamplingConfig(greedy=True, max_new_tokens=32, ignore_eos=True)).token_ids == ref
+
+
+def test_arena_is_written_in_place_and_matches_a_fresh_prefill(tiny_bundle):
+    """Decode steps write K/V into the arena at the bound addresses (0 bytes copied at every context
+    length), and the arena then holds exactly what one prefill of the whole sequence produces."""
+    bundle_path, _ = tiny_bundle
+    bundle = Bundle.load(bundle_path)
+    backend = OrtBackend(bundle, threads=threads(), audit=True)
+    arena = backend.new_arena(1)
+    arena.reset(1)
+    seq = rng_ids(40, seed=5)
+    backend.step(np.array([seq[:8]]), np.ones((1, 8), np.int64), arena)
+    copied = []
+    for t in range(8, 40):
+        backend.step(np.array([[seq[t]]]), np.ones((1, t + 1), np.int64), arena)
+        copied.append(arena.bytes_copied)
+    assert copied == [0] * len(copied)
+    ref = OrtBackend(bundle, threads=threads())
+    arena2 = ref.new_arena(1)
+    arena2.reset(1)
+    ref.step(np.array([seq]), np.ones((1, 40), np.int64), arena2)
+    for layer in range(bundle.n_layers):
+        for kv in (0, 1):
+            np.testing.assert_allclose(arena.view(layer, kv), arena2.view(layer, kv), atol=1e-5)
+
+
+def test_max_seq_is_a_clean_stop(tiny_hf, export_once):
+    folder, _ = tiny_hf("gqa_tied_llama3_bias")
+    bundle = export_once(folder, max_seq=24, max_batch=2)
+    gen = Generator.load(bundle, threads=threads())
+    r = gen.generate(rng_ids(20), SamplingConfig(greedy=True, max_new_tokens=100, ignore_eos=True))
+    assert r.stop_reason == "max_seq"
+    assert len(r.token_ids) == 24 - 20 + 1      # the last token is sampled but needs no cache slot
+
+
+def test_prompt_longer_than_max_seq(tiny_hf, export_once, capsys):
+    folder, _ = tiny_hf("gqa_tied_llama3_bias")
+    bundle = export_once(folder, max_seq=24, max_batch=2)
+    ids = ",".join(str(i) for i in rng_ids(30))
+    assert main(["generate", str(bundle), "--prompt-ids", ids]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ardeploy: error:") and "30 tokens" in err and "max_seq 24" in err and "\n" not in err
+
+
+def test_chat_reuses_cache_and_matches_fresh_run(smollm2_bundle):
+    gen = Generator.load(smollm2_bundle, threads=threads())
+    calls = []
+    real_step = gen.backend.step
+
+    def spy(ids, mask, arena):
+        calls.append((arena.length, ids.shape[1]))
+        return real_step(ids, mask, arena)
+    gen.backend.step = spy
+    cfg = SamplingConfig(greedy=True, max_new_tokens=24)
+    chat = ChatSession(gen)
+    "".join(chat.turn("What is the capital of France?", cfg))
+    calls.clear()
+    second = "".join(chat.turn("And of Italy?", cfg))
+    past, new = calls[0]
+    assert past > 0 and new > 1, calls[0]                 # decode graph, several new tokens, with the past
+    assert all(s == 1 for _, s in calls[1:])
+    full_ids = gen.encode_messages(chat.messages[:-1])     # the whole conversation up to the second question
+    assert past + new == len(full_ids)
+    fresh = Generator.load(smollm2_bundle, threads=threads()).generate(full_ids, cfg)
+    assert chat.last.token_ids == fresh.token_ids
+    assert second == fresh.text
+
+
+def test_stop_string_across_tokens(smollm2_bundle):
+    gen = Generator.load(smollm2_bundle, threads=threads())
+    prompt = gen.encode_messages([{"role": "user", "content": "Describe a river in two sentences."}])
+    cfg = SamplingConfig(greedy=True, max_new_tokens=40, ignore_eos=True)
+    free = gen.generate(prompt, cfg)
+    token_texts = [gen.decode([t]) for t in free.token_ids]
+    # a stop string from the middle of the reply that no single token contains
+    start = len(free.text) // 2
+    stop = next(free.text[start:start + n] for n in range(3, 20)
+                if not any(free.text[start:start + n] in t for t in token_texts))
+    cut = free.text.index(stop)
+    cfg_stop = SamplingConfig(greedy=True, max_new_tokens=40, ignore_eos=True, stop=[stop])
+    pieces = list(gen.stream(prompt, cfg_stop))
+    assert "".join(pieces) == free.text[:cut]
+    r = gen.generate(prompt, cfg_stop)
+    assert r.stop_reason == "stop_string" and r.text == free.text[:cut] and stop not in r.text
+
+
+def test_streaming_never_splits_utf8(smollm2_bundle):
+    from ardeploy.runtime.text import Detokenizer
+    tok = Bundle.load(smollm2_bundle).tokenizer()
+    text = "长江是中国最长的河流，全长约6300公里。Ünïcödé ✓ 🌊 rivers."
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert len(ids) > len(text) / 2            # byte-level BPE: many characters take several tokens
+    d = Detokenizer(tok)
+    pieces = [d.add(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids)
+
+
+def test_batch_of_real_prompts_equals_alone(smollm2_bundle):
+    gen = Generator.load(smollm2_bundle, threads=threads())
+    cfg = SamplingConfig(greedy=True, max_new_tokens=16, ignore_eos=True)
+    prompts = ["Hi", "Write one sentence about the longest river in Africa and its delta."]
+    batch = gen.generate(prompts, cfg)
+    assert [r.token_ids for r in batch] == [gen.generate(p, cfg).token_ids for p in prompts]
+
+
+def test_generate_json_output(smollm2_bundle, capsys):
+    code = main(["generate", str(smollm2_bundle), "--prompt", "Hello", "--chat", "--greedy", "--max-new-tokens", "8",
+                 "--json", "--threads", str(threads())])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"prompt_ids", "token_ids", "text", "stop_reason", "ttft_s", "decode_tokens_per_s"}
+    assert out["stop_reason"] in ("eos", "max_new_tokens") and len(out["token_ids"]) <= 8
+
+
+@pytest.mark.parametrize("flag,value,name", [("--top-p", "0", "top_p"), ("--temperature", "-1", "temperature"),
+                                             ("--top-k", "-1", "top_k"), ("--top-p", "1.5", "top_p")])
+def test_invalid_sampling_values(tiny_bundle, capsys, flag, value, name):
+    bundle, _ = tiny_bundle
+    assert main(["generate", str(bundle), "--prompt-ids", "1,2", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ardeploy: error:") and name in err and "\n" not in err
+
+
+def test_unknown_backend(tiny_bundle, capsys):
+    bundle, _ = tiny_bundle
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(bundle), "--prompt-ids", "1", "--backend", "tpu"])
+    assert e.value.code == 2
+    from ardeploy.runtime.generator import load_backend
+    with pytest.raises(BundleError, match="unknown backend 'tpu'"):
+        load_backend(Bundle.load(bundle), "tpu")
+
+
+def test_missing_bundle_files(tiny_bundle, tmp_path, capsys):
+    bundle, _ = tiny_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "weights.bin").unlink()
+    assert main(["generate", str(copy), "--prompt-ids", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "missing file(s)" in err and "weights.bin" in err
+    assert main(["generate", str(tmp_path / "nowhere"), "--prompt-ids", "1"]) == 2
+    assert "no such bundle" in capsys.readouterr().err
+
+
+def test_runtime_works_without_torch(tiny_bundle):
+    """The runtime never imports torch: run a generation with torch made unimportable."""
+    bundle, _ = tiny_bundle
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from ardeploy.runtime import Generator, SamplingConfig\n"
+        f"g = Generator.load({str(bundle)!r}, threads=1)\n"
+        "r = g.generate([1, 2, 3], SamplingConfig(greedy=True, max_new_tokens=4, ignore_eos=True))\n"
+        "assert len(r.token_ids) == 4\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
