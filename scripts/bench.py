@@ -1,0 +1,190 @@
+"""`ardeploy bench`: time to first token, decode and prefill speed, per-step split into graph time and
+runtime overhead, memory, and KV bytes copied per decode step — medians and spread over repeats.
+
+It times the real runtime path (`Generator.events`: sampling, binding, detokenization included) by
+wrapping the backend's `step`: a step's wall time minus the time inside the backend's run call is
+runtime overhead. The same command works for any backend; memory is host PSS/RSS for CPU backends
+and device memory where the backend reports it (`device_memory_bytes()`).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def host_memory_mib() -> dict:
+    """Current and peak RSS and current PSS of this process (Linux), MiB.
+
+    PSS counts pages shared between mappings once: both ONNX Runtime sessions map the weights file,
+    and RSS counts those pages once per mapping.
+    """
+    out = {}
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+        for line in open("/proc/self/smaps_rollup"):
+            if line.startswith("Pss:"):
+                out["Pss"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return {"rss_mib": out.get("VmRSS"), "peak_rss_mib": out.get("VmHWM"), "pss_mib": out.get("Pss")}
+
+
+class StepTimer:
+    """Wraps backend.step to record (past length, new tokens, wall seconds, graph seconds) per call."""
+
+    def __init__(self, backend):
+        self.backend, self.records = backend, []
+        self._step = backend.step
+        backend.step = self
+
+    def __call__(self, ids, mask, arena):
+        past, g0, t0 = arena.length, self.backend.run_seconds(), time.perf_counter()
+        out = self._step(ids, mask, arena)
+        self.records.append((past, ids.shape[1], time.perf_counter() - t0, self.backend.run_seconds() - g0))
+        return out
+
+
+def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
+    # Ordinary ids from the middle of the vocabulary: no special tokens, deterministic per seed.
+    rng = np.random.default_rng(seed)
+    return rng.integers(min(1000, vocab // 4), vocab - 1, n).tolist()
+
+
+def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+    from ardeploy.runtime import SamplingConfig
+    prompts = [prompt_ids(gen.bundle.vocab_size, prompt_len, seed + r) for r in range(batch)]
+    cfg = SamplingConfig(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
+    timer.records.clear()
+    copied0 = gen.arena.bytes_copied
+    t0 = time.perf_counter()
+    events = gen.events(prompts, cfg)
+    step_ends, n_events = [], 0
+    while True:
+        try:
+            next(events)
+        except StopIteration:
+            break
+        n_events += 1
+        if n_events % batch == 0:
+            step_ends.append(time.perf_counter())
+    t_end = time.perf_counter()
+    recs = timer.records
+    prefill_wall = recs[0][2]
+    ttft = step_ends[0] - t0
+    # step i of decoding: from one sampled token to the next (run call, sampling, binding, detokenizing)
+    step_walls = np.diff(step_ends)
+    graph = np.array([r[3] for r in recs[1:]])
+    n_dec = len(step_walls)
+    decode_s = t_end - step_ends[0]
+    return {
+        "ttft_s": ttft,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_wall,
+        "decode_tokens_per_s": batch * n_dec / decode_s if n_dec else 0.0,
+        "step_s": float(np.median(step_walls)) if n_dec else 0.0,
+        "step_graph_s": float(np.median(graph)) if n_dec else 0.0,
+        "overhead_fraction": float(1 - graph.sum() / step_walls.sum()) if n_dec else 0.0,
+        "kv_bytes_copied_per_step": (gen.arena.bytes_copied - copied0) / max(1, len(recs) - 1),
+        "step_by_context": [(int(r[0]), float(r[2])) for r in recs[1:]],
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = ["ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "step_s", "step_graph_s", "overhead_fraction",
+            "kv_bytes_copied_per_step"]
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in runs]
+        out[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+    return out
+
+
+def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: int = 128, batches=(1,),
+          threads: int | None = None, repeat: int = 3, warmup: bool = True, progress=print) -> dict:
+    from ardeploy.runtime import Generator
+    from ardeploy.runtime.bundle import Bundle
+    bundle = Bundle.load(bundle_path)
+    max_batch = max(batches)
+    if max_batch > bundle.max_batch:
+        raise ValueError(f"--batch {max_batch} exceeds the bundle's max_batch {bundle.max_batch} (re-export with --max-batch)")
+    too_long = [p for p in prompt_lens if p + new_tokens > bundle.max_seq]
+    if too_long:
+        raise ValueError(f"--prompt-len {too_long[0]} + --new-tokens {new_tokens} exceeds the bundle's max_seq {bundle.max_seq}")
+    kw = {"threads": threads, "audit": True} if backend == "ort" else {}
+    t0 = time.perf_counter()
+    gen = Generator.load(bundle_path, backend=backend, max_batch=max_batch, **kw)
+    load_s = time.perf_counter() - t0
+    timer = StepTimer(gen.backend)
+    if warmup:
+        run_once(gen, timer, 1, min(prompt_lens), 4, seed=999)
+    weights = bundle.manifest["weights"]["bytes"]
+    result = {"bundle": str(bundle_path), "backend": backend, "dtype": bundle.manifest["dtype"], "threads": threads,
+              "new_tokens": new_tokens, "repeat": repeat, "load_s": load_s, "weights_mib": weights / 2**20,
+              "kv_arena_mib": gen.arena.nbytes / 2**20, "configs": []}
+    for b in batches:
+        for p in prompt_lens:
+            runs = [run_once(gen, timer, b, p, new_tokens, seed=r) for r in range(repeat)]
+            row = {"batch": b, "prompt_len": p, **summarize(runs), "step_by_context": runs[-1]["step_by_context"]}
+            result["configs"].append(row)
+            if progress:
+                progress(format_row(row))
+    result["memory"] = host_memory_mib()
+    dev = getattr(gen.backend, "device_memory_bytes", None)
+    if dev:
+        result["device_memory_mib"] = dev() / 2**20
+    return result
+
+
+def format_row(r: dict) -> str:
+    m = lambda k: r[k]["median"]
+    spread = lambda k: f"{r[k]['min']:.1f}-{r[k]['max']:.1f}"
+    return (f"batch {r['batch']:>2} prompt {r['prompt_len']:>5}: first token {m('ttft_s') * 1000:7.1f} ms | "
+            f"decode {m('decode_tokens_per_s'):6.1f} tok/s ({spread('decode_tokens_per_s')}) | "
+            f"prefill {m('prefill_tokens_per_s'):7.1f} tok/s | step {m('step_s') * 1000:6.2f} ms, "
+            f"overhead {100 * m('overhead_fraction'):4.1f} % | KV copied/step {m('kv_bytes_copied_per_step'):.0f} B")
+
+
+def cmd_bench(a) -> int:
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    res = bench(a.bundle, backend=a.backend, prompt_lens=ints(a.prompt_len), new_tokens=a.new_tokens,
+                batches=ints(a.batch), threads=a.threads, repeat=a.repeat,
+                progress=None if a.quiet else (lambda s: print(s, flush=True)))
+    mem = res["memory"]
+    print(f"weights {res['weights_mib']:.0f} MiB, KV arena {res['kv_arena_mib']:.0f} MiB; "
+          f"peak RSS {mem['peak_rss_mib']:.0f} MiB, PSS {mem['pss_mib']:.0f} MiB "
+          f"(PSS counts the weights file mapped by both sessions once)")
+    if a.json:
+        tmp = Path(str(a.json) + ".partial")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(a.json)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="time to first token, decode/prefill speed, overhead, memory",
+                       description="Benchmark a bundle through the real runtime loop (greedy, EOS ignored). "
+                                   "Reports medians and min-max over --repeat runs per configuration.")
+    p.add_argument("bundle")
+    p.add_argument("--backend", default="ort", choices=["ort", "trt"])
+    p.add_argument("--prompt-len", default="16,512", help="comma-separated prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", help="also write all numbers (and per-step times by context length) here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(prog="bench")
+    register(ap.add_subparsers(dest="cmd", required=True))
+    args = ap.parse_args(["bench", *sys.argv[1:]])
+    sys.exit(args.func(args))
