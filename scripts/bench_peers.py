@@ -1,0 +1,327 @@
+"""The same workload through the tools users would pick instead, measured in the same run.
+
+    python scripts/bench_peers.py --model smollm2 --bundle bundles/smollm2 [--prompt-len 16,512]
+        [--new-tokens 128] [--repeat 3] [--threads 2] [--peers ours,ours-concat,transformers,llamacpp-f32,...]
+        [--curve-tokens 1536] [--json out.json] [--plot curve.png]
+
+Peers (each runs in its own subprocess, so its memory is its own):
+  ours          ardeploy runtime, ONNX Runtime, zero-copy KV arena
+  ours-concat   ablation: the same graphs, but past K/V kept as growing arrays concatenated every step
+                (what Optimum-style past/present exports do)
+  transformers  transformers generate() with its KV cache, FP32, from the same GGUF
+  llamacpp-q4_1 / llamacpp-f32 / llamacpp-f16
+                llama.cpp via llama-cpp-python on the shipped Q4_1 GGUF and on F32/F16 GGUFs written
+                from the same (dequantized) weights
+  ort-genai     onnxruntime-genai, if its model builder can export the model here
+
+Nothing is installed silently: a missing peer is reported with the command that installs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ALL_PEERS = ["ours", "ours-concat", "transformers", "llamacpp-q4_1", "llamacpp-f32", "llamacpp-f16", "ort-genai"]
+INSTALL = {
+    "transformers": "pip install torch==2.13.0 transformers accelerate gguf",
+    "llamacpp": "pip install llama-cpp-python   (compiles llama.cpp; several minutes)",
+    "ort-genai": "pip install onnxruntime-genai",
+}
+
+
+def peak_rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(min(1000, vocab // 4), vocab - 1, n).tolist()
+
+
+# -- workers: each returns {"ttft_s", "decode_tokens_per_s", "steps": [(context, seconds)]} per run ---------
+def worker_ours(args, concat: bool):
+    from ardeploy.runtime.backends.ort import OrtBackend
+    from ardeploy.runtime.bundle import Bundle
+    bundle = Bundle.load(args.bundle)
+    backend = OrtBackend(bundle, threads=args.threads)
+    vocab = bundle.vocab_size
+
+    def generate(ids, n):
+        arena = backend.new_arena(1)
+        arena.reset(1)
+        t0 = time.perf_counter()
+        x = np.asarray([ids], dtype=np.int64)
+        if concat:
+            sess = backend.session("prefill")
+            outs = sess.run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})
+            logits, past = outs[0], outs[1:]
+        else:
+            logits = backend.step(x, np.ones_like(x), arena)
+        tok = int(np.argmax(logits[0]))
+        t_first = time.perf_counter()
+        steps, length = [], len(ids)
+        dec = backend.session("decode")
+        names = [o.name for o in dec.get_outputs()]
+        for _ in range(n - 1):
+            s0 = time.perf_counter()
+            x = np.array([[tok]], dtype=np.int64)
+            mask = np.ones((1, length + 1), dtype=np.int64)
+            if concat:
+                feed = {"input_ids": x, "attention_mask": mask}
+                for i in range(bundle.n_layers):
+                    feed[f"past.{i}.key"], feed[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
+                outs = dec.run(names, feed)
+                logits = outs[0]
+                # the design being measured: past and present joined into a new, longer array every step
+                past = [np.concatenate([p, new], axis=0) for p, new in zip(past, outs[1:])]
+            else:
+                logits = backend.step(x, mask, arena)
+            tok = int(np.argmax(logits[0]))
+            length += 1
+            steps.append((length, time.perf_counter() - s0))
+        return t_first - t0, steps
+    return run_workload(args, vocab, generate)
+
+
+def worker_transformers(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(args.threads)
+    gguf = Path(args.gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+
+    @torch.no_grad()
+    def generate(ids, n):
+        # generate()'s own loop, timed per token by a streamer callback
+        from transformers.generation.streamers import BaseStreamer
+        times = []
+
+        class Clock(BaseStreamer):
+            def put(self, value):
+                times.append(time.perf_counter())
+
+            def end(self):
+                pass
+        model.generation_config.eos_token_id = None
+        t0 = time.perf_counter()
+        model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       max_new_tokens=n, do_sample=False, pad_token_id=0, streamer=Clock())
+        tokens = times[1:]           # the first put() is the prompt
+        steps = [(len(ids) + i + 1, b - a) for i, (a, b) in enumerate(zip(tokens, tokens[1:]))]
+        return tokens[0] - t0, steps
+    return run_workload(args, vocab, generate)
+
+
+def write_dequantized_gguf(src: Path, dst: Path, dtype: str) -> None:
+    """The same weights as `src`, dequantized to F32 or F16 (norms stay F32 as llama.cpp expects)."""
+    import gguf
+    from gguf import quants
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst) + ".partial", arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), vtype)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    for t in reader.tensors:
+        arr = quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape.tolist())])
+        arr = arr.astype(np.float16 if dtype == "f16" and arr.ndim == 2 else np.float32)
+        writer.add_tensor(t.name, arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(dst) + ".partial", dst)
+
+
+def worker_llamacpp(args, variant: str):
+    from llama_cpp import Llama
+    path = Path(args.gguf)
+    if variant != "q4_1":
+        converted = Path(args.cache) / f"{path.stem.split('.')[0]}.{variant.upper()}.gguf"
+        if not converted.exists():
+            write_dequantized_gguf(path, converted, variant)
+        path = converted
+    max_len = max(args.prompt_len) + args.new_tokens + 8
+    llm = Llama(model_path=str(path), n_ctx=max(max_len, args.curve_tokens + 32), n_threads=args.threads,
+                n_batch=512, verbose=False, logits_all=False)
+    vocab = llm.n_vocab()
+
+    def generate(ids, n):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t_first = time.perf_counter()
+        steps = []
+        for _ in range(n - 1):
+            s0 = time.perf_counter()
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            steps.append((llm.n_tokens, time.perf_counter() - s0))
+        return t_first - t0, steps
+    return run_workload(args, vocab, generate)
+
+
+def run_workload(args, vocab, generate) -> dict:
+    generate(prompt_ids(vocab, 16, 999), 4)          # warm-up
+    out = {"configs": []}
+    for p in args.prompt_len:
+        runs = []
+        for r in range(args.repeat):
+            ttft, steps = generate(prompt_ids(vocab, p, r), args.new_tokens)
+            decode = sum(s for _, s in steps)
+            runs.append({"ttft_s": ttft, "decode_tokens_per_s": len(steps) / decode,
+                         "step_s": statistics.median(s for _, s in steps)})
+        out["configs"].append({"prompt_len": p, **{k: statistics.median(r[k] for r in runs) for k in runs[0]},
+                               "decode_tokens_per_s_range": [min(r["decode_tokens_per_s"] for r in runs),
+                                                             max(r["decode_tokens_per_s"] for r in runs)]})
+    if args.curve_tokens:
+        _, steps = generate(prompt_ids(vocab, 16, 7), args.curve_tokens)
+        out["curve"] = steps
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+# -- driver -------------------------------------------------------------------------------------------
+def missing(peer: str) -> str | None:
+    import importlib.util
+    need = {"transformers": ["torch", "transformers", "gguf", "accelerate"], "ort-genai": ["onnxruntime_genai"]}
+    mods = need.get(peer, ["llama_cpp"] if peer.startswith("llamacpp") else [])
+    lacking = [m for m in mods if importlib.util.find_spec(m) is None]
+    if not lacking:
+        return None
+    key = "llamacpp" if peer.startswith("llamacpp") else peer
+    return f"{peer}: missing {', '.join(lacking)} — install with: {INSTALL[key]}"
+
+
+def run_peer(peer: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", peer, "--bundle", str(args.bundle), "--gguf", str(args.gguf),
+           "--cache", str(args.cache), "--prompt-len", ",".join(map(str, args.prompt_len)),
+           "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat), "--threads", str(args.threads),
+           "--curve-tokens", str(args.curve_tokens)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plot(results: dict, path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot written"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for peer, res in results.items():
+        curve = res.get("curve")
+        if not curve:
+            continue
+        ctx = np.array([c for c, _ in curve])
+        ms = np.array([s for _, s in curve]) * 1000
+        k = 16   # running median keeps the lines readable on a noisy machine
+        smooth = [np.median(ms[max(0, i - k): i + 1]) for i in range(len(ms))]
+        ax.plot(ctx, smooth, label=peer)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode step time (ms, running median)")
+    ax.set_title("SmolLM2-135M, batch 1, greedy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot written to {path}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--model", default="smollm2", help="model name or GGUF path the peers load")
+    ap.add_argument("--bundle", help="our bundle of the same model (ardeploy export smollm2 --out ...)")
+    ap.add_argument("--peers", default=",".join(ALL_PEERS))
+    ap.add_argument("--prompt-len", default="16,512")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--curve-tokens", type=int, default=0, help="also time every step of one long generation")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--plot", help="PNG of decode step time against context length")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.prompt_len = [int(x) for x in str(args.prompt_len).split(",") if x]
+
+    if args.worker:
+        w = args.worker
+        res = (worker_ours(args, concat=False) if w == "ours" else worker_ours(args, concat=True) if w == "ours-concat"
+               else worker_transformers(args) if w == "transformers" else worker_llamacpp(args, w.split("-")[1]))
+        print(json.dumps(res))
+        return 0
+
+    from ardeploy.models import cache_dir, resolve
+    args.gguf = resolve(args.model)
+    args.cache = cache_dir()
+    if not args.bundle:
+        print("give --bundle (export one with: ardeploy export smollm2 --out bundles/smollm2)", file=sys.stderr)
+        return 2
+    results = {}
+    for peer in [p for p in args.peers.split(",") if p]:
+        if peer not in ALL_PEERS:
+            print(f"unknown peer {peer!r} (known: {', '.join(ALL_PEERS)})", file=sys.stderr)
+            return 2
+        if peer == "ort-genai":
+            note = missing(peer) or "ort-genai: its model builder needs the Hugging Face checkpoint folder; " \
+                                    "only the GGUF is available here, so it was not measured"
+            print(note, file=sys.stderr)
+            results[peer] = {"error": note}
+            continue
+        why = missing(peer)
+        if why:
+            print(why, file=sys.stderr)
+            results[peer] = {"error": why}
+            continue
+        print(f"running {peer} ...", file=sys.stderr, flush=True)
+        results[peer] = run_peer(peer, args)
+        for c in results[peer].get("configs", []):
+            print(f"  {peer:14s} prompt {c['prompt_len']:5d}: first token {c['ttft_s'] * 1000:8.1f} ms, decode "
+                  f"{c['decode_tokens_per_s']:6.1f} tok/s, peak RSS {results[peer]['peak_rss_mib']:.0f} MiB",
+                  file=sys.stderr)
+        if "error" in results[peer]:
+            print(f"  {peer}: failed: {results[peer]['error']}", file=sys.stderr)
+    if "ours" in results and "configs" in results["ours"]:
+        print("\nratios ours / peer (decode tok/s: > 1 is better; first token: < 1 is better)")
+        for peer, res in results.items():
+            if peer == "ours" or "configs" not in res:
+                continue
+            for mine, theirs in zip(results["ours"]["configs"], res["configs"]):
+                print(f"  vs {peer:14s} prompt {mine['prompt_len']:5d}: decode "
+                      f"{mine['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x, first token "
+                      f"{mine['ttft_s'] / theirs['ttft_s']:.2f}x")
+    if args.plot:
+        print(plot(results, Path(args.plot)), file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
