@@ -40,7 +40,12 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm; the reduction always runs in float32 (FP16 overflows otherwise)."""
+    """Root-mean-square norm; the reduction always runs in float32 (FP16 overflows otherwise).
+
+    Written as x / sqrt(mean(x^2) + eps) rather than x * rsqrt(...): ONNX Runtime fuses this form into
+    one SimplifiedLayerNormalization kernel (it does not recognise Reciprocal(Sqrt)); the two differ by
+    at most one rounding.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -49,7 +54,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
@@ -58,12 +63,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class HalfRotation(nn.Module):
+    """x * cos + rotate_half(x) * sin, with rotate_half as one Gather (halves swapped) and its sign
+    folded into sin: 4 graph nodes per tensor instead of 7, and bit-identical (negation is exact)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.init_buffers()
+
+    def init_buffers(self):
+        half, hd = self.head_dim // 2, self.head_dim
+        self.register_buffer("swap", torch.cat((torch.arange(half, hd), torch.arange(half))), persistent=False)
+
+    def forward(self, x, cos, signed_sin):
+        return x * cos + torch.index_select(x, -1, self.swap) * signed_sin
+
+
 class Rotary(nn.Module):
     """cos/sin for any position, computed from positions (no table, so any length up to max_seq works)."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        self.spec = spec
+        self.init_buffers()
+
+    def init_buffers(self):
+        self.register_buffer("inv_freq", rope_inv_freq(self.spec), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[..., None] * self.inv_freq          # [B, S, D/2]
@@ -85,22 +111,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.rotate = HalfRotation(hd)
         self.scale = hd ** -0.5
 
     def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
-        """x [B,S,d]; cos/sin [B,S,hd]; mask [B,S,T] additive float32; past [P,B,n_kv,hd].
-
-        Returns the output and this call's K/V only, time-major [S,B,n_kv,hd].
-        """
+        """x [B,S,d]; cos/signed sin [B,S,1,hd] and mask [B,1,1,S,T] from `block_inputs`;
+        past [P,B,n_kv,hd]. Returns the output and this call's K/V only, time-major [S,B,n_kv,hd]."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.hd)
         k = self.k_proj(x).view(B, S, self.n_kv, self.hd)
         v = self.v_proj(x).view(B, S, self.n_kv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        c, s = cos[:, :, None, :], sin[:, :, None, :]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         new_k, new_v = k.transpose(0, 1), v.transpose(0, 1)            # [S,B,n_kv,hd]
         if past_k is not None:
             all_k, all_v = torch.cat((past_k, new_k), 0), torch.cat((past_v, new_v), 0)
@@ -112,7 +135,7 @@ class Attention(nn.Module):
         kt = all_k.permute(1, 2, 3, 0).unsqueeze(2)                          # [B,n_kv,1,hd,T]
         vt = all_v.permute(1, 2, 0, 3).unsqueeze(2)                          # [B,n_kv,1,T,hd]
         scores = torch.matmul(qg, kt) * self.scale                          # [B,n_kv,rep,S,T]
-        scores = scores.float() + mask[:, None, None, :, :]
+        scores = scores.float() + mask
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, vt)                                        # [B,n_kv,rep,S,hd]
         out = out.permute(0, 3, 1, 2, 4).reshape(B, S, self.n_heads * self.hd)
@@ -180,6 +203,13 @@ class Decoder(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         return x, cos, sin, mask
 
+    def block_inputs(self, cos, sin, mask):
+        """Shape the prologue's outputs once for every block: cos/sin [B,S,1,hd] broadcast over heads,
+        sin carrying rotate_half's sign, mask [B,1,1,S,T] broadcast over kv heads and query groups."""
+        half = cos.shape[-1] // 2
+        sign = torch.cat((-torch.ones(half), torch.ones(half))).to(sin.dtype)
+        return cos[:, :, None, :], (sin * sign)[:, :, None, :], mask[:, None, None, :, :]
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head; logits are always float32."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -192,6 +222,7 @@ class Decoder(nn.Module):
         of the S new tokens.
         """
         x, cos, sin, mask = self.prologue(input_ids, attention_mask)
+        cos, sin, mask = self.block_inputs(cos, sin, mask)
         presents = []
         for i, layer in enumerate(self.layers):
             pk, pv = past[i] if past is not None else (None, None)
@@ -203,6 +234,9 @@ class Decoder(nn.Module):
 
 def decoder_class(spec: ModelSpec) -> type[Decoder]:
     """The Decoder subclass for a spec's architecture (families override the prologue or head)."""
+    if spec.architecture == "LlamaGen":
+        from .families.llamagen import LlamaGenDecoder   # class/caption prefix, 2D rotary
+        return LlamaGenDecoder
     return Decoder
 
 
@@ -211,6 +245,13 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dt
     with torch.device("meta"):
         model = decoder_class(spec)(spec)
     model.load_state_dict(state, strict=True, assign=True)
-    model = model.to(dtype).eval()
-    model.rotary.inv_freq = rope_inv_freq(spec)   # frequencies stay float32 whatever the weights' dtype
+    return init_constants(model.to(dtype).eval())
+
+
+def init_constants(model: nn.Module) -> nn.Module:
+    """(Re)create the non-persistent buffers: modules built on the meta device have none, and
+    rotary frequencies must stay float32 whatever dtype the weights were cast to."""
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
     return model

@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from .model import Decoder, decoder_class, rope_inv_freq
+from .model import Decoder, decoder_class, init_constants
 from .spec import ModelSpec
 
 TRACE_VOCAB = 64   # the vocabulary size only shapes weights, never a graph constant: trace with a small one
@@ -42,7 +42,8 @@ class _Prologue(nn.Module):
         self.dec = dec
 
     def forward(self, input_ids, attention_mask):
-        return self.dec.prologue(input_ids, attention_mask)
+        x, cos, sin, mask = self.dec.prologue(input_ids, attention_mask)
+        return (x, *self.dec.block_inputs(cos, sin, mask))
 
 
 class _Head(nn.Module):
@@ -62,9 +63,7 @@ def trace_model(spec: ModelSpec, dtype: torch.dtype) -> Decoder:
         dec = decoder_class(tspec)(tspec)
     state = {n: torch.randn(p.shape, generator=gen) for n, p in dec.state_dict().items()}
     dec.load_state_dict(state, assign=True)
-    dec = dec.to(dtype).eval()
-    dec.rotary.inv_freq = rope_inv_freq(tspec)
-    return dec
+    return init_constants(dec.to(dtype).eval())
 
 
 def _weight_placeholders(model_ir, params: dict[str, torch.Tensor]) -> None:
@@ -129,20 +128,21 @@ def trace_pieces(spec: ModelSpec, dtype: torch.dtype, opset: int, need_score: bo
     d, hd, nkv = spec.hidden_size, spec.head_dim, spec.n_kv_heads
     ids = torch.randint(0, dec.spec.vocab_size, (B, S))
     x = torch.randn(B, S, d).to(dtype)
-    cos, sin = torch.randn(B, S, hd).to(dtype), torch.randn(B, S, hd).to(dtype)   # distinct objects: export merges aliases
+    # distinct objects: export merges aliases
+    cos, sin = torch.randn(B, S, 1, hd).to(dtype), torch.randn(B, S, 1, hd).to(dtype)
     pk = torch.randn(P, B, nkv, hd).to(dtype)
     block = dec.layers[0]
     jobs = {
         "prologue": (_Prologue(dec), (ids, torch.ones(B, P + S, dtype=torch.int64)),
                      ["input_ids", "attention_mask"], ["io_x", "io_cos", "io_sin", "io_mask"],
                      {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total}}),
-        "block": (block, (x, cos, sin, torch.zeros(B, S, S)), ["io_x", "io_cos", "io_sin", "io_mask"], ["io_y", "io_k", "io_v"],
+        "block": (block, (x, cos, sin, torch.zeros(B, 1, 1, S, S)), ["io_x", "io_cos", "io_sin", "io_mask"], ["io_y", "io_k", "io_v"],
                   {"x": {0: batch, 1: seq}, "cos": {0: batch, 1: seq}, "sin": {0: batch, 1: seq},
-                   "mask": {0: batch, 1: seq, 2: seq}}),
-        "block_past": (block, (x, cos, sin, torch.zeros(B, S, P + S), pk, pk.clone()),
+                   "mask": {0: batch, 3: seq, 4: seq}}),
+        "block_past": (block, (x, cos, sin, torch.zeros(B, 1, 1, S, P + S), pk, pk.clone()),
                        ["io_x", "io_cos", "io_sin", "io_mask", "io_past_k", "io_past_v"], ["io_y", "io_k", "io_v"],
                        {"x": {0: batch, 1: seq}, "cos": {0: batch, 1: seq}, "sin": {0: batch, 1: seq},
-                        "mask": {0: batch, 1: seq, 2: total}, "past_k": {0: past, 1: batch},
+                        "mask": {0: batch, 3: seq, 4: total}, "past_k": {0: past, 1: batch},
                         "past_v": {0: past, 1: batch}}),
         "head_last": (_Head(dec, False), (x,), ["io_x"], ["io_logits"], {"x": {0: batch, 1: seq}}),
     }
