@@ -120,7 +120,8 @@ def cmd_chat(a) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         r = session.last
-        print(f"\n[{len(r.token_ids)} tokens, {r.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+        print()
+        print(f"[{len(r.token_ids)} tokens, {r.decode_tokens_per_s:.1f} tok/s, stop: {r.stop_reason}]", file=sys.stderr)
     return 0
 
 
