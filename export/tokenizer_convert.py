@@ -135,6 +135,11 @@ def from_tokenizer_model(path: Path) -> tuple[str, dict]:
         proto.ParseFromString(path.read_bytes())
     except Exception:
         raise CheckpointError(f"{path}: not a SentencePiece model") from None
+    norm = proto.normalizer_spec
+    if (norm.name and norm.name != "identity") or norm.remove_extra_whitespaces:
+        # Llama's models use neither; reproducing NFKC tables or whitespace folding is out of scope.
+        raise CheckpointError(f"{path}: SentencePiece normalization {norm.name!r} (remove_extra_whitespaces="
+                              f"{norm.remove_extra_whitespaces}) is not reproduced by the converter")
     tokens = [p.piece for p in proto.pieces]
     scores = [p.score for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]

@@ -145,6 +145,14 @@ def load_hf(folder: Path) -> Checkpoint:
     check_tensors(spec, tensors, str(folder), name_of=lambda n: n if n == "lm_head.weight" else "model." + n)
     tok_path = folder / "tokenizer.json"
     tokenizer_json = tok_path.read_text(encoding="utf-8") if tok_path.exists() else None
+    warnings = []
+    if tokenizer_json is None and (folder / "tokenizer.model").exists():
+        # SentencePiece only (e.g. Chinese-LLaMA-2 releases): convert it.
+        from ..tokenizer_convert import from_tokenizer_model
+        try:
+            tokenizer_json, _ = from_tokenizer_model(folder / "tokenizer.model")
+        except CheckpointError as e:
+            warnings.append(str(e))
     tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     template = tok_cfg.get("chat_template")
     if (folder / "chat_template.jinja").exists():
@@ -154,7 +162,7 @@ def load_hf(folder: Path) -> Checkpoint:
     specials, defaults = special_tokens(folder, cfg, tokenizer_json)
     ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(folder), source_format="hf", source_files=files,
                       tokenizer_json=tokenizer_json, chat_template=template, special_tokens=specials,
-                      generation_defaults=defaults, family=SUPPORTED[spec.architecture])
+                      generation_defaults=defaults, family=SUPPORTED[spec.architecture], warnings=warnings)
     if tokenizer_json is None:
         ckpt.warnings.append("no tokenizer.json: the bundle takes token ids only (--prompt-ids)")
     return ckpt
