@@ -1,9 +1,9 @@
 """ONNX Runtime backend: IOBinding with addresses into the KV arena, so no KV byte is copied.
 
-Weights are held once: both sessions memory-map the bundle's shared weights file (ONNX Runtime maps
-64 KiB-aligned external data instead of reading it) and MatMul weight pre-packing, which would give
-each session a private copy, is switched off. It costs nothing measurable on the decode step
-(matrix-vector products) and halves the memory of a loaded model.
+Weights are held once: the backend memory-maps the bundle's weights file one time and hands every
+session the same read-only views (`SessionOptions.add_initializer`), so prefill and decode share
+one copy (and RSS counts it once: one mapping, not one per session). MatMul weight pre-packing,
+which would give each session a private re-laid-out copy, is switched off.
 """
 from __future__ import annotations
 
@@ -28,6 +28,31 @@ def _providers(device: str):
     raise ValueError(f"unknown device {device!r} (cpu or cuda)")
 
 
+class SharedWeights:
+    """One read-only mapping of weights.bin, viewed as the OrtValues the graphs' initializers name."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.file = np.memmap(bundle.weights_path, dtype=np.uint8, mode="r")
+        self.values: dict = {}
+
+    def add_to(self, options, graph_path) -> None:
+        import onnx
+        import onnxruntime as ort
+        from onnx.helper import tensor_dtype_to_np_dtype
+        model = onnx.load(str(graph_path), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            if t.name not in self.values:
+                where = {e.key: e.value for e in t.external_data}
+                start, length = int(where.get("offset", 0)), int(where["length"])
+                raw = self.file[start: start + length]
+                array = raw.view(tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+                self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(array)
+            options.add_initializer(t.name, self.values[t.name])
+
+
 class OrtBackend:
     name = "ort"
 
@@ -35,16 +60,11 @@ class OrtBackend:
                  graphs=("prefill", "decode"), audit: bool = False):
         """audit: after each step, check that every present.* output was written at the arena address
         it was bound to, and count the bytes of any that were not (benchmarks and tests)."""
-        import onnxruntime as ort
         self.bundle, self.device, self.audit = bundle, device, audit
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        if not prepack:
-            so.add_session_config_entry("session.disable_prepacking", "1")
-        self._options, self._providers = so, _providers(device)
+        self.threads, self.prepack = threads, prepack
+        self._providers = _providers(device)
+        # Host weights are shared through one mapping; a CUDA session copies them to the device anyway.
+        self.weights = SharedWeights(bundle) if device == "cpu" and not prepack else None
         self.sessions = {}
         for kind in graphs:
             self.session(kind)
@@ -56,8 +76,17 @@ class OrtBackend:
         if kind not in self.sessions:
             import onnxruntime as ort
             path = self.bundle.graph_path(kind)
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+            if not self.prepack:
+                so.add_session_config_entry("session.disable_prepacking", "1")
             try:
-                self.sessions[kind] = ort.InferenceSession(str(path), self._options, providers=self._providers)
+                if self.weights is not None:
+                    self.weights.add_to(so, path)
+                self.sessions[kind] = ort.InferenceSession(str(path), so, providers=self._providers)
             except Exception as e:
                 raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
         return self.sessions[kind]
