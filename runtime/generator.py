@@ -46,6 +46,16 @@ class Event:
     text: str
 
 
+class Run:
+    """Iterates the Events of one generation; `results` holds the GenerationResults once it ends."""
+
+    def __init__(self, events):
+        self._events, self.results = events, None
+
+    def __iter__(self):
+        self.results = yield from self._events
+
+
 def load_backend(bundle: Bundle, backend: str = "ort", **kw):
     if backend == "ort":
         from .backends.ort import OrtBackend
@@ -99,7 +109,7 @@ class Generator:
     def decode(self, ids: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _to_ids(self, prompt, chat: bool) -> list[int]:
+    def to_ids(self, prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
             return self.encode(prompt, chat)
         ids = [int(t) for t in prompt]
@@ -111,7 +121,7 @@ class Generator:
     # -- public API ---------------------------------------------------------------------------
     def stream(self, prompt, cfg: SamplingConfig | None = None, chat: bool = False) -> Iterator[str]:
         """Text pieces of one prompt as they are produced."""
-        for ev in self.events([self._to_ids(prompt, chat)], cfg or SamplingConfig()):
+        for ev in self.events([self.to_ids(prompt, chat)], cfg or SamplingConfig()):
             if ev.text:
                 yield ev.text
 
@@ -119,20 +129,15 @@ class Generator:
         """One prompt (str or id list) -> GenerationResult; a list of prompts -> list of results."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
-        ids = [self._to_ids(p, chat) for p in batch]
-        events = self.events(ids, cfg or SamplingConfig())
-        while True:
-            try:
-                next(events)
-            except StopIteration as stop:
-                results = stop.value
-                break
-        return results[0] if single else results
+        run = Run(self.events([self.to_ids(p, chat) for p in batch], cfg or SamplingConfig()))
+        for _ in run:
+            pass
+        return run.results[0] if single else run.results
 
     # -- the loop -----------------------------------------------------------------------------
     def events(self, prompt_ids: list[list[int]], cfg: SamplingConfig, continue_cache: bool = False,
                processors: list[LogitsProcessor] | None = None):
-        """Generator of Events; its return value (StopIteration.value) is the list of results.
+        """Generator of Events; it returns the list of GenerationResults (iterate it through `Run`).
 
         continue_cache (batch 1): keep the arena's K/V for the longest common prefix with the
         previous call and run only the new tokens (through the decode graph when a past exists).
@@ -241,17 +246,10 @@ class ChatSession:
     def turn(self, user: str, cfg: SamplingConfig) -> Iterator[str]:
         self.messages.append({"role": "user", "content": user})
         ids = self.gen.encode_messages(self.messages)
-        events = self.gen.events([ids], cfg, continue_cache=True)
-        reply = ""
-        while True:
-            try:
-                ev = next(events)
-            except StopIteration as stop:
-                result = stop.value[0]
-                break
-            reply += ev.text
+        run = Run(self.gen.events([ids], cfg, continue_cache=True))
+        for ev in run:
             if ev.text:
                 yield ev.text
-        self.last = result
-        self.messages.append({"role": "assistant", "content": result.text or reply})
+        self.last = run.results[0]
+        self.messages.append({"role": "assistant", "content": self.last.text})
 

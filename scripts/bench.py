@@ -18,11 +18,8 @@ import numpy as np
 
 
 def host_memory_mib() -> dict:
-    """Current and peak RSS and current PSS of this process (Linux), MiB.
-
-    PSS counts pages shared between mappings once: both ONNX Runtime sessions map the weights file,
-    and RSS counts those pages once per mapping.
-    """
+    """Current and peak RSS and current PSS (pages shared with other processes counted pro rata)
+    of this process (Linux), MiB."""
     out = {}
     try:
         for line in open("/proc/self/status"):
@@ -64,14 +61,9 @@ def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int
     timer.records.clear()
     copied0 = gen.arena.bytes_copied
     t0 = time.perf_counter()
-    events = gen.events(prompts, cfg)
-    step_ends, n_events = [], 0
-    while True:
-        try:
-            next(events)
-        except StopIteration:
-            break
-        n_events += 1
+    from ardeploy.runtime.generator import Run
+    step_ends = []
+    for n_events, _ in enumerate(Run(gen.events(prompts, cfg)), start=1):
         if n_events % batch == 0:
             step_ends.append(time.perf_counter())
     t_end = time.perf_counter()
@@ -158,7 +150,7 @@ def cmd_bench(a) -> int:
     mem = res["memory"]
     print(f"weights {res['weights_mib']:.0f} MiB, KV arena {res['kv_arena_mib']:.0f} MiB; "
           f"peak RSS {mem['peak_rss_mib']:.0f} MiB, PSS {mem['pss_mib']:.0f} MiB "
-          f"(PSS counts the weights file mapped by both sessions once)")
+          f"(prefill and decode sessions share one mapping of the weights)")
     if a.json:
         tmp = Path(str(a.json) + ".partial")
         tmp.write_text(json.dumps(res, indent=2))

@@ -83,17 +83,13 @@ def cmd_generate(a) -> int:
         raise UserError("give exactly one of --prompt or --prompt-ids")
     gen = load_generator(a)
     prompt = a.prompt if a.prompt is not None else [int(x) for x in a.prompt_ids.split(",")]
-    ids = gen._to_ids(prompt, a.chat)
-    events = gen.events([ids], cfg)
-    while True:
-        try:
-            ev = next(events)
-        except StopIteration as stop:
-            result = stop.value[0]
-            break
+    from ardeploy.runtime.generator import Run
+    run = Run(gen.events([gen.to_ids(prompt, a.chat)], cfg))
+    for ev in run:
         if not a.json and ev.text:
             sys.stdout.write(ev.text)
             sys.stdout.flush()
+    result = run.results[0]
     if a.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
