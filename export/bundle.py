@@ -92,6 +92,10 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
         raise ExportError(f"--max-batch must be at least 1 (got {max_batch})")
     out = Path(out)
     spec = ckpt.spec
+    from .families.image_export import image_plan
+    plan = image_plan(ckpt)                     # None for text models
+    if plan:
+        max_seq, max_batch = plan.limits(max_seq, max_batch)
     if max_seq > spec.max_position_embeddings:
         _log(f"note: --max-seq {max_seq} exceeds the model's trained context ({spec.max_position_embeddings})", quiet)
     tmp = _prepare_out(out, force)
@@ -101,20 +105,26 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
         with tqdm(total=5 if score_graph else 4, desc="trace", unit="piece", disable=quiet, leave=False) as bar:
             pieces = trace_pieces(spec, TORCH_DTYPES[dtype], opset, need_score=score_graph,
                                   progress=lambda name: (bar.set_postfix_str(name), bar.update(0)))
+            if plan:
+                pieces.update(plan.extra_pieces(TORCH_DTYPES[dtype], opset))
             bar.update(bar.total)
         weights = WeightsFile(tmp / "weights.bin", TORCH_DTYPES[dtype])
         graphs = {}
         try:
             for kind in tqdm(kinds, desc="assemble", unit="graph", disable=quiet, leave=False):
-                io = graph_io(spec, kind, dtype)
-                model = build_graph(kind, pieces, ckpt, weights, value_infos(io), opset)
+                io = plan.graph_io(kind, dtype) if plan else graph_io(spec, kind, dtype)
+                model = plan.build_graph(kind, pieces, weights, value_infos(io), opset) if plan else None
+                if model is None:
+                    model = build_graph(kind, pieces, ckpt, weights, value_infos(io), opset)
                 path = tmp / f"{kind}.onnx"
                 onnx.save_model(model, str(path))
                 graphs[kind] = {"file": path.name, **describe(io)}
+            if plan:   # the VQ decoder graph; its weights go into the same shared file
+                graphs.update(plan.write_extra_graphs(tmp, weights, TORCH_DTYPES[dtype], opset))
         finally:
             weights.close()
-        for kind in kinds:
-            onnx.checker.check_model(str(tmp / f"{kind}.onnx"))   # by path, so external data is checked too
+        for g in graphs.values():
+            onnx.checker.check_model(str(tmp / g["file"]))   # by path, so external data is checked too
         tokenizer_file = None
         if ckpt.tokenizer_json:
             (tmp / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
@@ -144,6 +154,8 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
             "generation_defaults": ckpt.generation_defaults,
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
+        if plan:
+            manifest["image"] = plan.manifest_section(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
         _move_into_place(tmp, out)
         return manifest

@@ -1,0 +1,497 @@
+"""LlamaGen: tiny random GPTs in LlamaGen's own layout (.pt state dicts), exported and run by our runtime.
+
+`RefLlamaGen` / `ref_generate` below are a plain PyTorch rendering of LlamaGen's cached generation
+loop (autoregressive/models/gpt.py + generate.py): fused wqkv, interleaved-pair 2D rotary table with
+zero rows for the prefix, gpt-fast style KV cache and boolean mask, CFG on raw logits
+(`uncond + (cond - uncond) * s`, cond rows first), temperature, top-k, top-p (HF v3 style), softmax.
+Its only departure: the categorical draw uses the same per-image numpy generators as our runtime
+(inverse CDF) instead of torch.multinomial, so that tokens can be compared one for one.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from conftest import threads
+
+V, DIM, LAYERS, HEADS, CLASSES = 64, 64, 2, 4, 10
+IMAGE, GRID = 16, 8               # tiny VQ: 2 pixels per token -> 8x8 tokens
+CAPTION_DIM, CAPTION_T = 32, 120
+ATOL = 1e-4
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+# -- reference ---------------------------------------------------------------------------------------
+def grid_rope_table(grid: int, head_dim: int, prefix: int, base: float = 10000.0) -> torch.Tensor:
+    """(prefix + grid^2, head_dim/2, 2) cos/sin pairs: zero rows for the prefix, raster order after."""
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    f = torch.outer(torch.arange(grid), freqs)
+    ang = torch.cat([f[:, None, :].expand(grid, grid, -1), f[None, :, :].expand(grid, grid, -1)], dim=-1)
+    table = torch.stack([ang.cos(), ang.sin()], dim=-1).flatten(0, 1)
+    return torch.cat([torch.zeros(prefix, half, 2), table])
+
+
+def rotate_pairs(x, table):
+    """x [B, S, H, D] rotated by interleaved pairs (2i, 2i+1); table [S, D/2, 2]."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    t = table.view(1, xs.shape[1], 1, xs.shape[3], 2)
+    out = torch.stack([xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1],
+                       xs[..., 1] * t[..., 0] + xs[..., 0] * t[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+def rms(x, w, eps=1e-5):
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+
+class RefLlamaGen(nn.Module):
+    def __init__(self, model_type: str = "c2i", grid: int = GRID, dim: int = DIM, n_layer: int = LAYERS,
+                 n_head: int = HEADS, vocab: int = V, num_classes: int = CLASSES):
+        super().__init__()
+        self.model_type, self.grid, self.dim, self.n_head, self.num_classes = model_type, grid, dim, n_head, num_classes
+        self.prefix = 1 if model_type == "c2i" else CAPTION_T
+        self.hd = dim // n_head
+        ffn = find_multiple(int(2 * 4 * dim / 3), 256)
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.cls_embedding = nn.Module()
+        if model_type == "c2i":
+            self.cls_embedding.embedding_table = nn.Embedding(num_classes + 1, dim)
+        else:
+            self.cls_embedding.cap_proj = nn.Module()
+            self.cls_embedding.cap_proj.fc1 = nn.Linear(CAPTION_DIM, dim, bias=False)
+            self.cls_embedding.cap_proj.fc2 = nn.Linear(dim, dim, bias=False)
+            self.cls_embedding.register_buffer("uncond_embedding", torch.randn(CAPTION_T, CAPTION_DIM) / CAPTION_DIM ** 0.5)
+        self.layers = nn.ModuleList()
+        for _ in range(n_layer):
+            layer = nn.Module()
+            layer.attention = nn.Module()
+            layer.attention.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+            layer.attention.wo = nn.Linear(dim, dim, bias=False)
+            layer.feed_forward = nn.Module()
+            layer.feed_forward.w1 = nn.Linear(dim, ffn, bias=False)
+            layer.feed_forward.w3 = nn.Linear(dim, ffn, bias=False)
+            layer.feed_forward.w2 = nn.Linear(ffn, dim, bias=False)
+            layer.attention_norm = nn.Module()
+            layer.attention_norm.weight = nn.Parameter(torch.ones(dim))
+            layer.ffn_norm = nn.Module()
+            layer.ffn_norm.weight = nn.Parameter(torch.ones(dim))
+            self.layers.append(layer)
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(dim))
+        self.output = nn.Linear(dim, vocab, bias=False)
+        self.table = grid_rope_table(grid, self.hd, self.prefix)
+        with torch.no_grad():   # informative random weights (LlamaGen zero-inits the head; we must not)
+            for n, p in self.named_parameters():
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in n else torch.randn_like(p) * p.shape[-1] ** -0.5)
+
+    def cond_embeddings(self, cond):
+        if self.model_type == "c2i":
+            return self.cls_embedding.embedding_table(cond)[:, None, :]
+        cp = self.cls_embedding.cap_proj
+        return cp.fc2(F.gelu(cp.fc1(cond), approximate="tanh"))
+
+    def forward(self, h, input_pos, mask, caches):
+        B, S, _ = h.shape
+        D = self.dim
+        table = self.table[input_pos]
+        for layer, (kc, vc) in zip(self.layers, caches):
+            x = rms(h, layer.attention_norm.weight)
+            q, k, v = layer.attention.wqkv(x).split([D, D, D], dim=-1)
+            q, k, v = (t.view(B, S, self.n_head, self.hd) for t in (q, k, v))
+            q, k = rotate_pairs(q, table), rotate_pairs(k, table)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            kc[:, :, input_pos], vc[:, :, input_pos] = k, v
+            out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
+            h = h + layer.attention.wo(out.transpose(1, 2).reshape(B, S, D))
+            x = rms(h, layer.ffn_norm.weight)
+            h = h + layer.feed_forward.w2(F.silu(layer.feed_forward.w1(x)) * layer.feed_forward.w3(x))
+        return self.output(rms(h, self.norm.weight)).float()
+
+    def gpt_state_dict(self) -> dict:
+        sd = {k: v.clone() for k, v in self.state_dict().items()}
+        sd["freqs_cis"] = self.table.clone()          # a stray buffer some released checkpoints carry
+        return sd
+
+
+def filter_v3(logits, top_k: int, top_p: float):
+    """HF v3 top_k_top_p_filtering, as LlamaGen's generate.py uses it."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][..., -1, None]
+        logits[logits < kth] = -float("inf")
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = 0
+        logits[remove.scatter(1, idx, remove)] = -float("inf")
+    return logits
+
+
+def draw(logits, temperature, top_k, top_p, rngs):
+    logits = filter_v3(logits / max(temperature, 1e-5), top_k, top_p)
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    cdf = np.cumsum(probs, axis=-1)
+    return torch.tensor([min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), len(c) - 1)
+                         for c, rng in zip(cdf, rngs)])
+
+
+@torch.no_grad()
+def ref_generate(model: RefLlamaGen, cond, cfg_scale=4.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
+                 seed=0, emb_masks=None, forced=None):
+    """LlamaGen's generate(): returns codes [B, g*g] and each step's raw logits [rows, V].
+    forced: codes [B, g*g] to feed instead of drawing (teacher forcing)."""
+    B = len(cond)
+    rngs = [np.random.default_rng(seed + b) for b in range(B)]
+    guided = cfg_scale > 1.0
+    if model.model_type == "c2i":
+        combined = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if guided else cond
+    else:
+        combined = torch.cat([cond, torch.zeros_like(cond) + model.cls_embedding.uncond_embedding]) if guided else cond
+    T, N = model.prefix, model.grid ** 2
+    L = find_multiple(T + N, 8)
+    R = len(combined)
+    mask = torch.tril(torch.ones(L, L, dtype=torch.bool))[None].repeat(R, 1, 1)
+    if emb_masks is not None:
+        m = torch.cat([emb_masks, emb_masks]) if guided else emb_masks
+        mask[:, :, :T] = mask[:, :, :T] * m[:, None, :].bool()
+        mask = mask | torch.eye(L, dtype=torch.bool)
+    caches = [(torch.zeros(R, model.n_head, L, model.hd), torch.zeros(R, model.n_head, L, model.hd))
+              for _ in model.layers]
+    pos = torch.arange(T)
+    logits = model(model.cond_embeddings(combined), pos, mask[:, None, pos], caches)[:, -1]
+    raw, codes = [logits.clone()], []
+    for t in range(N):
+        if t > 0:
+            pos = torch.tensor([T + t - 1])
+            x = torch.cat([codes[-1], codes[-1]]) if guided else codes[-1]
+            logits = model(model.tok_embeddings(x[:, None]), pos, mask[:, None, pos], caches)[:, -1]
+            raw.append(logits.clone())
+        if guided:
+            c, u = logits.split(B)
+            use_cfg = not (cfg_interval > -1 and t - 1 > cfg_interval)
+            logits = u + (c - u) * cfg_scale if use_cfg else c
+        codes.append(forced[:, t] if forced is not None else draw(logits.clone(), temperature, top_k, top_p, rngs))
+    return torch.stack(codes, 1), [r.numpy() for r in raw]
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+def janus_vq(seed: int = 0):
+    from transformers import JanusVQVAE, JanusVQVAEConfig
+    torch.manual_seed(seed)
+    cfg = JanusVQVAEConfig(embed_dim=8, num_embeddings=V, latent_channels=32, base_channels=32,
+                           channel_multiplier=[1, 2], num_res_blocks=1, num_patches=GRID)
+    model = JanusVQVAE(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if n.endswith("weight") else 0.1 * torch.randn_like(p))
+    return model
+
+
+def janus_to_llamagen(sd: dict) -> dict:
+    """transformers' JanusVQVAE names -> LlamaGen vq_model.py names (the same architecture)."""
+    out = {}
+    for k, v in sd.items():
+        k = (k.replace("decoder.mid.block_1.", "decoder.mid.0.").replace("decoder.mid.attn_1.", "decoder.mid.1.")
+              .replace("decoder.mid.block_2.", "decoder.mid.2.").replace("decoder.up.", "decoder.conv_blocks."))
+        if k.startswith("decoder.conv_blocks."):
+            k = k.replace(".block.", ".res.")
+        out[k] = v.clone()
+    out["quantize.codebook_used"] = torch.zeros(65536)
+    return out
+
+
+@pytest.fixture(scope="module")
+def c2i(tmp_path_factory):
+    """(reference GPT, JanusVQVAE, bundle folder, gpt .pt, vq .pt)."""
+    import argparse
+
+    from ardeploy.export.bundle import export_path
+    d = tmp_path_factory.mktemp("llamagen_c2i")
+    torch.manual_seed(1)
+    ref = RefLlamaGen("c2i").eval()
+    vq = janus_vq()
+    # Training-checkpoint containers, argparse args included (as LlamaGen's train scripts save them).
+    torch.save({"model": ref.gpt_state_dict(), "steps": 5, "args": argparse.Namespace(gpt_model="tiny")}, d / "gpt.pt")
+    torch.save({"model": janus_to_llamagen(vq.state_dict())}, d / "vq.pt")
+    export_path(d / "gpt.pt", d / "bundle", family="llamagen-c2i", quiet=True, score_graph=False, max_batch=4,
+                family_options={"image_size": IMAGE, "vq": str(d / "vq.pt"), "n_head": HEADS})
+    return ref, vq, d / "bundle", d / "gpt.pt", d / "vq.pt"
+
+
+@pytest.fixture(scope="module")
+def generator(c2i):
+    from ardeploy.runtime.image import ImageGenerator
+    return ImageGenerator.load(c2i[2], threads=threads())
+
+
+# -- tests -------------------------------------------------------------------------------------------
+def test_manifest_describes_the_image_model(c2i):
+    m = json.loads((c2i[2] / "manifest.json").read_text())
+    img = m["image"]
+    assert m["family"] == "llamagen-c2i" and m["spec"]["architecture"] == "LlamaGen"
+    assert img["grid"] == [GRID, GRID] and img["class_conditional"] == {"num_classes": CLASSES, "token_offset": V,
+                                                                       "null_class": CLASSES}
+    assert m["max_seq"] == 1 + GRID * GRID and m["max_batch"] >= 2
+    assert set(m["graphs"]) == {"prefill", "decode", "vq_decoder"}
+    assert img["vq"]["downsample"] == 2 and img["vq"]["config"]["level_channels"] == [32, 64]
+    # one shared weights file: no graph carries large inline initializers
+    assert sum(p.stat().st_size for p in c2i[2].glob("*.onnx")) < 2_000_000
+
+
+@pytest.mark.parametrize("cfg_scale,cfg_interval,top_k,top_p,temperature", [
+    (4.0, -1, 20, 1.0, 1.0),      # LlamaGen's sample_c2i defaults, scaled to a 64-code vocabulary
+    (2.0, 3, 0, 0.9, 0.8),        # cfg_interval, top-p and a temperature
+])
+def test_tokens_equal_reference_loop(c2i, generator, cfg_scale, cfg_interval, top_k, top_p, temperature):
+    from ardeploy.runtime import SamplingConfig
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageRequest, ImageSettings
+    ref = c2i[0]
+    classes = [3, 7]
+    ref_codes, ref_logits = ref_generate(ref, torch.tensor(classes), cfg_scale, cfg_interval, temperature, top_k,
+                                         top_p, seed=11)
+    trace: list = []
+    settings = ImageSettings(guidance=Guidance(cfg_scale, cfg_interval),
+                             visual=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed=11)
+    results = generator.generate([ImageRequest(class_id=c) for c in classes], settings, trace=trace, decode=False)
+    ours = np.stack([r.codes.reshape(-1) for r in results])
+    deltas = [float(np.abs(a - b).max()) for a, b in zip(ref_logits, trace)]
+    print(f"cfg {cfg_scale}: {len(deltas)} steps, max |dlogits| {max(deltas):.3g}")
+    assert len(trace) == len(ref_logits) == GRID * GRID
+    assert max(deltas) <= ATOL
+    assert ours.tolist() == ref_codes.tolist()
+
+
+def test_no_guidance_runs_conditional_rows_only(c2i, generator):
+    from ardeploy.runtime import SamplingConfig
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageRequest, ImageSettings
+    ref_codes, _ = ref_generate(c2i[0], torch.tensor([5]), 1.0, top_k=10, seed=3)
+    trace: list = []
+    res = generator.generate([ImageRequest(class_id=5)], ImageSettings(Guidance(1.0), SamplingConfig(top_k=10), seed=3),
+                             trace=trace, decode=False)
+    assert trace[0].shape[0] == 1 and res[0].codes.reshape(-1).tolist() == ref_codes[0].tolist()
+
+
+def test_vq16_decoder_matches_janus(c2i, generator):
+    vq = c2i[1]
+    rng = np.random.default_rng(0)
+    for B, h, w in ((2, GRID, GRID), (1, 3, 5)):              # dynamic batch and (non-square) size
+        codes = rng.integers(0, V, (B, h, w))
+        vq.quantize.quant_state_dims = [h, w]
+        with torch.no_grad():
+            want = vq.decode(torch.tensor(codes.reshape(B, -1))).numpy()
+        got = generator.decode_codes(codes)
+        assert got.shape == (B, 3, 2 * h, 2 * w)
+        err = float(np.abs(got - want).max())
+        print(f"VQ-16 {B}x{h}x{w}: max |dpixels| {err:.3g}")
+        assert err <= ATOL
+
+
+def test_generate_image_writes_pngs(c2i, tmp_path, capsys):
+    from PIL import Image
+
+    from ardeploy.cli import main
+    out = tmp_path / "imgs"
+    code = main(["generate-image", str(c2i[2]), "--class-id", "3", "--class-id", "4", "-n", "2", "--cfg", "4.0",
+                 "--top-k", "20", "--seed", "0", "--out", str(out), "--save-tokens", str(tmp_path / "t.npy"),
+                 "--threads", str(threads())])
+    assert code == 0, capsys.readouterr().err
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 4
+    for f in files:
+        with Image.open(f) as im:
+            im.load()
+            assert im.size == (IMAGE, IMAGE) and im.mode == "RGB"
+    assert np.load(tmp_path / "t.npy").shape == (4, GRID, GRID)
+    single = tmp_path / "one.png"
+    assert main(["generate-image", str(c2i[2]), "--class-id", "1", "--out", str(single), "--greedy",
+                 "--size", f"{IMAGE}x{IMAGE}"]) == 0
+    with Image.open(single) as im:
+        assert im.size == (IMAGE, IMAGE) and im.mode == "RGB"
+
+
+def _one_line_error(code, capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    last = err.splitlines()[-1]
+    assert last.startswith("ardeploy: error:") and "Traceback" not in err, err
+    for n in needles:
+        assert n in last, last
+
+
+def test_bad_input(c2i, tmp_path, capsys):
+    from ardeploy.cli import main
+    bundle, gpt, vqf = str(c2i[2]), c2i[3], c2i[4]
+    _one_line_error(main(["generate-image", bundle, "--class-id", str(CLASSES), "--out", str(tmp_path / "a")]),
+                    capsys, "class id 10 is out of range")
+    _one_line_error(main(["generate-image", bundle, "--class-id", "1", "--size", "32x32", "--out", str(tmp_path / "b")]),
+                    capsys, "16x16 images only")
+    _one_line_error(main(["generate-image", bundle, "--class-id", "1", "--size", "15x16", "--out", str(tmp_path / "c")]),
+                    capsys, "not a multiple")
+    _one_line_error(main(["generate-image", bundle, "--prompt", "a cat", "--out", str(tmp_path / "d")]),
+                    capsys, "class-conditional")
+    assert not any(tmp_path.iterdir())                  # nothing written on bad input
+    # checkpoints of another family, or of no family named
+    _one_line_error(main(["export", str(gpt), "--out", str(tmp_path / "e")]), capsys, "--family")
+    _one_line_error(main(["export", str(gpt), "--family", "llamagen-t2i", "--image-size", "16", "--out",
+                          str(tmp_path / "f")]), capsys, "a LlamaGen c2i checkpoint")
+    _one_line_error(main(["export", str(vqf), "--family", "llamagen-c2i", "--image-size", "16", "--out",
+                          str(tmp_path / "g")]), capsys, "not a LlamaGen GPT checkpoint")
+    _one_line_error(main(["export", str(gpt), "--family", "llamagen-c2i", "--out", str(tmp_path / "h")]),
+                    capsys, "--image-size")
+    _one_line_error(main(["export", str(gpt), "--family", "llamagen-c2i", "--image-size", "15", "--vq", str(vqf),
+                          "--out", str(tmp_path / "i")]), capsys, "not a positive multiple")
+    _one_line_error(main(["export", str(gpt), "--family", "emu3", "--out", str(tmp_path / "j")]), capsys,
+                    "Hugging Face checkpoint folder")
+    assert not any(tmp_path.iterdir())
+
+
+# -- text-conditional (t2i), FP16, TensorRT-RTX ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def t2i(tmp_path_factory):
+    """(reference t2i GPT, FP16 bundle folder, gpt .pt): caption-feature prefill graph, VQ-16 in FP16."""
+    from ardeploy.export.bundle import export_path
+    d = tmp_path_factory.mktemp("llamagen_t2i")
+    torch.manual_seed(2)
+    ref = RefLlamaGen("t2i").eval()
+    torch.save({"model": ref.gpt_state_dict()}, d / "gpt.pt")
+    torch.save({"model": janus_to_llamagen(janus_vq(seed=1).state_dict())}, d / "vq.pt")
+    export_path(d / "gpt.pt", d / "bundle", family="llamagen-t2i", dtype="fp16", quiet=True, score_graph=False,
+                max_batch=4, family_options={"image_size": IMAGE, "vq": str(d / "vq.pt"), "n_head": HEADS})
+    return ref, d / "bundle", d / "gpt.pt"
+
+
+def captions(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, 1, (n, CAPTION_DIM)).astype(np.float32) for n in lengths]
+
+
+def padded(feats):
+    """LlamaGen's sample_t2i.py layout: valid tokens at the end (left padding), padded rows zero."""
+    x = torch.zeros(len(feats), CAPTION_T, CAPTION_DIM)
+    m = torch.zeros(len(feats), CAPTION_T)
+    for b, f in enumerate(feats):
+        x[b, CAPTION_T - len(f):] = torch.from_numpy(f)
+        m[b, CAPTION_T - len(f):] = 1
+    return x, m
+
+
+def test_t2i_module_matches_reference_fp32(t2i):
+    """Our PyTorch LlamaGen module (caption MLP, left-padded caption mask, forced diagonal, zero prefix
+    rotary) against the reference, in FP32: prefill and teacher-forced steps, both CFG rows."""
+    from ardeploy.export.loaders import load_checkpoint
+    from ardeploy.export.model import build_model
+    ref, _, gpt = t2i
+    ck = load_checkpoint(gpt, family="llamagen-t2i", image_size=IMAGE, n_head=HEADS)
+    ck.spec.extra["llamagen"]["grid"] = GRID          # no --vq here: keep the reference's grid
+    model = build_model(ck.spec, ck.state_dict(), torch.float32)
+    feats, mask = padded(captions([5, 9]))
+    codes = torch.randint(0, V, (2, GRID * GRID))
+    _, ref_logits = ref_generate(ref, feats, 7.5, emb_masks=mask, forced=codes)
+    codes = codes[:, :6]                                # our module: the prefill and 6 decode steps
+    x = torch.cat([feats, ref.cls_embedding.uncond_embedding.expand(2, -1, -1)])
+    m = torch.cat([mask, mask]).long()
+    with torch.no_grad():
+        h, cos, sin, amask = model.prologue_caption(x, m)
+        cos, sin, amask = model.block_inputs(cos, sin, amask)
+        past = []
+        for layer in model.layers:
+            h, k, v = layer(h, cos, sin, amask)
+            past.append((k, v))
+        ours = [model.head(h[:, -1]).numpy()]
+        for t in range(codes.shape[1]):
+            m = torch.cat([m, torch.ones(4, 1, dtype=torch.long)], 1)
+            logits, new = model(torch.cat([codes[:, t], codes[:, t]])[:, None], m, past)
+            past = [(torch.cat([pk, k]), torch.cat([pv, v])) for (pk, pv), (k, v) in zip(past, new)]
+            ours.append(logits.numpy())
+    deltas = [float(np.abs(a - b).max()) for a, b in zip(ours, ref_logits)]
+    print(f"t2i module fp32: max |dlogits| {max(deltas):.3g}")
+    assert max(deltas) <= ATOL
+
+
+def test_t2i_fp16_bundle_generates(t2i, tmp_path):
+    """The FP16 bundle's caption prefill and decode steps (ONNX Runtime) against the FP32 reference,
+    teacher-forced on the codes our runtime chose; then the CLI writes a PNG."""
+    from PIL import Image
+
+    from ardeploy.cli import main
+    from ardeploy.runtime import SamplingConfig
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageGenerator, ImageRequest, ImageSettings
+    ref, bundle, _ = t2i
+    gen = ImageGenerator.load(bundle, threads=threads())
+    feats = captions([5, 9], seed=1)
+    trace: list = []
+    res = gen.generate([ImageRequest(caption=f) for f in feats],
+                       ImageSettings(Guidance(7.5), SamplingConfig(top_k=16), seed=0), trace=trace, decode=False)
+    codes = torch.tensor(np.stack([r.codes.reshape(-1) for r in res]))
+    x, mask = padded(feats)
+    _, ref_logits = ref_generate(ref, x, 7.5, emb_masks=mask, forced=codes)
+    deltas = [float(np.abs(a - b).max()) for a, b in zip(ref_logits, trace)]
+    scale = max(float(np.abs(r).max()) for r in ref_logits)
+    print(f"t2i fp16 bundle: max |dlogits| {max(deltas):.3g} (logits up to {scale:.3g})")
+    assert len(trace) == GRID * GRID and max(deltas) <= 0.05
+    np.save(tmp_path / "cap.npy", feats[0])
+    out = tmp_path / "t2i.png"
+    assert main(["generate-image", str(bundle), "--caption-features", str(tmp_path / "cap.npy"), "--seed", "1",
+                 "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size == (IMAGE, IMAGE) and im.mode == "RGB"
+
+
+def trt_build(path, ranges: dict) -> int:
+    """Parse an ONNX graph with TensorRT-RTX and build an FP16-typed engine for SM89 on this CPU.
+    ranges: dim name -> (min, opt, max). Returns the plan size."""
+    import onnx
+    pytest.importorskip("tensorrt_rtx_libs")
+    import tensorrt_rtx_bindings as trt
+    errors = []
+
+    class Log(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity <= trt.Logger.ERROR:
+                errors.append(msg)
+
+    logger = Log()
+    builder = trt.Builder(logger)
+    net = builder.create_network(0)                      # TensorRT-RTX networks are strongly typed
+    parser = trt.OnnxParser(net, logger)
+    assert parser.parse_from_file(str(path)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    cfg = builder.create_builder_config()
+    cfg.num_compute_capabilities = 1
+    cfg.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    profile = builder.create_optimization_profile()
+    for inp in onnx.load(str(path), load_external_data=False).graph.input:
+        dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        profile.set_shape(inp.name, *([ranges[d][k] if isinstance(d, str) else d for d in dims] for k in range(3)))
+    cfg.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(net, cfg)
+    assert plan is not None, errors
+    return plan.nbytes
+
+
+def test_trt_rtx_builds_fp16_graphs(t2i):
+    bundle = t2i[1]
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["dtype"] == "fp16"
+    common = {"batch": (1, 2, 4), "height": (1, GRID, 2 * GRID), "width": (1, GRID, 2 * GRID)}
+    sizes = {"prefill": trt_build(bundle / "prefill.onnx", {**common, "seq": (CAPTION_T,) * 3}),
+             "decode": trt_build(bundle / "decode.onnx", {**common, "seq": (1, 1, 4), "past_seq": (1, 64, 128),
+                                                          "total_seq": (2, 65, 132)}),
+             "vq_decoder": trt_build(bundle / "vq_decoder.onnx", common)}
+    print("TensorRT-RTX plans (SM89, FP16):", sizes)
