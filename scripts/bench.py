@@ -150,7 +150,7 @@ def cmd_bench(a) -> int:
     mem = res["memory"]
     print(f"weights {res['weights_mib']:.0f} MiB, KV arena {res['kv_arena_mib']:.0f} MiB; "
           f"peak RSS {mem['peak_rss_mib']:.0f} MiB, PSS {mem['pss_mib']:.0f} MiB "
-          f"(prefill and decode sessions share one mapping of the weights)")
+          f"(one ONNX Runtime session runs prefill and decode: the weights are held once)")
     if a.json:
         tmp = Path(str(a.json) + ".partial")
         tmp.write_text(json.dumps(res, indent=2))
