@@ -20,8 +20,8 @@ def default_prompt_ids(bundle, n_random: int = 12) -> list[int]:
     tok = bundle.tokenizer()
     if tok is not None:
         return tok.encode(DEFAULT_PROMPT).ids
-    rng = np.random.default_rng(0)
-    return rng.integers(0, bundle.vocab_size, n_random).tolist()
+    rng = np.random.default_rng(0)     # token-id bundles (image models): random ids, half the cache at most
+    return rng.integers(0, bundle.vocab_size, max(1, min(n_random, bundle.max_seq // 2))).tolist()
 
 
 def run_bundle_greedy(backend, bundle, prompt_ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
@@ -67,12 +67,27 @@ def transformers_step_logits(hf_model, prompt_ids: list[int], tokens: list[int])
     return [logits[n - 1 + i] for i in range(len(tokens))]
 
 
-def load_transformers(source: Path):
-    from transformers import AutoModelForCausalLM
+def load_transformers(source: Path, family: str):
+    import transformers
     if source.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                    dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
+                                                                 dtype=torch.float32).eval()
+    # Emu3's LM lives inside the unified model; AutoModelForCausalLM would build a bare LM and
+    # initialise its weights at random.
+    cls = transformers.Emu3ForConditionalGeneration if family == "emu3" else transformers.AutoModelForCausalLM
+    return cls.from_pretrained(str(source), dtype=torch.float32).eval()
+
+
+def family_options(manifest: dict) -> dict:
+    """What load_checkpoint needs to read the source again as the exporter did."""
+    family = manifest.get("family", "")
+    if family.startswith("llamagen"):
+        cfg = manifest["spec"]["extra"]["llamagen"]
+        return {"family": family, "image_size": cfg["image_size"], "n_head": manifest["spec"]["n_heads"],
+                "downsample": cfg["downsample"]}
+    if family == "emu3.5":
+        return {"family": family}
+    return {}
 
 
 def compare(name: str, ref: list[np.ndarray], got: list[np.ndarray], got_tokens: list[int]) -> dict:
@@ -97,6 +112,9 @@ def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, wi
         raise RuntimeError("ONNX Runtime's CPU provider does not run bfloat16 graphs; "
                            "verify an fp32 or fp16 export, or build the bf16 bundle with TensorRT")
     prompt_ids = list(prompt_ids or default_prompt_ids(bundle))
+    if len(prompt_ids) >= bundle.max_seq:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the bundle's max_seq {bundle.max_seq}")
+    steps = min(steps, bundle.max_seq - len(prompt_ids))
     report = {"bundle": str(bundle_path), "source": str(src), "dtype": bundle.manifest["dtype"],
               "prompt_tokens": len(prompt_ids), "steps": steps}
     t = time.perf_counter()
@@ -105,15 +123,15 @@ def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, wi
     report["ort_seconds"] = round(time.perf_counter() - t, 3)
     report["tokens"] = tokens
 
-    ckpt = load_checkpoint(src)
+    ckpt = load_checkpoint(src, **family_options(bundle.manifest))
     model = build_model(ckpt.spec, ckpt.state_dict(), torch.float32)
     report["comparisons"] = [compare("ardeploy-pytorch-fp32", torch_step_logits(model, prompt_ids, tokens),
                                      ort_logits, tokens)]
     if with_transformers is None:
-        with_transformers = ckpt.source_format == "hf"
+        with_transformers = ckpt.source_format == "hf" or ckpt.family == "emu3"
     if with_transformers:
         try:
-            hf = load_transformers(src)
+            hf = load_transformers(src, ckpt.family)
         except ImportError:
             report["transformers"] = "not installed (pip install transformers)"
         else:

@@ -266,3 +266,11 @@ def test_vq_decoder_builds_with_trt_rtx_fp16(emu3, tmp_path):
     onnx.save_model(model, str(tmp_path / "vq16.onnx"))
     size = llamagen.trt_build(tmp_path / "vq16.onnx", {"batch": (1, 1, 2), "height": (1, 4, 16), "width": (1, 4, 16)})
     print(f"Emu3 VQ decoder FP16 plan: {size} bytes")
+
+
+def test_verify_compares_with_the_unified_transformers_model(emu3):
+    from ardeploy.export.verify import verify_bundle
+    rep = verify_bundle(emu3[2], steps=6, threads=threads())
+    names = [c["reference"] for c in rep["comparisons"]]
+    assert names == ["ardeploy-pytorch-fp32", "transformers-fp32"]
+    assert all(c["greedy_agree"] and c["max_abs_dlogits"] < 1e-4 for c in rep["comparisons"])

@@ -495,3 +495,11 @@ def test_trt_rtx_builds_fp16_graphs(t2i):
                                                           "total_seq": (2, 65, 132)}),
              "vq_decoder": trt_build(bundle / "vq_decoder.onnx", common)}
     print("TensorRT-RTX plans (SM89, FP16):", sizes)
+
+
+def test_verify_reads_the_llamagen_source_again(c2i):
+    """`ardeploy verify` re-reads a bare .pt with the family options recorded in the manifest."""
+    from ardeploy.export.verify import verify_bundle
+    rep = verify_bundle(c2i[2], steps=6, threads=threads())
+    (ours,) = rep["comparisons"]
+    assert ours["greedy_agree"] and ours["max_abs_dlogits"] < 1e-4

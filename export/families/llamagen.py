@@ -151,18 +151,21 @@ def _lazy(t: torch.Tensor, fn=None) -> LazyTensor:
 
 
 def load_llamagen(path: Path, family: str, image_size: int | None = None, vq: str | None = None,
-                  n_head: int | None = None):
+                  n_head: int | None = None, downsample: int | None = None):
     """A LlamaGen GPT `.pt` (+ optional VQ tokenizer `.pt`) -> ImageCheckpoint.
 
     n_head: only for dimensions that match no published config (tests); the published ones are known.
+    downsample: the VQ's pixels per token when no VQ file is given (`verify` re-reads a bundle's
+    source with the factor its manifest recorded); default 16, LlamaGen's VQ-16.
     """
     try:
-        return _load_llamagen(path, family, image_size, vq, n_head)
+        return _load_llamagen(path, family, image_size, vq, n_head, downsample)
     except KeyError as e:
         raise CheckpointError(f"{path}: missing tensor {e.args[0]} (an incomplete LlamaGen checkpoint)") from None
 
 
-def _load_llamagen(path: Path, family: str, image_size: int | None, vq: str | None, n_head: int | None):
+def _load_llamagen(path: Path, family: str, image_size: int | None, vq: str | None, n_head: int | None,
+                   downsample: int | None):
     from . import ImageCheckpoint
     from .vq import load_vq16
 
@@ -178,7 +181,7 @@ def _load_llamagen(path: Path, family: str, image_size: int | None, vq: str | No
     if image_size is None:
         raise CheckpointError(f"{path}: LlamaGen needs --image-size (the size it was trained for, e.g. 256 or 384)")
     vq_source = load_vq16(Path(vq)) if vq else None
-    factor = vq_source.downsample if vq_source else 16
+    factor = vq_source.downsample if vq_source else (downsample or 16)
     if image_size <= 0 or image_size % factor:
         raise CheckpointError(f"--image-size {image_size} is not a positive multiple of the VQ downsampling factor {factor}")
     grid = image_size // factor
