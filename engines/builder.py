@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..runtime import atomic
 from ..runtime.bundle import Bundle, BundleError
 from . import compat, layers, profiles, record
 from .errors import EngineError
@@ -72,14 +73,21 @@ def reexport_hint(bundle: Bundle, precision: str) -> str:
 def check_request(bundle: Bundle, precision: str, max_seq: int | None, max_batch: int | None) -> tuple[int, int]:
     """Refuse what cannot be built before TensorRT is even imported; returns (max_seq, max_batch)."""
     m = bundle.manifest
-    if precision not in record.PRECISIONS:
-        raise EngineError(f"unknown --precision {precision!r} (choose {', '.join(record.PRECISIONS)})")
+    if precision not in (*record.PRECISIONS, record.INT8):
+        raise EngineError(f"unknown --precision {precision!r} (choose {', '.join(record.PRECISIONS)}, int8)")
     if not m.get("graphs"):
         raise EngineError(f"{bundle.path}: the bundle has no graphs to build from (re-export it with `ardeploy export`)")
     if not bundle.has_graph(GRAPH):
         raise EngineError(f"{bundle.path}: the bundle has no {GRAPH} graph (it has: {', '.join(m['graphs'])}); "
                           f"re-export it with `ardeploy export`")
-    if m.get("dtype") != precision:
+    quant = m.get("quantization")
+    if precision == record.INT8 and not quant:
+        raise EngineError(f"{bundle.path}: --precision int8 needs a calibrated bundle with Q/DQ graphs: make one with "
+                          f"`ardeploy calibrate {bundle.path} --data calib.txt --scheme w8a16 --out "
+                          f"{str(bundle.path).rstrip('/')}-int8`")
+    if quant and precision != record.INT8:
+        raise EngineError(f"{bundle.path}: the bundle is quantized ({quant['scheme']}); build it with --precision int8")
+    if precision != record.INT8 and m.get("dtype") != precision:
         raise EngineError(f"{bundle.path}: the bundle's graphs are {m.get('dtype')}, and an engine's precision is its "
                           f"graph's (strongly typed): export {precision} graphs with `{reexport_hint(bundle, precision)}` "
                           f"and build that bundle")
@@ -150,16 +158,6 @@ def _write_plan(path: Path, plan) -> int:
     return view.nbytes
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, max_batch: int | None = None,
                   opt_seq: int = 512, trt: str = "auto", timing_cache: str | Path | None = None,
                   workspace: str | int | None = None, compute_capability: list[str] | None = None,
@@ -191,7 +189,8 @@ def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, ma
     net_io = compat.network_io(t, network)
     check_network_io(net_io, graph, onnx_path.name)
     report = layers.network_report(compat.network_layers(t, network))
-    wrong = layers.precision_problems(report, precision)
+    float_precision = bundle.manifest["dtype"] if precision == record.INT8 else precision
+    wrong = layers.precision_problems(report, float_precision)
     if wrong:
         raise EngineError(f"{onnx_path.name} is not a {precision} graph: {wrong[0]}"
                           + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
@@ -249,7 +248,8 @@ def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, ma
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "tensorrt": {"flavour": t.flavour, "version": t.version, "label": t.label},
             "target": target,
-            "precision": precision,
+            "precision": precision, "graph_dtype": bundle.manifest["dtype"],
+            "quantization": (bundle.manifest.get("quantization") or {}).get("scheme"),
             "max_seq": max_seq, "max_batch": max_batch, "opt_seq": opt_seq,
             "builder_optimization_level": opt_level, "workspace_bytes": workspace,
             "graphs": {onnx_path.name: record.sha256_file(onnx_path)},
@@ -263,7 +263,7 @@ def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, ma
             "build_seconds": round(seconds, 2),
         }
         record.write(tmp, rec)
-        _move_into_place(tmp, out)
+        atomic.move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,7 +18,7 @@ from . import compat, record
 from .errors import EngineError
 from .profiles import DECODE, PREFILL
 
-DEFAULT_ATOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
+DEFAULT_ATOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 0.25}
 
 
 def compare_feeds(manifest: dict, prompt_len: int, decode_steps: int, seed: int = 0,

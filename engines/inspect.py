@@ -49,7 +49,7 @@ def inspect_bundle(path, layers: bool = False) -> dict:
                      "activation_bytes_per_profile": _device_memory(bundle, rec)}
     out["layers"] = {"source": report["source"], "count": len(report["layers"]),
                      "precisions": layer_report.summary(report),
-                     "problems": layer_report.precision_problems(report, rec["precision"])}
+                     "problems": layer_report.precision_problems(report, record.float_precision(rec))}
     if layers:
         out["layers"]["list"] = report["layers"]
     out["io"] = rec["io"]

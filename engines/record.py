@@ -16,6 +16,12 @@ RECORD = "engines.json"
 FORMAT = "ardeploy-engines"
 FORMAT_VERSION = 1
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+INT8 = "int8"        # a calibrated bundle (Q/DQ graphs); its float parts keep the bundle's dtype
+
+
+def float_precision(rec: dict) -> str:
+    """The float type of an engine's non-INT8 layers (an int8 engine's is its graph's dtype)."""
+    return rec.get("graph_dtype") or rec["precision"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -33,8 +39,9 @@ def engines_dir(bundle: Bundle) -> Path:
 def load(bundle: Bundle) -> dict:
     path = engines_dir(bundle) / RECORD
     if not path.exists():
+        precision = INT8 if bundle.manifest.get("quantization") else bundle.manifest.get("dtype", "fp16")
         raise BundleError(f"{bundle.path}: no TensorRT engines (build them with `ardeploy build {bundle.path} "
-                          f"--precision {bundle.manifest.get('dtype', 'fp16')}`)")
+                          f"--precision {precision}`)")
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

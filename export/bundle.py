@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import onnx
 import torch
 
+from ..runtime import atomic
 from .assemble import WeightsFile, build_graph
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, ExportError
@@ -38,38 +37,13 @@ def toolkit_version() -> str:
 
 def check_out(out: Path, force: bool) -> None:
     """Refuse an output we cannot or must not write, before any work is done."""
-    out = Path(out).resolve()
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out}: already exists and is not empty (use --force to replace it)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ExportError(f"{out}: cannot write there ({parent} is not a folder)")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ExportError(f"{out}: cannot write there ({parent} is not writable)")
-            break
+    atomic.check_out(out, force, ExportError)
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
     """Return the temporary folder to build in, beside the target."""
     check_out(out, force)
-    out = out.resolve()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as e:
-        raise ExportError(f"{out}: cannot write there ({e.strerror})") from None
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    out = out.resolve()
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    return atomic.temp_beside(out, ExportError)
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -157,7 +131,7 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
         if plan:
             manifest["image"] = plan.manifest_section(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        _move_into_place(tmp, out)
+        atomic.move_into_place(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,7 +12,8 @@ Peers (each runs in its own subprocess, so its memory is its own):
   llamacpp-q4_1 / llamacpp-f32 / llamacpp-f16
                 llama.cpp via llama-cpp-python on the shipped Q4_1 GGUF and on F32/F16 GGUFs written
                 from the same (dequantized) weights
-  ort-genai     onnxruntime-genai, if its model builder can export the model here
+  ort-genai     onnxruntime-genai (FP32, CPU) on a model its own builder exports from the same weights
+                (written once to the cache: GGUF -> Hugging Face folder via transformers -> builder)
 
 Nothing is installed silently: a missing peer is reported with the command that installs it.
 """
@@ -33,7 +34,7 @@ ALL_PEERS = ["ours", "ours-concat", "transformers", "llamacpp-q4_1", "llamacpp-f
 INSTALL = {
     "transformers": "pip install torch==2.13.0 transformers accelerate gguf",
     "llamacpp": "pip install llama-cpp-python   (compiles llama.cpp; several minutes)",
-    "ort-genai": "pip install onnxruntime-genai",
+    "ort-genai": "pip install onnxruntime-genai torch==2.13.0 transformers gguf",
 }
 
 
@@ -164,18 +165,83 @@ def worker_llamacpp(args, variant: str):
                 n_batch=512, verbose=False, logits_all=False)
     vocab = llm.n_vocab()
 
+    def last_logits():
+        # without logits_all, llama-cpp-python keeps no scores: read the context's last row directly
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
     def generate(ids, n):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         t_first = time.perf_counter()
         steps = []
         for _ in range(n - 1):
             s0 = time.perf_counter()
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
             steps.append((llm.n_tokens, time.perf_counter() - s0))
+        return t_first - t0, steps
+    return run_workload(args, vocab, generate)
+
+
+def ort_genai_model(args) -> Path:
+    """onnxruntime-genai's own FP32 CPU export of the same weights, made once into the cache."""
+    out = Path(args.cache) / f"ort-genai-{Path(args.gguf).name.split('.')[0]}-fp32"
+    if (out / "genai_config.json").exists():
+        return out
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    gguf = Path(args.gguf)
+    work = Path(tempfile.mkdtemp(prefix=".ort-genai-", dir=args.cache))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        cfg = loaded.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config          # a GGUF-loaded model refuses save_pretrained
+        plain = LlamaForCausalLM(cfg)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(work / "hf")
+        shutil.copy(Path(args.bundle) / "tokenizer.json", work / "hf" / "tokenizer.json")
+        (work / "hf" / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"), "-o",
+                        str(work / "out"), "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.replace(work / "out", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def worker_ort_genai(args):
+    import onnxruntime_genai as og
+    folder = ort_genai_model(args)
+    cfg_path = folder / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    if opts.get("intra_op_num_threads") != args.threads:
+        opts["intra_op_num_threads"] = args.threads
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    model = og.Model(str(folder))
+    vocab = cfg["model"]["vocab_size"]
+    max_len = max(max(args.prompt_len) + args.new_tokens, args.curve_tokens + 16) + 8
+
+    def generate(ids, n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=max_len)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.array(ids, np.int32))      # runs the prompt
+        gen.generate_next_token()                      # picks the first token from its logits
+        t_first = time.perf_counter()
+        steps = []
+        for i in range(n - 1):
+            s0 = time.perf_counter()
+            gen.generate_next_token()                  # one decode step + argmax
+            steps.append((len(ids) + i + 1, time.perf_counter() - s0))
         return t_first - t0, steps
     return run_workload(args, vocab, generate)
 
@@ -203,7 +269,7 @@ def run_workload(args, vocab, generate) -> dict:
 # -- driver -------------------------------------------------------------------------------------------
 def missing(peer: str) -> str | None:
     import importlib.util
-    need = {"transformers": ["torch", "transformers", "gguf", "accelerate"], "ort-genai": ["onnxruntime_genai"]}
+    need = {"transformers": ["torch", "transformers", "gguf", "accelerate"], "ort-genai": ["onnxruntime_genai", "torch", "transformers", "gguf"]}
     mods = need.get(peer, ["llama_cpp"] if peer.startswith("llamacpp") else [])
     lacking = [m for m in mods if importlib.util.find_spec(m) is None]
     if not lacking:
@@ -217,6 +283,10 @@ def run_peer(peer: str, args) -> dict:
            "--cache", str(args.cache), "--prompt-len", ",".join(map(str, args.prompt_len)),
            "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat), "--threads", str(args.threads),
            "--curve-tokens", str(args.curve_tokens)]
+    if peer == "ort-genai":       # export its model first, in another process, so the timed one's RSS is its own
+        prep = subprocess.run([*cmd[:3], "ort-genai-prepare", *cmd[4:]], capture_output=True, text=True)
+        if prep.returncode != 0:
+            return {"error": "its model builder failed: " + (prep.stderr.strip().splitlines() or ["?"])[-1]}
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -273,7 +343,9 @@ def main(argv=None) -> int:
     if args.worker:
         w = args.worker
         res = (worker_ours(args, concat=False) if w == "ours" else worker_ours(args, concat=True) if w == "ours-concat"
-               else worker_transformers(args) if w == "transformers" else worker_llamacpp(args, w.split("-")[1]))
+               else worker_transformers(args) if w == "transformers" else worker_ort_genai(args) if w == "ort-genai"
+               else {"folder": str(ort_genai_model(args))} if w == "ort-genai-prepare"
+               else worker_llamacpp(args, w.split("-")[1]))
         print(json.dumps(res))
         return 0
 
@@ -288,12 +360,6 @@ def main(argv=None) -> int:
         if peer not in ALL_PEERS:
             print(f"unknown peer {peer!r} (known: {', '.join(ALL_PEERS)})", file=sys.stderr)
             return 2
-        if peer == "ort-genai":
-            note = missing(peer) or "ort-genai: its model builder needs the Hugging Face checkpoint folder; " \
-                                    "only the GGUF is available here, so it was not measured"
-            print(note, file=sys.stderr)
-            results[peer] = {"error": note}
-            continue
         why = missing(peer)
         if why:
             print(why, file=sys.stderr)

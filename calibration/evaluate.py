@@ -1,0 +1,132 @@
+"""Perplexity with a sliding window over the score graph (logits of every position in one pass),
+and ONNX Runtime sessions over bundles or over graphs held in memory.
+
+Sliding window: windows of `seq_len` tokens start every `stride` tokens; each token is scored
+once, in the first window where it has a predecessor and has not been scored yet, so with
+stride < seq_len every scored token after the first window sees at least seq_len - stride tokens
+of context. stride == seq_len: disjoint windows (fastest).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+IN_MEMORY = "__in_memory__"      # external-data location of tensors handed to ONNX Runtime from memory
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return so
+
+
+def in_memory_initializer(name: str, array: np.ndarray) -> TensorProto:
+    """A data-less TensorProto for `array`; the array itself is given to the session (see session())."""
+    t = TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape),
+                    data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", IN_MEMORY), ("offset", "0"), ("length", str(array.nbytes))):
+        t.external_data.add(key=k, value=v)
+    return t
+
+
+def session(model: onnx.ModelProto | str | Path, base_dir: str | Path | None = None,
+            arrays: dict[str, np.ndarray] | None = None, threads: int | None = None):
+    """An InferenceSession of a graph file, or of a ModelProto whose external data lives in
+    `base_dir` (the bundle it came from) except the tensors given in `arrays` (by name)."""
+    import onnxruntime as ort
+    so = session_options(threads)
+    if isinstance(model, (str, Path)):
+        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    if base_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(base_dir).resolve()))
+    keep = []
+    if arrays:
+        wanted = {t.name for t in model.graph.initializer
+                  if any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data)}
+        names = sorted(wanted)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise RuntimeError(f"no array given for in-memory initializer(s) {missing[:3]}")
+        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n])) for n in names]
+        so.add_external_initializers(names, keep)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess._ardeploy_keep = keep            # the session reads these buffers: keep them alive
+    return sess
+
+
+def score_fn(sess):
+    def run(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        return sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+    return run
+
+
+def window_plan(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window."""
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (got {seq_len})")
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"--stride must be between 1 and --seq-len {seq_len} (got {stride})")
+    if n_tokens < 2:
+        raise ValueError(f"the text has {n_tokens} token(s); perplexity needs at least 2")
+    plan, begin, prev_end = [], 0, 0
+    while True:
+        end = min(begin + seq_len, n_tokens)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            plan.append((begin, end, first))
+        prev_end = end
+        if end >= n_tokens:
+            return plan
+        begin += stride
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) for each row of logits [n, V] (float64 result)."""
+    logits = np.asarray(logits, np.float32)
+    m = logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(axis=-1, dtype=np.float64)) + m[:, 0]
+    return lse - logits[np.arange(len(targets)), targets]
+
+
+def perplexity(run, stream: np.ndarray, seq_len: int = 512, stride: int | None = None,
+               progress: bool = True, desc: str = "eval") -> dict:
+    from tqdm import tqdm
+    stride = seq_len if stride is None else stride
+    plan = window_plan(len(stream), seq_len, stride)
+    total, count, t0 = 0.0, 0, time.perf_counter()
+    for begin, end, first in tqdm(plan, desc=desc, unit="window", disable=not progress, leave=False):
+        logits = run(stream[begin:end])
+        rows = logits[first - 1 - begin: end - 1 - begin]
+        nll = token_nll(rows, stream[first:end])
+        total += float(nll.sum())
+        count += len(nll)
+    secs = time.perf_counter() - t0
+    mean = total / count
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(len(stream)), "scored_tokens": count,
+            "windows": len(plan), "seq_len": seq_len, "stride": stride, "seconds": round(secs, 2),
+            "tokens_per_s": round(sum(e - b for b, e, _ in plan) / secs, 1) if secs > 0 else None}
+
+
+def bundle_perplexity(bundle, stream: np.ndarray, seq_len: int, stride: int | None = None,
+                      threads: int | None = None, progress: bool = True) -> dict:
+    if not bundle.has_graph("score"):
+        raise ValueError(f"{bundle.path}: bundle has no score graph (re-export without --no-score)")
+    sess = session(bundle.graph_path("score"), threads=threads)
+    return perplexity(score_fn(sess), stream, seq_len, stride, progress, desc=f"eval {Path(bundle.path).name}")
+
+
+def default_threads() -> int | None:
+    n = os.environ.get("ARDEPLOY_THREADS")
+    return int(n) if n else None

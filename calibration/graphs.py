@@ -1,0 +1,309 @@
+"""Find the linear layers of exported graphs and write Q/DQ into them.
+
+Every graph of a bundle (prefill, decode, score) refers to a weight by the same initializer name
+(`layers.3.mlp.down_proj.weight.T`, stored `[in, out]` and used by MatMul; the head uses
+`embed_tokens.weight` / `lm_head.weight`, `[out, in]`, through Gemm transB or Transpose). A linear
+layer is therefore identified by its weight name, not by node or value names (those differ
+between graphs), and whatever we decide for a weight (scales, smoothing) is applied identically in
+every graph.
+
+Q/DQ placement follows TensorRT's explicit-quantization rules, so the builder fuses each pair into
+an INT8 GEMM:
+
+    weight:      int8 [in,out] -> DequantizeLinear(scale [out], axis=1) -> MatMul input B
+    activation:  x -> QuantizeLinear(scale, zp=0 int8) -> DequantizeLinear -> MatMul input A   (w8a8)
+
+Scales are symmetric (zero point 0), per output channel for weights and per tensor for
+activations, in the graph's activation dtype. One QuantizeLinear per activation tensor; one
+DequantizeLinear per consumer (the q/k/v projections share their input and its scale).
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+LAYER_WEIGHT = re.compile(r"^layers\.(\d+)\.(.+)\.weight(\.T)?$")
+HEAD_WEIGHTS = ("lm_head.weight", "embed_tokens.weight")
+# Modules whose linears read the same activation; the group names the activation.
+GROUP_OF_MODULE = {
+    "self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up",
+    "mlp.down_proj": "down",
+}
+NP_OF_ONNX = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+@dataclass
+class LinearUse:
+    node: str            # node name in this graph
+    act: str             # activation input (A) value name in this graph
+
+
+@dataclass
+class Linear:
+    param: str           # stored initializer name
+    layer: int | None    # decoder layer, None for the LM head
+    module: str          # e.g. self_attn.q_proj, lm_head
+    group: str           # activation group, e.g. layers.3.qkv or head
+    out_axis: int        # output-channel axis of the stored 2-D tensor
+    shape: tuple
+    uses: dict[str, list[LinearUse]] = field(default_factory=dict)     # graph kind -> uses
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def find_linears(graphs: dict[str, onnx.ModelProto]) -> dict[str, Linear]:
+    """Linear layers (MatMul/Gemm with a stored 2-D weight) of every graph, keyed by weight name."""
+    found: dict[str, Linear] = {}
+    for kind, model in graphs.items():
+        inits = initializer_map(model)
+        prod = producers(model)
+        for node in model.graph.node:
+            if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+                continue
+            b, out_axis = node.input[1], 1
+            if node.op_type == "Gemm":
+                if _attr(node, "transA", 0):
+                    continue
+                out_axis = 0 if _attr(node, "transB", 0) else 1
+            if b not in inits:
+                t = prod.get(b)
+                if t is None or t.op_type != "Transpose" or list(_attr(t, "perm", [1, 0])) != [1, 0] \
+                        or t.input[0] not in inits:
+                    continue            # activation x activation (attention) or something we do not own
+                b, out_axis = t.input[0], 1 - out_axis
+            tensor = inits[b]
+            if len(tensor.dims) != 2:
+                continue
+            m = LAYER_WEIGHT.match(b)
+            if m:
+                layer, module = int(m.group(1)), m.group(2)
+                group = f"layers.{layer}.{GROUP_OF_MODULE.get(module, module)}"
+            elif b in HEAD_WEIGHTS or b.removesuffix(".T") in HEAD_WEIGHTS:
+                layer, module, group = None, "lm_head", "head"
+            else:
+                continue
+            lin = found.get(b)
+            if lin is None:
+                lin = found[b] = Linear(b, layer, module, group, out_axis, tuple(tensor.dims))
+            elif lin.out_axis != out_axis:
+                raise ValueError(f"{b}: used with different layouts in different graphs")
+            lin.uses.setdefault(kind, []).append(LinearUse(node.name, node.input[0]))
+    for lin in found.values():
+        if set(lin.uses) != set(graphs):
+            missing = sorted(set(graphs) - set(lin.uses))
+            raise ValueError(f"{lin.param}: not used as a linear weight in graph(s) {', '.join(missing)}")
+    return found
+
+
+def group_inputs(linears: dict[str, Linear], kind: str) -> dict[str, str]:
+    """Activation group -> the one value name all its linears read in graph `kind`."""
+    out: dict[str, str] = {}
+    for lin in linears.values():
+        for use in lin.uses[kind]:
+            prev = out.setdefault(lin.group, use.act)
+            if prev != use.act:
+                raise ValueError(f"{kind}: linears of group {lin.group} read different tensors ({prev}, {use.act})")
+    return out
+
+
+def norm_weight_before(model: onnx.ModelProto, value: str) -> str | None:
+    """If `value` is `Mul(x, gamma)` with gamma a 1-D initializer (an RMSNorm's scale), gamma's name."""
+    node = producers(model).get(value)
+    inits = initializer_map(model)
+    if node is None or node.op_type != "Mul":
+        return None
+    cands = [i for i in node.input if i in inits and len(inits[i].dims) == 1]
+    return cands[0] if len(cands) == 1 else None
+
+
+def product_with(model: onnx.ModelProto, value: str, linear_outputs: set[str]) -> bool:
+    """True when `value` = Mul(something, one of `linear_outputs`) (SwiGLU's up branch)."""
+    node = producers(model).get(value)
+    return node is not None and node.op_type == "Mul" and any(i in linear_outputs for i in node.input)
+
+
+def linear_output(model: onnx.ModelProto, node_name: str, bias: str | None) -> str:
+    """Value name of a linear's result, after its bias Add if it has one."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    out = node.output[0]
+    if bias:
+        for n in model.graph.node:
+            if n.op_type == "Add" and out in n.input and bias in n.input:
+                return n.output[0]
+    return out
+
+
+def bias_of(param: str, inits: dict[str, TensorProto]) -> str | None:
+    if param.endswith(".weight.T"):
+        name = param[: -len(".weight.T")] + ".bias"
+    elif param.endswith(".weight"):
+        name = param[: -len(".weight")] + ".bias"
+    else:
+        return None
+    return name if name in inits else None
+
+
+def activation_dtype(model: onnx.ModelProto, linears: dict[str, Linear]) -> int:
+    inits = initializer_map(model)
+    dts = {inits[p].data_type for p in linears if p in inits}
+    if len(dts) != 1:
+        raise ValueError(f"linear weights have mixed dtypes {sorted(dts)}")
+    dt = dts.pop()
+    if dt not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
+        raise ValueError(f"linear weights have dtype {TensorProto.DataType.Name(dt)}; expected a float type "
+                         f"(is this bundle already quantized?)")
+    return dt
+
+
+# -- statistics graph -------------------------------------------------------------------------
+def stats_model(score: onnx.ModelProto, tensors: dict[str, str], reduce: bool,
+                elem_type: int = TensorProto.FLOAT, hessian: bool = False) -> onnx.ModelProto:
+    """A copy of the score graph whose outputs are the activations to calibrate (key -> value
+    name). reduce=True outputs per-channel max |x| ([C], float32) instead of the whole tensor,
+    and with hessian=True also X^T X ([1, C, C], float32, over the window's tokens) for GPTQ.
+    Nodes nothing needs any more (the LM head) are dropped."""
+    m = copy.deepcopy(score)
+    g = m.graph
+    outs = []
+    if reduce:
+        g.initializer.append(numpy_helper.from_array(np.array([0, 1], np.int64), "calib/axes01"))
+    for key, value in tensors.items():
+        if reduce:
+            a, r, c = f"calib/{key}/abs", f"calib/{key}/absmax", f"calib/{key}/absmax_f32"
+            g.node.extend([helper.make_node("Abs", [value], [a], name=a),
+                           helper.make_node("ReduceMax", [a, "calib/axes01"], [r], name=r, keepdims=0),
+                           helper.make_node("Cast", [r], [c], name=c, to=TensorProto.FLOAT)])
+            outs.append(helper.make_tensor_value_info(c, TensorProto.FLOAT, None))
+            if hessian:
+                x, f, t, h = (f"calib/{key}/{n}" for n in ("x_f32", "flat", "flat_t", "xtx"))
+                g.node.extend([helper.make_node("Cast", [value], [x], name=x, to=TensorProto.FLOAT),
+                               helper.make_node("Flatten", [x], [f], name=f, axis=2),
+                               helper.make_node("Transpose", [f], [t], name=t, perm=[1, 0]),
+                               helper.make_node("MatMul", [t, f], [h], name=h)])
+                outs.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, None))
+        else:
+            outs.append(helper.make_tensor_value_info(value, elem_type, None))
+    del g.output[:]
+    g.output.extend(outs)
+    prune(m)
+    return m
+
+
+def prune(model: onnx.ModelProto) -> None:
+    g = model.graph
+    needed = {o.name for o in g.output}
+    kept = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+# -- Q/DQ rewrite -----------------------------------------------------------------------------
+@dataclass
+class QuantPlan:
+    """What to change, by weight/group name (identical for every graph)."""
+    weight_scales: dict[str, str] = field(default_factory=dict)   # param -> its scale tensor name
+    act_scales: dict[str, float] = field(default_factory=dict)    # group -> per-tensor activation scale
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # new or replaced initializers
+    float_dtype: int = TensorProto.FLOAT
+
+    @staticmethod
+    def qweight_name(param: str) -> str:
+        return f"{param}.int8"
+
+    @staticmethod
+    def scale_name(param: str) -> str:
+        return f"{param}.scale"
+
+
+def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear], plan: QuantPlan,
+                   make_initializer) -> onnx.ModelProto:
+    """A copy of `model` with the plan applied. `make_initializer(name, array)` returns the
+    TensorProto to use for a new or replaced tensor (external data in the output bundle)."""
+    m = copy.deepcopy(model)
+    g = m.graph
+    act_np = NP_OF_ONNX.get(plan.float_dtype)
+    if plan.act_scales and act_np is None:
+        raise ValueError(f"activation quantization needs float32 or float16 activations "
+                         f"(not {TensorProto.DataType.Name(plan.float_dtype)})")
+    quantized = {p for p in plan.weight_scales if p in linears}
+    used = {i for n in g.node for i in n.input}
+    # initializers: drop the float weights we quantize, replace changed ones, add the new ones
+    new_inits = []
+    for t in g.initializer:
+        if t.name in quantized:
+            continue
+        new_inits.append(make_initializer(t.name, plan.tensors[t.name]) if t.name in plan.tensors else t)
+    present = {t.name for t in new_inits}
+    dq_nodes = []
+    for p in sorted(quantized):
+        if p not in used:
+            continue
+        lin = linears[p]
+        q, s = plan.qweight_name(p), plan.weight_scales[p]
+        for name in (q, s):
+            if name not in present:
+                new_inits.append(make_initializer(name, plan.tensors[name]))
+                present.add(name)
+        # the dequantized weight keeps the float weight's name, so its consumers are unchanged
+        dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [p], name=f"{p}/DequantizeLinear",
+                                         axis=lin.out_axis))
+    del g.initializer[:]
+    g.initializer.extend(new_inits)
+
+    # activation Q/DQ in front of each quantized linear of a quantized group
+    act_for_node: dict[str, str] = {}       # node name -> group
+    for p in quantized:
+        lin = linears[p]
+        if lin.group in plan.act_scales:
+            for use in lin.uses.get(kind, []):
+                act_for_node[use.node] = lin.group
+    nodes, quantized_values = list(dq_nodes), {}
+    for node in g.node:
+        group = act_for_node.get(node.name)
+        if group is not None:
+            x = node.input[0]
+            sname, zname = f"{group}.input_scale", f"{group}.input_zero_point"
+            if sname not in present:
+                g.initializer.extend([numpy_helper.from_array(np.array(plan.act_scales[group], act_np), sname),
+                                      numpy_helper.from_array(np.array(0, np.int8), zname)])
+                present.update((sname, zname))
+            if x not in quantized_values:
+                xq = f"{x}/int8"
+                nodes.append(helper.make_node("QuantizeLinear", [x, sname, zname], [xq], name=f"{x}/QuantizeLinear"))
+                quantized_values[x] = xq
+            xd = f"{node.name}/input_dq"
+            nodes.append(helper.make_node("DequantizeLinear", [quantized_values[x], sname, zname], [xd],
+                                          name=f"{node.name}/input/DequantizeLinear"))
+            node = copy.deepcopy(node)
+            node.input[0] = xd
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return m

@@ -1,0 +1,45 @@
+"""Folders written whole or not at all: build in a hidden temporary folder beside the target, then
+swap it in with a rename. Export, engine builds and calibration all write this way, so a failure
+(or Ctrl-C) never leaves a half-written bundle behind."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def check_out(out: Path, force: bool, error: type[Exception] = ValueError) -> None:
+    """Refuse an output we cannot or must not write, before any work is done."""
+    out = Path(out).resolve()
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise error(f"{out}: already exists and is not empty (use --force to replace it)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise error(f"{out}: cannot write there ({parent} is not a folder)")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise error(f"{out}: cannot write there ({parent} is not writable)")
+            break
+
+
+def temp_beside(out: Path, error: type[Exception] = ValueError) -> Path:
+    """A new hidden folder next to `out` (same file system, so the final rename is atomic)."""
+    out = Path(out).resolve()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise error(f"{out}: cannot write there ({e.strerror})") from None
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` (if any) by the finished folder `tmp`."""
+    out = Path(out).resolve()
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
