@@ -61,9 +61,12 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu", prepack: bool = True,
-                 graphs=("decode",), audit: bool = False):
+                 graphs=("decode",), audit: bool = False, prefill_chunk: int | None = 256):
         """audit: after each step, check that every present.* output was written at the arena address
-        it was bound to, and count the bytes of any that were not (benchmarks and tests)."""
+        it was bound to, and count the bytes of any that were not (benchmarks and tests).
+        prefill_chunk: the Generator feeds longer prompts in pieces of this many tokens (bounds the
+        activation memory ONNX Runtime keeps; None: whole prompts)."""
+        self.prefill_chunk = prefill_chunk
         self.bundle, self.device, self.audit = bundle, device, audit
         self.threads, self.prepack = threads, prepack
         self._providers = _providers(device)
