@@ -78,7 +78,7 @@ class Generator:
         bundle = Bundle.load(path)
         return cls(bundle, load_backend(bundle, backend, **backend_kw), max_batch)
 
-    def _feed_prompt(self, x: np.ndarray, mask: np.ndarray, arena: KVArena) -> np.ndarray:
+    def feed_prompt(self, x: np.ndarray, mask: np.ndarray, arena: KVArena) -> np.ndarray:
         """Run the prompt's tokens; logits of its last position. A backend with `prefill_chunk` takes
         long prompts in pieces of that many tokens (each piece attends to the ones before it through
         the arena): ONNX Runtime keeps its largest activation buffers for good, and a 1536-token
@@ -191,7 +191,7 @@ class Generator:
                 x[r, S - len(p):] = p
                 mask[r, S - len(p):] = 1
         fed_tokens = list(prompt_ids[0]) if B == 1 else []
-        logits = self._feed_prompt(x, mask, arena)
+        logits = self.feed_prompt(x, mask, arena)
 
         sampler = Sampler(cfg, B, processors)
         history = [list(p) for p in prompt_ids]

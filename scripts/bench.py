@@ -62,17 +62,18 @@ def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int
     copied0 = gen.arena.bytes_copied
     t0 = time.perf_counter()
     from ardeploy.runtime.generator import Run
-    step_ends = []
+    step_ends, n_prefill = [], 0
     for n_events, _ in enumerate(Run(gen.events(prompts, cfg)), start=1):
         if n_events % batch == 0:
             step_ends.append(time.perf_counter())
+        n_prefill = n_prefill or len(timer.records)      # the prompt may take several calls (pieces)
     t_end = time.perf_counter()
     recs = timer.records
-    prefill_wall = recs[0][2]
+    prefill_wall = sum(r[2] for r in recs[:n_prefill])
     ttft = step_ends[0] - t0
     # step i of decoding: from one sampled token to the next (run call, sampling, binding, detokenizing)
     step_walls = np.diff(step_ends)
-    graph = np.array([r[3] for r in recs[1:]])
+    graph = np.array([r[3] for r in recs[n_prefill:]])
     n_dec = len(step_walls)
     decode_s = t_end - step_ends[0]
     return {
@@ -82,8 +83,8 @@ def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int
         "step_s": float(np.median(step_walls)) if n_dec else 0.0,
         "step_graph_s": float(np.median(graph)) if n_dec else 0.0,
         "overhead_fraction": float(1 - graph.sum() / step_walls.sum()) if n_dec else 0.0,
-        "kv_bytes_copied_per_step": (gen.arena.bytes_copied - copied0) / max(1, len(recs) - 1),
-        "step_by_context": [(int(r[0]), float(r[2])) for r in recs[1:]],
+        "kv_bytes_copied_per_step": (gen.arena.bytes_copied - copied0) / max(1, len(recs) - n_prefill),
+        "step_by_context": [(int(r[0]), float(r[2])) for r in recs[n_prefill:]],
     }
 
 

@@ -54,12 +54,14 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
 def worker_ours(args, concat: bool):
     from ardeploy.runtime.backends.ort import OrtBackend
     from ardeploy.runtime.bundle import Bundle
+    from ardeploy.runtime.generator import Generator
     bundle = Bundle.load(args.bundle)
     backend = OrtBackend(bundle, threads=args.threads)
+    gen = Generator(bundle, backend, 1)          # its prompt feeding (in pieces), not its sampling loop
     vocab = bundle.vocab_size
 
     def generate(ids, n):
-        arena = backend.new_arena(1)
+        arena = gen.arena
         arena.reset(1)
         t0 = time.perf_counter()
         x = np.asarray([ids], dtype=np.int64)
@@ -68,7 +70,7 @@ def worker_ours(args, concat: bool):
             outs = sess.run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})
             logits, past = outs[0], outs[1:]
         else:
-            logits = backend.step(x, np.ones_like(x), arena)
+            logits = gen.feed_prompt(x, np.ones_like(x), arena)
         tok = int(np.argmax(logits[0]))
         t_first = time.perf_counter()
         steps, length = [], len(ids)

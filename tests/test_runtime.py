@@ -71,7 +71,7 @@ def test_long_prompts_in_chunks_match_one_piece(tiny_bundle):
     a, b = whole.arena, chunked.arena
     a.reset(1), b.reset(1)
     want = whole.backend.step(x, mask, a).copy()
-    got = chunked._feed_prompt(x, mask, b)
+    got = chunked.feed_prompt(x, mask, b)
     assert b.length == 37
     np.testing.assert_allclose(got, want, atol=1e-4)
 
