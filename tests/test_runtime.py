@@ -57,6 +57,24 @@ def test_arena_is_written_in_place_and_matches_a_fresh_prefill(tiny_bundle):
             np.testing.assert_allclose(arena.view(layer, kv), arena2.view(layer, kv), atol=1e-5)
 
 
+def test_public_binding_path_gives_the_same_step(tiny_bundle):
+    """The backend binds through ONNX Runtime's inner binding object when it can (one device object
+    for all binds); the public IOBinding path it falls back to must compute the same thing."""
+    bundle = Bundle.load(tiny_bundle[0])
+    seq = np.array([rng_ids(12, seed=2)])
+    outs = []
+    for fast in (True, False):
+        backend = OrtBackend(bundle, threads=threads(), audit=True)
+        if not fast:
+            backend._c_device = False
+        arena = backend.new_arena(1)
+        arena.reset(1)
+        backend.step(seq[:, :11], np.ones((1, 11), np.int64), arena)
+        outs.append(backend.step(seq[:, 11:], np.ones((1, 12), np.int64), arena).copy())
+        assert arena.bytes_copied == 0
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_long_prompts_in_chunks_match_one_piece(tiny_bundle):
     """A prompt fed in pieces (prefill_chunk) gives the same logits and tokens as in one piece,
     for a single prompt and for a left-padded batch whose first piece is mostly padding."""
