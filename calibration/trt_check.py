@@ -9,54 +9,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-_LOGGER = None
-_TRT = None
+from ..engines import compat
 
 
-def import_rtx():
-    global _TRT
-    if _TRT is None:
-        try:
-            import tensorrt_rtx_libs  # noqa: F401  (loads libtensorrt_rtx)
-            import tensorrt_rtx_bindings as trt
-        except ImportError as e:
-            raise ValueError(f"--target trt-rtx needs TensorRT-RTX (pip install -e '.[trt-rtx]'): {e}") from None
-        _TRT = trt
-    return _TRT
-
-
-def _logger():
-    """TensorRT keeps one logger per process: create it once and collect its messages."""
-    global _LOGGER
-    trt = import_rtx()
-    if _LOGGER is None:
-        class Collect(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.messages = []
-
-            def log(self, severity, msg):
-                if severity <= trt.ILogger.Severity.ERROR:
-                    self.messages.append(msg)
-        _LOGGER = Collect()
-    return _LOGGER
+def _rtx() -> compat.TensorRT:
+    try:
+        return compat.load("tensorrt_rtx")
+    except ValueError as e:
+        raise ValueError(f"--target trt-rtx needs TensorRT-RTX (pip install -e '.[trt-rtx]'): {e}") from None
 
 
 # Combinations the TensorRT-RTX 1.7 builder refuses, found by AOT builds of our quantized graphs
 # on CPU (docs/CALIBRATION.md); checked before any calibration work is done.
 def check_scheme_supported(scheme: str, dtype: str | None, ccs) -> None:
-    ccs = [c.upper() for c in ccs]
-    if "SM75" in ccs and dtype == "fp32":
+    ccs = [c.lower().replace("sm", "").replace(".", "").strip() for c in ccs]     # SM75, sm75, 7.5 -> 75
+    if "75" in ccs and dtype == "fp32":
         raise ValueError(f"TensorRT-RTX cannot build {scheme} from an fp32 bundle for SM75 (Turing has no FP32 "
                          f"GEMM in TensorRT-RTX); export with --dtype fp16 or drop SM75")
-
-
-def compute_capability(trt, name: str):
-    cc = getattr(trt.ComputeCapability, name.upper(), None)
-    if cc is None or name.upper() in ("NONE", "CURRENT"):
-        known = [n for n in dir(trt.ComputeCapability) if n.startswith("SM")]
-        raise ValueError(f"unknown compute capability {name!r} (TensorRT-RTX knows {', '.join(known)})")
-    return cc
 
 
 def profile_shapes(manifest: dict, kind: str, max_tokens: int = 256) -> dict:
@@ -80,38 +49,30 @@ def profile_shapes(manifest: dict, kind: str, max_tokens: int = 256) -> dict:
 
 
 def build_graph(path: str | Path, shapes: dict, ccs=("SM89",)) -> dict:
-    """Parse one ONNX file (external data next to it) and build it AOT; raises ValueError on failure."""
-    trt = import_rtx()
-    log = _logger()
+    """Parse one ONNX file (external data next to it) and build it AOT with one optimization profile;
+    raises ValueError on failure. The TensorRT calls are engines/compat.py's."""
+    t = _rtx()
+    targets = compat.compute_capabilities(t, list(ccs))
+    log = compat.logger(t)
     log.messages.clear()
-    builder = trt.Builder(log)
-    net = builder.create_network(0)            # strongly typed is the default (and only) mode in RTX
-    parser = trt.OnnxParser(net, log)
+    builder, network, config = compat.new_network(t, log)
     t0 = time.perf_counter()
-    if not parser.parse_from_file(str(path)):
-        errs = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-        raise ValueError(f"TensorRT-RTX cannot parse {Path(path).name}: {(errs or log.messages or ['?'])[0]}")
-    cfg = builder.create_builder_config()
-    cfg.num_compute_capabilities = len(ccs)
-    for i, name in enumerate(ccs):
-        cfg.set_compute_capability(compute_capability(trt, name), i)
-    prof = builder.create_optimization_profile()
-    for name, (mn, op, mx) in shapes.items():
-        prof.set_shape(name, mn, op, mx)
-    cfg.add_optimization_profile(prof)
-    plan = builder.build_serialized_network(net, cfg)
+    parser, problems = compat.parse_onnx(t, network, log, path)     # keep `parser`: it owns the weights
+    if problems:
+        raise ValueError(f"TensorRT-RTX cannot parse {Path(path).name}: {problems[0]}")
+    compat.configure(t, config, workspace=None, opt_level=None, ccs=targets)
+    compat.add_profile(t, builder, config, shapes)
+    plan = compat.build(t, builder, network, config)
     if plan is None:
-        msg = log.messages[-1] if log.messages else "no message"
-        raise ValueError(f"TensorRT-RTX cannot build {Path(path).name} for {', '.join(ccs)}: {' '.join(msg.split())}")
-    return {"ok": True, "compute_capabilities": list(ccs), "layers": net.num_layers, "plan_bytes": plan.nbytes,
+        raise ValueError(f"TensorRT-RTX cannot build {Path(path).name} for {', '.join(ccs)}: {compat.last_error(t)}")
+    return {"ok": True, "compute_capabilities": list(ccs), "layers": network.num_layers, "plan_bytes": plan.nbytes,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def build_bundle_graphs(folder: str | Path, manifest: dict, ccs=("SM89",), kinds=("prefill", "decode"),
                         progress: bool = False) -> dict:
     import sys
-    trt = import_rtx()
-    out = {"tensorrt_rtx": getattr(trt, "__version__", "?")}
+    out = {"tensorrt_rtx": _rtx().version}
     for kind in kinds:
         if kind not in manifest["graphs"]:
             continue
