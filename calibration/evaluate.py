@@ -9,7 +9,6 @@ of context. stride == seq_len: disjoint windows (fastest).
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -125,8 +124,3 @@ def bundle_perplexity(bundle, stream: np.ndarray, seq_len: int, stride: int | No
         raise ValueError(f"{bundle.path}: bundle has no score graph (re-export without --no-score)")
     sess = session(bundle.graph_path("score"), threads=threads)
     return perplexity(score_fn(sess), stream, seq_len, stride, progress, desc=f"eval {Path(bundle.path).name}")
-
-
-def default_threads() -> int | None:
-    n = os.environ.get("ARDEPLOY_THREADS")
-    return int(n) if n else None

@@ -618,7 +618,7 @@ def relocate(model: onnx.ModelProto, writer: WeightsWriter, arrays: dict[str, np
             t.external_data.add(key=k, value=v)
 
 
-def smoke_run(out: Path, manifest: dict, threads: int | None) -> None:
+def smoke_run(out: Path, manifest: dict, threads: int | None) -> dict:
     """Each graph loads and runs in ONNX Runtime on a few tokens (prefill, then decode one more)."""
     ids = np.array([[1, 2, 3, 4]], np.int64) % manifest["spec"]["vocab_size"]
     results = {}

@@ -111,3 +111,15 @@ def threads() -> int:
 
 def rng_ids(n: int, vocab: int = 256, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()
+
+
+def one_line_error(code: int, err, *needles: str) -> None:
+    """A CLI failure as users should see it: exit status 2, a last stderr line `ardeploy: error: ...`
+    naming every needle, and no traceback. `err`: the captured stderr, or pytest's capsys to read it."""
+    if hasattr(err, "readouterr"):
+        err = err.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ardeploy: error:") and "Traceback" not in err, err
+    for n in needles:
+        assert n in last, last

@@ -16,6 +16,7 @@ from ardeploy.calibration.data import load_stream, python_docstrings, write_corp
 from ardeploy.calibration.evaluate import bundle_perplexity
 from ardeploy.cli import main
 from ardeploy.runtime.bundle import Bundle
+from conftest import one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +30,10 @@ CHAT_PROMPT = "How do I make a cup of tea?"
 
 
 def run_cli(args, capsys):
+    capsys.readouterr()                 # drop what fixtures printed (a calibration made on first use)
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def one_line_error(code, err, *needles):
-    assert code == 2, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("ardeploy: error:") and "Traceback" not in err, err
-    for n in needles:
-        assert n in last, last
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import threads
+from conftest import one_line_error, threads
 
 ATOL = 1e-4
 SPECIALS = {"<|endoftext|>": 0, "<|extra_203|>": 1, "<|extra_204|>": 2, "<image>": 3, "<|extra_200|>": 4,
@@ -205,32 +205,23 @@ def test_generate_image_cli_writes_png(emu3, tmp_path, capsys):
         assert im.size == (8, 6) and im.mode == "RGB"
 
 
-def _one_line_error(code, capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    last = err.splitlines()[-1]
-    assert last.startswith("ardeploy: error:") and "Traceback" not in err, err
-    for n in needles:
-        assert n in last, last
-
-
 def test_bad_input(emu3, tmp_path, capsys):
     from ardeploy.cli import main
     bundle, hf = str(emu3[2]), str(emu3[1])
     out = str(tmp_path / "x.png")
-    _one_line_error(main(["generate-image", bundle, "--prompt-ids", f"{BOS},21,{VIS0 + 5}", "--size", "8x8",
-                          "--out", out]), capsys, "visual token")
-    _one_line_error(main(["generate-image", bundle, "--prompt", "a cat <|image start|>", "--size", "8x8",
-                          "--out", out]), capsys, "image layout token")
-    _one_line_error(main(["generate-image", bundle, "--prompt", "a cat", "--size", "7x8", "--out", out]),
-                    capsys, "not a multiple")
-    _one_line_error(main(["generate-image", bundle, "--prompt", "a cat", "--size", "64x64", "--out", out]),
-                    capsys, "max_seq")
-    _one_line_error(main(["generate-image", bundle, "--class-id", "3", "--out", out]), capsys, "text prompt")
-    _one_line_error(main(["export", hf, "--family", "llamagen-c2i", "--image-size", "16", "--out",
-                          str(tmp_path / "b")]), capsys, "not a folder")
-    _one_line_error(main(["export", hf, "--image-size", "256", "--out", str(tmp_path / "b")]), capsys,
-                    "does not apply")
+    one_line_error(main(["generate-image", bundle, "--prompt-ids", f"{BOS},21,{VIS0 + 5}", "--size", "8x8",
+                         "--out", out]), capsys, "visual token")
+    one_line_error(main(["generate-image", bundle, "--prompt", "a cat <|image start|>", "--size", "8x8",
+                         "--out", out]), capsys, "image layout token")
+    one_line_error(main(["generate-image", bundle, "--prompt", "a cat", "--size", "7x8", "--out", out]),
+                   capsys, "not a multiple")
+    one_line_error(main(["generate-image", bundle, "--prompt", "a cat", "--size", "64x64", "--out", out]),
+                   capsys, "max_seq")
+    one_line_error(main(["generate-image", bundle, "--class-id", "3", "--out", out]), capsys, "text prompt")
+    one_line_error(main(["export", hf, "--family", "llamagen-c2i", "--image-size", "16", "--out",
+                         str(tmp_path / "b")]), capsys, "not a folder")
+    one_line_error(main(["export", hf, "--image-size", "256", "--out", str(tmp_path / "b")]), capsys,
+                   "does not apply")
     assert not any(tmp_path.iterdir())
 
 

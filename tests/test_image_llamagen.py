@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import threads
+from conftest import one_line_error, threads
 
 V, DIM, LAYERS, HEADS, CLASSES = 64, 64, 2, 4, 10
 IMAGE, GRID = 16, 8               # tiny VQ: 2 pixels per token -> 8x8 tokens
@@ -322,39 +322,30 @@ def test_generate_image_writes_pngs(c2i, tmp_path, capsys):
         assert im.size == (IMAGE, IMAGE) and im.mode == "RGB"
 
 
-def _one_line_error(code, capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    last = err.splitlines()[-1]
-    assert last.startswith("ardeploy: error:") and "Traceback" not in err, err
-    for n in needles:
-        assert n in last, last
-
-
 def test_bad_input(c2i, tmp_path, capsys):
     from ardeploy.cli import main
     bundle, gpt, vqf = str(c2i[2]), c2i[3], c2i[4]
-    _one_line_error(main(["generate-image", bundle, "--class-id", str(CLASSES), "--out", str(tmp_path / "a")]),
-                    capsys, "class id 10 is out of range")
-    _one_line_error(main(["generate-image", bundle, "--class-id", "1", "--size", "32x32", "--out", str(tmp_path / "b")]),
-                    capsys, "16x16 images only")
-    _one_line_error(main(["generate-image", bundle, "--class-id", "1", "--size", "15x16", "--out", str(tmp_path / "c")]),
-                    capsys, "not a multiple")
-    _one_line_error(main(["generate-image", bundle, "--prompt", "a cat", "--out", str(tmp_path / "d")]),
-                    capsys, "class-conditional")
+    one_line_error(main(["generate-image", bundle, "--class-id", str(CLASSES), "--out", str(tmp_path / "a")]),
+                   capsys, "class id 10 is out of range")
+    one_line_error(main(["generate-image", bundle, "--class-id", "1", "--size", "32x32", "--out", str(tmp_path / "b")]),
+                   capsys, "16x16 images only")
+    one_line_error(main(["generate-image", bundle, "--class-id", "1", "--size", "15x16", "--out", str(tmp_path / "c")]),
+                   capsys, "not a multiple")
+    one_line_error(main(["generate-image", bundle, "--prompt", "a cat", "--out", str(tmp_path / "d")]),
+                   capsys, "class-conditional")
     assert not any(tmp_path.iterdir())                  # nothing written on bad input
     # checkpoints of another family, or of no family named
-    _one_line_error(main(["export", str(gpt), "--out", str(tmp_path / "e")]), capsys, "--family")
-    _one_line_error(main(["export", str(gpt), "--family", "llamagen-t2i", "--image-size", "16", "--out",
-                          str(tmp_path / "f")]), capsys, "a LlamaGen c2i checkpoint")
-    _one_line_error(main(["export", str(vqf), "--family", "llamagen-c2i", "--image-size", "16", "--out",
-                          str(tmp_path / "g")]), capsys, "not a LlamaGen GPT checkpoint")
-    _one_line_error(main(["export", str(gpt), "--family", "llamagen-c2i", "--out", str(tmp_path / "h")]),
-                    capsys, "--image-size")
-    _one_line_error(main(["export", str(gpt), "--family", "llamagen-c2i", "--image-size", "15", "--vq", str(vqf),
-                          "--out", str(tmp_path / "i")]), capsys, "not a positive multiple")
-    _one_line_error(main(["export", str(gpt), "--family", "emu3", "--out", str(tmp_path / "j")]), capsys,
-                    "Hugging Face checkpoint folder")
+    one_line_error(main(["export", str(gpt), "--out", str(tmp_path / "e")]), capsys, "--family")
+    one_line_error(main(["export", str(gpt), "--family", "llamagen-t2i", "--image-size", "16", "--out",
+                         str(tmp_path / "f")]), capsys, "a LlamaGen c2i checkpoint")
+    one_line_error(main(["export", str(vqf), "--family", "llamagen-c2i", "--image-size", "16", "--out",
+                         str(tmp_path / "g")]), capsys, "not a LlamaGen GPT checkpoint")
+    one_line_error(main(["export", str(gpt), "--family", "llamagen-c2i", "--out", str(tmp_path / "h")]),
+                   capsys, "--image-size")
+    one_line_error(main(["export", str(gpt), "--family", "llamagen-c2i", "--image-size", "15", "--vq", str(vqf),
+                         "--out", str(tmp_path / "i")]), capsys, "not a positive multiple")
+    one_line_error(main(["export", str(gpt), "--family", "emu3", "--out", str(tmp_path / "j")]), capsys,
+                   "Hugging Face checkpoint folder")
     assert not any(tmp_path.iterdir())
 
 

@@ -11,7 +11,6 @@ session read-only views of it (`add_initializer`), so no private copy exists at 
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -162,14 +161,3 @@ class OrtBackend:
                     lambda n, dt, shape, ptr: raw.bind_output(n, dev, dt, shape, ptr))
         return (lambda n, dt, shape, ptr: io.bind_input(n, self.device, 0, dt, shape, ptr),
                 lambda n, dt, shape, ptr: io.bind_output(n, self.device, 0, dt, shape, ptr))
-
-    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        """Logits for every position [B, S, vocab] (perplexity, calibration)."""
-        if attention_mask is None:
-            attention_mask = np.ones_like(input_ids)
-        return self.session("score").run(["logits"], {"input_ids": input_ids.astype(np.int64),
-                                                      "attention_mask": attention_mask.astype(np.int64)})[0]
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
