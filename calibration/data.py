@@ -7,15 +7,14 @@ them, so every window is real text of exactly `seq_len` tokens.
 """
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import re
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..runtime.files import sha256_file
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -49,14 +48,6 @@ def read_documents(path: str | Path) -> list[str]:
     if not docs:
         raise ValueError(f"{path}: no text in it (empty calibration/evaluation file)")
     return docs
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tokenize_documents(tokenizer, docs: list[str], separator: int | None) -> np.ndarray:
@@ -105,35 +96,52 @@ def make_windows(stream: np.ndarray, seq_len: int, samples: int, source: str = "
     return Windows(all_windows[chosen], all_windows[rest], len(stream), documents)
 
 
-# -- a corpus that is on every machine --------------------------------------------------------
-def python_docstrings(modules: list[str] | None = None, min_chars: int = 200) -> dict[str, list[str]]:
-    """Docstrings (module, class, function) of Python standard-library modules, read from their
-    source files with `ast` (nothing is imported). Real English prose that every machine has; use
-    disjoint module lists for calibration and evaluation. Returns module name -> docstrings."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py")) if modules is None else [stdlib / f"{m}.py" for m in modules]
-    out: dict[str, list[str]] = {}
-    for f in files:
-        if not f.exists():
-            continue
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        docs = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                d = ast.get_docstring(node)
-                if d and len(d) >= min_chars:
-                    docs.append(d)
-        if docs:
-            out[f.stem] = docs
-    return out
+# -- what calibration runs on ---------------------------------------------------------------------
+@dataclass
+class CalibrationData:
+    """The windows calibration runs, the held-out windows of its perplexity check, and what
+    calibration.json records about the data."""
+    windows: np.ndarray
+    check: np.ndarray
+    record: dict
+    available: int          # windows of seq_len tokens the data holds in all
 
 
-def write_corpus(path: str | Path, docs: list[str]) -> Path:
-    """Write documents as a blank-line-separated text file (inner blank lines become single breaks)."""
-    path = Path(path)
-    cleaned = [re.sub(r"\n[ \t]*\n+", "\n", d.strip()) for d in docs]
-    path.write_text("\n\n".join(cleaned) + "\n", encoding="utf-8")
-    return path
+def token_stream(bundle, data) -> tuple[np.ndarray, int]:
+    """(token stream, number of documents) of a text/JSONL file, or of an int array of token ids
+    (the Python API's way to calibrate a bundle without a tokenizer)."""
+    if not isinstance(data, np.ndarray):
+        return load_stream(bundle, data)
+    stream = np.asarray(data, np.int64).reshape(-1)
+    if len(stream) and not (0 <= stream.min() and stream.max() < bundle.vocab_size):
+        raise ValueError(f"token ids must be in [0, {bundle.vocab_size})")
+    return stream, 1
+
+
+def check_windows(bundle, heldout: np.ndarray, seq_len: int, count: int, check_data: str | None) -> np.ndarray:
+    """Up to `count` windows spread over the held-out ones (or over the windows of `check_data`)."""
+    if check_data:
+        stream, _ = load_stream(bundle, check_data)
+        n = len(stream) // seq_len
+        if n == 0:
+            raise ValueError(f"{check_data}: shorter than one window of --seq-len {seq_len}")
+        heldout = stream[: n * seq_len].reshape(n, seq_len)
+    if not count or not len(heldout):
+        return np.zeros((0, seq_len), np.int64)
+    idx = np.unique(np.linspace(0, len(heldout) - 1, min(count, len(heldout))).round().astype(int))
+    return heldout[idx]
+
+
+def calibration_data(bundle, data, seq_len: int, samples: int, check_count: int = 4,
+                     check_data: str | None = None) -> CalibrationData:
+    """`samples` windows of `data` (a file or token ids) and `check_count` held-out windows."""
+    stream, documents = token_stream(bundle, data)
+    is_file = not isinstance(data, np.ndarray)
+    w = make_windows(stream, seq_len, samples, source=str(data) if is_file else "token ids", documents=documents)
+    check = check_windows(bundle, w.heldout, seq_len, check_count, check_data)
+    record = {"file": str(Path(data).resolve()) if is_file else None,
+              "sha256": sha256_file(data) if is_file else None, "documents": documents,
+              "tokens": int(w.total_tokens), "seq_len": seq_len, "samples_requested": samples,
+              "samples": int(len(w.calib)), "check_windows": int(len(check)),
+              "check_source": check_data or "held-out windows of the calibration file"}
+    return CalibrationData(w.calib, check, record, len(w.calib) + len(w.heldout))

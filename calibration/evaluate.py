@@ -16,18 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ..runtime.sessions import open_session, session_options
+
 IN_MEMORY = "__in_memory__"      # external-data location of tensors handed to ONNX Runtime from memory
-
-
-def session_options(threads: int | None = None):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return so
 
 
 def in_memory_initializer(name: str, array: np.ndarray) -> TensorProto:
@@ -41,27 +32,32 @@ def in_memory_initializer(name: str, array: np.ndarray) -> TensorProto:
 
 def session(model: onnx.ModelProto | str | Path, base_dir: str | Path | None = None,
             arrays: dict[str, np.ndarray] | None = None, threads: int | None = None):
-    """An InferenceSession of a graph file, or of a ModelProto whose external data lives in
+    """A CPU InferenceSession of a graph file, or of a ModelProto whose external data lives in
     `base_dir` (the bundle it came from) except the tensors given in `arrays` (by name)."""
-    import onnxruntime as ort
-    so = session_options(threads)
+    options = session_options(threads, warnings=False)
     if isinstance(model, (str, Path)):
-        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        return open_session(model, options)
     if base_dir is not None:
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(base_dir).resolve()))
-    keep = []
-    if arrays:
-        wanted = {t.name for t in model.graph.initializer
-                  if any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data)}
-        names = sorted(wanted)
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise RuntimeError(f"no array given for in-memory initializer(s) {missing[:3]}")
-        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n])) for n in names]
-        so.add_external_initializers(names, keep)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(Path(base_dir).resolve()))
+    keep = _add_in_memory_initializers(model, options, arrays) if arrays else []
+    sess = open_session(model.SerializeToString(), options, name=f"{model.graph.name or 'graph'} (in memory)")
     sess._ardeploy_keep = keep            # the session reads these buffers: keep them alive
     return sess
+
+
+def _add_in_memory_initializers(model: onnx.ModelProto, options, arrays: dict[str, np.ndarray]) -> list:
+    """Hand the arrays of the model's in-memory initializers to ONNX Runtime; returns the OrtValues
+    (which must outlive the session)."""
+    import onnxruntime as ort
+    names = sorted({t.name for t in model.graph.initializer
+                    if any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data)})
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise RuntimeError(f"no array given for in-memory initializer(s) {missing[:3]}")
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n])) for n in names]
+    options.add_external_initializers(names, values)
+    return values
 
 
 def score_fn(sess):
@@ -71,7 +67,7 @@ def score_fn(sess):
     return run
 
 
-def window_plan(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+def scoring_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window."""
     if seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (got {seq_len})")
@@ -79,15 +75,15 @@ def window_plan(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int
         raise ValueError(f"--stride must be between 1 and --seq-len {seq_len} (got {stride})")
     if n_tokens < 2:
         raise ValueError(f"the text has {n_tokens} token(s); perplexity needs at least 2")
-    plan, begin, prev_end = [], 0, 0
+    windows, begin, prev_end = [], 0, 0
     while True:
         end = min(begin + seq_len, n_tokens)
         first = max(prev_end, begin + 1)
         if first < end:
-            plan.append((begin, end, first))
+            windows.append((begin, end, first))
         prev_end = end
         if end >= n_tokens:
-            return plan
+            return windows
         begin += stride
 
 
@@ -103,9 +99,9 @@ def perplexity(run, stream: np.ndarray, seq_len: int = 512, stride: int | None =
                progress: bool = True, desc: str = "eval") -> dict:
     from tqdm import tqdm
     stride = seq_len if stride is None else stride
-    plan = window_plan(len(stream), seq_len, stride)
+    windows = scoring_windows(len(stream), seq_len, stride)
     total, count, t0 = 0.0, 0, time.perf_counter()
-    for begin, end, first in tqdm(plan, desc=desc, unit="window", disable=not progress, leave=False):
+    for begin, end, first in tqdm(windows, desc=desc, unit="window", disable=not progress, leave=False):
         logits = run(stream[begin:end])
         rows = logits[first - 1 - begin: end - 1 - begin]
         nll = token_nll(rows, stream[first:end])
@@ -114,8 +110,8 @@ def perplexity(run, stream: np.ndarray, seq_len: int = 512, stride: int | None =
     secs = time.perf_counter() - t0
     mean = total / count
     return {"ppl": math.exp(mean), "nll": mean, "tokens": int(len(stream)), "scored_tokens": count,
-            "windows": len(plan), "seq_len": seq_len, "stride": stride, "seconds": round(secs, 2),
-            "tokens_per_s": round(sum(e - b for b, e, _ in plan) / secs, 1) if secs > 0 else None}
+            "windows": len(windows), "seq_len": seq_len, "stride": stride, "seconds": round(secs, 2),
+            "tokens_per_s": round(sum(e - b for b, e, _ in windows) / secs, 1) if secs > 0 else None}
 
 
 def bundle_perplexity(bundle, stream: np.ndarray, seq_len: int, stride: int | None = None,

@@ -78,33 +78,14 @@ def find_linears(graphs: dict[str, onnx.ModelProto]) -> dict[str, Linear]:
         inits = initializer_map(model)
         prod = producers(model)
         for node in model.graph.node:
-            if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            weight = _stored_weight(node, inits, prod)
+            place = _place_of(weight[0]) if weight else None
+            if place is None:
                 continue
-            b, out_axis = node.input[1], 1
-            if node.op_type == "Gemm":
-                if _attr(node, "transA", 0):
-                    continue
-                out_axis = 0 if _attr(node, "transB", 0) else 1
-            if b not in inits:
-                t = prod.get(b)
-                if t is None or t.op_type != "Transpose" or list(_attr(t, "perm", [1, 0])) != [1, 0] \
-                        or t.input[0] not in inits:
-                    continue            # activation x activation (attention) or something we do not own
-                b, out_axis = t.input[0], 1 - out_axis
-            tensor = inits[b]
-            if len(tensor.dims) != 2:
-                continue
-            m = LAYER_WEIGHT.match(b)
-            if m:
-                layer, module = int(m.group(1)), m.group(2)
-                group = f"layers.{layer}.{GROUP_OF_MODULE.get(module, module)}"
-            elif b in HEAD_WEIGHTS or b.removesuffix(".T") in HEAD_WEIGHTS:
-                layer, module, group = None, "lm_head", "head"
-            else:
-                continue
+            b, out_axis = weight
             lin = found.get(b)
             if lin is None:
-                lin = found[b] = Linear(b, layer, module, group, out_axis, tuple(tensor.dims))
+                lin = found[b] = Linear(b, *place, out_axis, tuple(inits[b].dims))
             elif lin.out_axis != out_axis:
                 raise ValueError(f"{b}: used with different layouts in different graphs")
             lin.uses.setdefault(kind, []).append(LinearUse(node.name, node.input[0]))
@@ -113,6 +94,37 @@ def find_linears(graphs: dict[str, onnx.ModelProto]) -> dict[str, Linear]:
             missing = sorted(set(graphs) - set(lin.uses))
             raise ValueError(f"{lin.param}: not used as a linear weight in graph(s) {', '.join(missing)}")
     return found
+
+
+def _stored_weight(node: onnx.NodeProto, inits: dict[str, TensorProto],
+                   prod: dict[str, onnx.NodeProto]) -> tuple[str, int] | None:
+    """(initializer name, output-channel axis) of the 2-D weight a MatMul/Gemm multiplies by,
+    directly or through a Transpose; None for anything else."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    b, out_axis = node.input[1], 1
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            return None
+        out_axis = 0 if _attr(node, "transB", 0) else 1
+    if b not in inits:
+        t = prod.get(b)
+        if t is None or t.op_type != "Transpose" or list(_attr(t, "perm", [1, 0])) != [1, 0] \
+                or t.input[0] not in inits:
+            return None             # activation x activation (attention) or something we do not own
+        b, out_axis = t.input[0], 1 - out_axis
+    return (b, out_axis) if len(inits[b].dims) == 2 else None
+
+
+def _place_of(weight: str) -> tuple[int | None, str, str] | None:
+    """(decoder layer or None for the head, module, activation group) of a weight name we quantize."""
+    m = LAYER_WEIGHT.match(weight)
+    if m:
+        layer, module = int(m.group(1)), m.group(2)
+        return layer, module, f"layers.{layer}.{GROUP_OF_MODULE.get(module, module)}"
+    if weight in HEAD_WEIGHTS or weight.removesuffix(".T") in HEAD_WEIGHTS:
+        return None, "lm_head", "head"
+    return None
 
 
 def group_inputs(linears: dict[str, Linear], kind: str) -> dict[str, str]:
@@ -247,14 +259,21 @@ def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear]
     """A copy of `model` with the plan applied. `make_initializer(name, array)` returns the
     TensorProto to use for a new or replaced tensor (external data in the output bundle)."""
     m = copy.deepcopy(model)
-    g = m.graph
     act_np = NP_OF_ONNX.get(plan.float_dtype)
     if plan.act_scales and act_np is None:
         raise ValueError(f"activation quantization needs float32 or float16 activations "
                          f"(not {TensorProto.DataType.Name(plan.float_dtype)})")
     quantized = {p for p in plan.weight_scales if p in linears}
+    dq_nodes = _swap_weights(m.graph, linears, plan, quantized, make_initializer)
+    _insert_activation_qdq(m.graph, kind, linears, plan, quantized, act_np, dq_nodes)
+    return m
+
+
+def _swap_weights(g: onnx.GraphProto, linears: dict[str, Linear], plan: QuantPlan, quantized: set[str],
+                  make_initializer) -> list[onnx.NodeProto]:
+    """Drop the float weights we quantize, replace changed initializers, add the INT8 weights and
+    scales; returns one DequantizeLinear per quantized weight the graph uses."""
     used = {i for n in g.node for i in n.input}
-    # initializers: drop the float weights we quantize, replace changed ones, add the new ones
     new_inits = []
     for t in g.initializer:
         if t.name in quantized:
@@ -265,7 +284,6 @@ def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear]
     for p in sorted(quantized):
         if p not in used:
             continue
-        lin = linears[p]
         q, s = plan.qweight_name(p), plan.weight_scales[p]
         for name in (q, s):
             if name not in present:
@@ -273,18 +291,25 @@ def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear]
                 present.add(name)
         # the dequantized weight keeps the float weight's name, so its consumers are unchanged
         dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [p], name=f"{p}/DequantizeLinear",
-                                         axis=lin.out_axis))
+                                         axis=linears[p].out_axis))
     del g.initializer[:]
     g.initializer.extend(new_inits)
+    return dq_nodes
 
-    # activation Q/DQ in front of each quantized linear of a quantized group
+
+def _insert_activation_qdq(g: onnx.GraphProto, kind: str, linears: dict[str, Linear], plan: QuantPlan,
+                           quantized: set[str], act_np, first_nodes: list[onnx.NodeProto]) -> None:
+    """Q/DQ in front of each quantized linear of a group with an activation scale: one
+    QuantizeLinear per activation tensor, one DequantizeLinear per consumer. The graph's nodes
+    become `first_nodes`, then its own nodes with those pairs in front."""
     act_for_node: dict[str, str] = {}       # node name -> group
     for p in quantized:
         lin = linears[p]
         if lin.group in plan.act_scales:
             for use in lin.uses.get(kind, []):
                 act_for_node[use.node] = lin.group
-    nodes, quantized_values = list(dq_nodes), {}
+    present = {t.name for t in g.initializer}
+    nodes, quantized_values = list(first_nodes), {}
     for node in g.node:
         group = act_for_node.get(node.name)
         if group is not None:
@@ -306,4 +331,3 @@ def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear]
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
-    return m

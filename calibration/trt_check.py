@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..engines import compat
+from ..runtime import trt_compat as compat
+from ..runtime.log import log
 
 
 def _rtx() -> compat.TensorRT:
@@ -50,33 +51,32 @@ def profile_shapes(manifest: dict, kind: str, max_tokens: int = 256) -> dict:
 
 def build_graph(path: str | Path, shapes: dict, ccs=("SM89",)) -> dict:
     """Parse one ONNX file (external data next to it) and build it AOT with one optimization profile;
-    raises ValueError on failure. The TensorRT calls are engines/compat.py's."""
-    t = _rtx()
-    targets = compat.compute_capabilities(t, list(ccs))
-    log = compat.logger(t)
-    log.messages.clear()
-    builder, network, config = compat.new_network(t, log)
+    raises ValueError on failure. The TensorRT calls are runtime/trt_compat.py's."""
+    tensorrt = _rtx()
+    targets = compat.compute_capabilities(tensorrt, list(ccs))
+    trt_logger = compat.logger(tensorrt)
+    trt_logger.messages.clear()
+    builder, network, config = compat.new_network(tensorrt, trt_logger)
     t0 = time.perf_counter()
-    parser, problems = compat.parse_onnx(t, network, log, path)     # keep `parser`: it owns the weights
+    parser, problems = compat.parse_onnx(tensorrt, network, trt_logger, path)     # keep `parser`: it owns the weights
     if problems:
         raise ValueError(f"TensorRT-RTX cannot parse {Path(path).name}: {problems[0]}")
-    compat.configure(t, config, workspace=None, opt_level=None, ccs=targets)
-    compat.add_profile(t, builder, config, shapes)
-    plan = compat.build(t, builder, network, config)
-    if plan is None:
-        raise ValueError(f"TensorRT-RTX cannot build {Path(path).name} for {', '.join(ccs)}: {compat.last_error(t)}")
-    return {"ok": True, "compute_capabilities": list(ccs), "layers": network.num_layers, "plan_bytes": plan.nbytes,
+    compat.configure(tensorrt, config, workspace=None, opt_level=None, ccs=targets)
+    compat.add_profile(tensorrt, builder, config, shapes)
+    serialized = compat.build(tensorrt, builder, network, config)
+    if serialized is None:
+        raise ValueError(f"TensorRT-RTX cannot build {Path(path).name} for {', '.join(ccs)}: {compat.last_error(tensorrt)}")
+    return {"ok": True, "compute_capabilities": list(ccs), "layers": network.num_layers, "plan_bytes": serialized.nbytes,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def build_bundle_graphs(folder: str | Path, manifest: dict, ccs=("SM89",), kinds=("prefill", "decode"),
                         progress: bool = False) -> dict:
-    import sys
     out = {"tensorrt_rtx": _rtx().version}
     for kind in kinds:
         if kind not in manifest["graphs"]:
             continue
         if progress:
-            print(f"TensorRT-RTX: building {kind} for {', '.join(ccs)} (CPU, ahead of time)", file=sys.stderr, flush=True)
+            log.info(f"TensorRT-RTX: building {kind} for {', '.join(ccs)} (CPU, ahead of time)")
         out[kind] = build_graph(Path(folder) / manifest["graphs"][kind]["file"], profile_shapes(manifest, kind), ccs)
     return out

@@ -16,29 +16,23 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
-import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime import atomic
-from ..runtime.bundle import Bundle, BundleError
-from . import compat, layers, profiles, record
-from .errors import EngineError
+from ..runtime import trt_compat as compat
+from ..runtime.bundle import Bundle
+from ..runtime.cuda import query_gpu
+from ..runtime.engine_record import FORMAT, FORMAT_VERSION, GRAPH, INT8, engines_dir
+from ..runtime.errors import EngineError
+from ..runtime.files import cache_dir, sha256_file
+from ..runtime.log import log, progress_enabled
+from . import layers, profiles, record
+from .progress import make_monitor
 
-GRAPH = "decode"
-PLAN = "decode.plan"
+PLAN = "decode.plan"      # the engine file: TensorRT's serialized engine ("plan"), built from the GRAPH graph
 PLAN_RULE = 1.15          # plan bytes on disk must stay under this many times the weight bytes
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ARDEPLOY_CACHE") or Path.home() / ".cache" / "ardeploy")
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -70,10 +64,11 @@ def reexport_hint(bundle: Bundle, precision: str) -> str:
             f"--out {out}")
 
 
-def check_request(bundle: Bundle, precision: str, max_seq: int | None, max_batch: int | None) -> tuple[int, int]:
+def check_request(bundle: Bundle, precision: str, max_seq: int | None,
+                  max_batch: int | None) -> tuple[int, int]:
     """Refuse what cannot be built before TensorRT is even imported; returns (max_seq, max_batch)."""
     m = bundle.manifest
-    if precision not in (*record.PRECISIONS, record.INT8):
+    if precision not in (*record.PRECISIONS, INT8):
         raise EngineError(f"unknown --precision {precision!r} (choose {', '.join(record.PRECISIONS)}, int8)")
     if not m.get("graphs"):
         raise EngineError(f"{bundle.path}: the bundle has no graphs to build from (re-export it with `ardeploy export`)")
@@ -81,13 +76,13 @@ def check_request(bundle: Bundle, precision: str, max_seq: int | None, max_batch
         raise EngineError(f"{bundle.path}: the bundle has no {GRAPH} graph (it has: {', '.join(m['graphs'])}); "
                           f"re-export it with `ardeploy export`")
     quant = m.get("quantization")
-    if precision == record.INT8 and not quant:
+    if precision == INT8 and not quant:
         raise EngineError(f"{bundle.path}: --precision int8 needs a calibrated bundle with Q/DQ graphs: make one with "
                           f"`ardeploy calibrate {bundle.path} --data calib.txt --scheme w8a16 --out "
                           f"{str(bundle.path).rstrip('/')}-int8`")
-    if quant and precision != record.INT8:
+    if quant and precision != INT8:
         raise EngineError(f"{bundle.path}: the bundle is quantized ({quant['scheme']}); build it with --precision int8")
-    if precision != record.INT8 and m.get("dtype") != precision:
+    if precision != INT8 and m.get("dtype") != precision:
         raise EngineError(f"{bundle.path}: the bundle's graphs are {m.get('dtype')}, and an engine's precision is its "
                           f"graph's (strongly typed): export {precision} graphs with `{reexport_hint(bundle, precision)}` "
                           f"and build that bundle")
@@ -118,36 +113,172 @@ def check_network_io(net_io: list[dict], graph: dict, file: str) -> None:
                               f"says {mode} {w['dtype']} {shape}; re-export the bundle")
 
 
-def _target(t: compat.TensorRT, ccs_wanted: list[str] | None) -> tuple[list, dict]:
-    from ..runtime.backends.trt import query_gpu
-    if t.is_rtx:
-        ccs = compat.compute_capabilities(t, ccs_wanted) if ccs_wanted else []
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build, checked in full before TensorRT is imported."""
+    bundle: Bundle
+    precision: str
+    max_seq: int
+    max_batch: int
+    opt_seq: int
+    shape_profiles: list[profiles.Profile]      # prefill, decode
+    workspace: int | None
+    opt_level: int | None
+
+    @property
+    def graph(self) -> dict:
+        return self.bundle.manifest["graphs"][GRAPH]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.bundle.graph_path(GRAPH)
+
+
+@dataclass
+class ParsedNetwork:
+    """The strongly typed network TensorRT parsed from the graph, and what we learned from it."""
+    builder: object
+    network: object
+    config: object
+    parser: object              # kept alive: it owns the weights the network refers to
+    io: list[dict]              # the network's I/O tensors (checked against the manifest)
+    report: dict                # layers.json when no GPU can inspect the engine
+
+
+@dataclass
+class BuiltPlan:
+    """The plan written into the engines folder, and what was learned from it."""
+    nbytes: int
+    seconds: float
+    engine_io: list[dict] | None      # None when this machine cannot load the plan
+    report: dict                      # layers.json as written
+
+
+def _build_request(bundle_path, precision: str, max_seq: int | None, max_batch: int | None, opt_seq: int,
+                   workspace: str | int | None, opt_level: int | None) -> BuildRequest:
+    """The bundle and every option checked; the defaults filled in from the bundle."""
+    bundle = Bundle.load(bundle_path)
+    max_seq, max_batch = check_request(bundle, precision, max_seq, max_batch)
+    opt_seq = min(int(opt_seq), max_seq)
+    try:
+        shape_profiles = profiles.optimization_profiles(max_seq, max_batch, opt_seq)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    workspace = parse_size(workspace)
+    if opt_level is not None and not 0 <= int(opt_level) <= 5:
+        raise EngineError(f"--opt-level must be between 0 and 5 (got {opt_level})")
+    return BuildRequest(bundle, precision, max_seq, max_batch, opt_seq, shape_profiles, workspace, opt_level)
+
+
+def _target(tensorrt: compat.TensorRT, ccs_wanted: list[str] | None) -> tuple[list, dict]:
+    """(compute capabilities to compile for, engines.json `target`)."""
+    if tensorrt.is_rtx:
+        ccs = compat.compute_capabilities(tensorrt, ccs_wanted) if ccs_wanted else []
         names = [str(c).rsplit(".", 1)[-1][2:] for c in ccs]
         return ccs, {"gpu": "any", "compute_capability": [n[:-1] + "." + n[-1] for n in names] if ccs else "any"}
     if ccs_wanted:
-        compat.compute_capabilities(t, ccs_wanted)          # raises: not an RTX option
+        compat.compute_capabilities(tensorrt, ccs_wanted)          # raises: not an RTX option
     gpu = query_gpu()
     if gpu is None:
-        raise EngineError(f"{t.label} builds engines on the GPU they will run on, and no NVIDIA GPU is visible here: "
-                          f"build on the target machine, or use --trt tensorrt_rtx (builds on a CPU)")
+        raise EngineError(f"{tensorrt.label} builds engines on the GPU they will run on, and no NVIDIA GPU is visible "
+                          f"here: build on the target machine, or use --trt tensorrt_rtx (builds on a CPU)")
     return [], {"gpu": gpu[0], "compute_capability": gpu[1]}
 
 
-def _inspect_engine(t, log, plan, quiet: bool):
+def _parse_network(tensorrt: compat.TensorRT, trt_logger, request: BuildRequest) -> ParsedNetwork:
+    """Parse the graph into a strongly typed network whose I/O and layer precisions are what was asked for."""
+    onnx_path = request.onnx_path
+    builder, network, config = compat.new_network(tensorrt, trt_logger)
+    parser, problems = compat.parse_onnx(tensorrt, network, trt_logger, onnx_path)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise EngineError(f"{onnx_path.name}: {tensorrt.label}'s ONNX parser rejects {problems[0]}{more}")
+    if not compat.is_strongly_typed(tensorrt, network):
+        raise EngineError(f"{tensorrt.label} did not create a strongly typed network")
+    net_io = compat.network_io(tensorrt, network)
+    check_network_io(net_io, request.graph, onnx_path.name)
+    report = layers.network_report(compat.network_layers(tensorrt, network))
+    float_precision = request.bundle.manifest["dtype"] if request.precision == INT8 else request.precision
+    wrong = layers.precision_problems(report, float_precision)
+    if wrong:
+        raise EngineError(f"{onnx_path.name} is not a {request.precision} graph: {wrong[0]}"
+                          + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    return ParsedNetwork(builder, network, config, parser, net_io, report)
+
+
+def _configure(tensorrt: compat.TensorRT, parsed: ParsedNetwork, request: BuildRequest, ccs: list) -> None:
+    compat.configure(tensorrt, parsed.config, workspace=request.workspace, opt_level=request.opt_level, ccs=ccs)
+    for profile in request.shape_profiles:
+        bad = profiles.inconsistencies(profile)
+        if bad:
+            raise EngineError(f"internal: inconsistent profile: {bad[0]}")
+        compat.add_profile(tensorrt, parsed.builder, parsed.config, profile.shapes(request.graph["inputs"]))
+
+
+def _attach_timing_cache(tensorrt: compat.TensorRT, config, target: dict,
+                         timing_cache: str | Path | None) -> tuple[object, Path] | None:
+    """(timing cache, file to save it to) when this flavour has one; it is reused across builds."""
+    if not compat.has_timing_cache(tensorrt):
+        if timing_cache:
+            log.info(f"note: {tensorrt.label} has no timing cache (it would need a GPU at build time); ignoring "
+                     f"--timing-cache. The runtime keeps its compiled kernels in engines/runtime.cache instead.")
+        return None
+    sm = target["compute_capability"].replace(".", "")
+    cache_file = Path(timing_cache) if timing_cache else cache_dir() / f"trt-timing-{tensorrt.version}-sm{sm}.cache"
+    cache_bytes = cache_file.read_bytes() if cache_file.exists() else b""
+    return compat.attach_timing_cache(tensorrt, config, cache_bytes), cache_file
+
+
+def _save_timing_cache(cache, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(bytes(memoryview(cache.serialize())))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info(f"note: could not save the timing cache to {path} ({e.strerror})")
+
+
+def _announce(tensorrt: compat.TensorRT, request: BuildRequest, target: dict) -> None:
+    where = "any supported GPU" if target["compute_capability"] == "any" else \
+        f"{target['gpu']} ({target['compute_capability']})"
+    ranges = "; ".join(f"{p.name} S {p.dims['seq'][0]}..{p.dims['seq'][2]} P {p.dims['past_seq'][0]}.."
+                       f"{p.dims['past_seq'][2]} B 1..{request.max_batch}" for p in request.shape_profiles)
+    log.info(f"building {request.onnx_path.name} ({request.precision}) with {tensorrt.label} for {where}: "
+             f"profiles {ranges}")
+
+
+def _build_plan(tensorrt: compat.TensorRT, parsed: ParsedNetwork, show_progress: bool):
+    """(plan, seconds): TensorRT's serialized engine, with progress bars while it builds."""
+    monitor = make_monitor(compat.progress_base(tensorrt), enabled=show_progress)
+    if monitor is not None:
+        compat.attach_progress(parsed.config, monitor)
+    started = time.perf_counter()
+    try:
+        plan = compat.build(tensorrt, parsed.builder, parsed.network, parsed.config)
+    finally:
+        if monitor is not None:
+            monitor.close()
+    seconds = time.perf_counter() - started
+    if plan is None:
+        raise EngineError(f"{tensorrt.label} could not build the engine: {compat.last_error(tensorrt)}")
+    return plan, seconds
+
+
+def _inspect_engine(tensorrt: compat.TensorRT, trt_logger, plan):
     """(engine I/O, inspector report) when this machine can load the engine, else (None, None)."""
-    from ..runtime.backends.trt import query_gpu
     if query_gpu() is None:
         return None, None
     try:
-        rt = compat.runtime(t, log)
-        if compat.engine_validity(t, rt, plan) is not None:
+        trt_runtime = compat.runtime(tensorrt, trt_logger)
+        if compat.engine_validity(tensorrt, trt_runtime, plan) is not None:
             return None, None
-        engine = compat.deserialize(t, rt, plan)
+        engine = compat.deserialize(tensorrt, trt_runtime, plan)
         if engine is None:
             return None, None
-        return compat.engine_io(t, engine), layers.inspector_report(compat.inspector_json(t, engine))
+        return compat.engine_io(tensorrt, engine), layers.inspector_report(compat.inspector_json(tensorrt, engine))
     except Exception as e:                                   # report what we can; the plan itself is fine
-        _log(f"note: could not inspect the engine on this GPU ({e})", quiet)
+        log.info(f"note: could not inspect the engine on this GPU ({e})")
         return None, None
 
 
@@ -158,128 +289,67 @@ def _write_plan(path: Path, plan) -> int:
     return view.nbytes
 
 
+def _build_into(folder: Path, tensorrt: compat.TensorRT, trt_logger, parsed: ParsedNetwork, request: BuildRequest,
+                show_progress: bool) -> BuiltPlan:
+    """Build the plan and write it and layers.json into `folder`; the plan leaves memory on return."""
+    plan, seconds = _build_plan(tensorrt, parsed, show_progress)
+    nbytes = _write_plan(folder / PLAN, plan)
+    engine_io, inspected = _inspect_engine(tensorrt, trt_logger, plan)
+    if engine_io:
+        check_network_io(engine_io, request.graph, PLAN)
+    report = parsed.report if inspected is None else inspected
+    (folder / layers.REPORT).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return BuiltPlan(nbytes, seconds, engine_io, report)
+
+
+def _engines_record(request: BuildRequest, tensorrt: compat.TensorRT, target: dict, parsed: ParsedNetwork,
+                    built: BuiltPlan) -> dict:
+    """engines.json: what was built, from what, by which TensorRT, for which GPU."""
+    m = request.bundle.manifest
+    weight_bytes = m["weights"]["bytes"]
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tensorrt": {"flavour": tensorrt.flavour, "version": tensorrt.version, "label": tensorrt.label},
+        "target": target,
+        "precision": request.precision, "graph_dtype": m["dtype"],
+        "quantization": (m.get("quantization") or {}).get("scheme"),
+        "max_seq": request.max_seq, "max_batch": request.max_batch, "opt_seq": request.opt_seq,
+        "builder_optimization_level": request.opt_level, "workspace_bytes": request.workspace,
+        "graphs": {request.onnx_path.name: sha256_file(request.onnx_path)},
+        "weights": {"file": m["weights"]["file"], "bytes": weight_bytes},
+        "source_sha256": m["source"].get("sha256"),
+        "engines": [{"file": PLAN, "graph": GRAPH, "bytes": built.nbytes,
+                     "profiles": [p.to_json(request.graph["inputs"]) for p in request.shape_profiles]}],
+        "io": {"source": "engine" if built.engine_io else "network", "tensors": built.engine_io or parsed.io},
+        "layers": {"file": layers.REPORT, "source": built.report["source"], "summary": layers.summary(built.report)},
+        "plan_bytes": built.nbytes, "plan_to_weights": round(built.nbytes / weight_bytes, 4),
+        "build_seconds": round(built.seconds, 2),
+    }
+
+
 def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, max_batch: int | None = None,
                   opt_seq: int = 512, trt: str = "auto", timing_cache: str | Path | None = None,
                   workspace: str | int | None = None, compute_capability: list[str] | None = None,
                   opt_level: int | None = None, quiet: bool = False, verbose: bool = False) -> dict:
-    """Build BUNDLE/engines/ and return the engines.json record."""
-    bundle = Bundle.load(bundle_path)
-    max_seq, max_batch = check_request(bundle, precision, max_seq, max_batch)
-    opt_seq = min(int(opt_seq), max_seq)
-    try:
-        plan_profiles = profiles.plan_profiles(max_seq, max_batch, opt_seq)
-    except ValueError as e:
-        raise EngineError(str(e)) from None
-    workspace = parse_size(workspace)
-    if opt_level is not None and not 0 <= int(opt_level) <= 5:
-        raise EngineError(f"--opt-level must be between 0 and 5 (got {opt_level})")
-    t = compat.load(trt)
-    ccs, target = _target(t, compute_capability)
-    log = compat.logger(t, verbose)
-    graph = bundle.manifest["graphs"][GRAPH]
-    onnx_path = bundle.graph_path(GRAPH)
-
-    builder, network, config = compat.new_network(t, log)
-    parser, problems = compat.parse_onnx(t, network, log, onnx_path)   # keep `parser`: it owns the weights
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise EngineError(f"{onnx_path.name}: {t.label}'s ONNX parser rejects {problems[0]}{more}")
-    if not compat.is_strongly_typed(t, network):
-        raise EngineError(f"{t.label} did not create a strongly typed network")
-    net_io = compat.network_io(t, network)
-    check_network_io(net_io, graph, onnx_path.name)
-    report = layers.network_report(compat.network_layers(t, network))
-    float_precision = bundle.manifest["dtype"] if precision == record.INT8 else precision
-    wrong = layers.precision_problems(report, float_precision)
-    if wrong:
-        raise EngineError(f"{onnx_path.name} is not a {precision} graph: {wrong[0]}"
-                          + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
-
-    compat.configure(t, config, workspace=workspace, opt_level=opt_level, ccs=ccs)
-    for p in plan_profiles:
-        bad = profiles.inconsistencies(p)
-        if bad:
-            raise EngineError(f"internal: inconsistent profile: {bad[0]}")
-        compat.add_profile(t, builder, config, p.shapes(graph["inputs"]))
-
-    cache_file, cache = None, None
-    if compat.has_timing_cache(t):
-        sm = target["compute_capability"].replace(".", "")
-        cache_file = Path(timing_cache) if timing_cache else cache_dir() / f"trt-timing-{t.version}-sm{sm}.cache"
-        blob = cache_file.read_bytes() if cache_file.exists() else b""
-        cache = compat.attach_timing_cache(t, config, blob)
-    elif timing_cache:
-        _log(f"note: {t.label} has no timing cache (it would need a GPU at build time); ignoring --timing-cache. "
-             f"The runtime keeps its compiled kernels in engines/runtime.cache instead.", quiet)
-
-    from .progress import make_monitor
-    monitor = make_monitor(compat.progress_base(t), enabled=not quiet)
-    if monitor is not None:
-        compat.attach_progress(config, monitor)
-
-    where = "any supported GPU" if target["compute_capability"] == "any" else \
-        f"{target['gpu']} ({target['compute_capability']})"
-    _log(f"building {onnx_path.name} ({precision}) with {t.label} for {where}: profiles "
-         + "; ".join(f"{p.name} S {p.dims['seq'][0]}..{p.dims['seq'][2]} P {p.dims['past_seq'][0]}.."
-                     f"{p.dims['past_seq'][2]} B 1..{max_batch}" for p in plan_profiles), quiet)
-    out = record.engines_dir(bundle)
-    tmp = Path(tempfile.mkdtemp(prefix=".engines.partial-", dir=bundle.path))
-    try:
-        t0 = time.perf_counter()
-        try:
-            plan = compat.build(t, builder, network, config)
-        finally:
-            if monitor is not None:
-                monitor.close()
-        seconds = time.perf_counter() - t0
-        if plan is None:
-            raise EngineError(f"{t.label} could not build the engine: {compat.last_error(t)}")
-        nbytes = _write_plan(tmp / PLAN, plan)
-        engine_io, inspected = _inspect_engine(t, log, plan, quiet)
-        del plan
-        if engine_io:
-            check_network_io(engine_io, graph, PLAN)
-        if inspected is not None:
-            report = inspected
-        (tmp / layers.REPORT).write_text(json.dumps(report, indent=1), encoding="utf-8")
-        weight_bytes = bundle.manifest["weights"]["bytes"]
-        rec = {
-            "format": record.FORMAT, "format_version": record.FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "tensorrt": {"flavour": t.flavour, "version": t.version, "label": t.label},
-            "target": target,
-            "precision": precision, "graph_dtype": bundle.manifest["dtype"],
-            "quantization": (bundle.manifest.get("quantization") or {}).get("scheme"),
-            "max_seq": max_seq, "max_batch": max_batch, "opt_seq": opt_seq,
-            "builder_optimization_level": opt_level, "workspace_bytes": workspace,
-            "graphs": {onnx_path.name: record.sha256_file(onnx_path)},
-            "weights": {"file": bundle.manifest["weights"]["file"], "bytes": weight_bytes},
-            "source_sha256": bundle.manifest["source"].get("sha256"),
-            "engines": [{"file": PLAN, "graph": GRAPH, "bytes": nbytes,
-                         "profiles": [p.to_json(graph["inputs"]) for p in plan_profiles]}],
-            "io": {"source": "engine" if engine_io else "network", "tensors": engine_io or net_io},
-            "layers": {"file": layers.REPORT, "source": report["source"], "summary": layers.summary(report)},
-            "plan_bytes": nbytes, "plan_to_weights": round(nbytes / weight_bytes, 4),
-            "build_seconds": round(seconds, 2),
-        }
-        record.write(tmp, rec)
-        atomic.move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if cache is not None:
-        _save_timing_cache(cache, cache_file, quiet)
+    """Build BUNDLE/engines/ and return the engines.json record. `trt` names the TensorRT flavour; `quiet`
+    hides the progress bars (messages follow the level of runtime.log's logger); `verbose` prints TensorRT's own."""
+    request = _build_request(bundle_path, precision, max_seq, max_batch, opt_seq, workspace, opt_level)
+    tensorrt = compat.load(trt)
+    ccs, target = _target(tensorrt, compute_capability)
+    trt_logger = compat.logger(tensorrt, verbose)
+    parsed = _parse_network(tensorrt, trt_logger, request)
+    _configure(tensorrt, parsed, request, ccs)
+    timing = _attach_timing_cache(tensorrt, parsed.config, target, timing_cache)
+    _announce(tensorrt, request, target)
+    with atomic.folder_written_whole(engines_dir(request.bundle), EngineError) as folder:
+        built = _build_into(folder, tensorrt, trt_logger, parsed, request,
+                            show_progress=not quiet and progress_enabled())
+        rec = _engines_record(request, tensorrt, target, parsed, built)
+        record.write(folder, rec)
+    if timing is not None:
+        _save_timing_cache(*timing)
     return rec
 
 
-def _save_timing_cache(cache, path: Path, quiet: bool) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(bytes(memoryview(cache.serialize())))
-        os.replace(tmp, path)
-    except OSError as e:
-        _log(f"note: could not save the timing cache to {path} ({e.strerror})", quiet)
-
-
-__all__ = ["build_engines", "EngineError", "BundleError", "PLAN_RULE"]
+__all__ = ["build_engines", "PLAN_RULE"]

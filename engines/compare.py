@@ -13,10 +13,12 @@ import sys
 
 import numpy as np
 
+from ..runtime import engine_record
+from ..runtime import trt_compat as compat
 from ..runtime.bundle import Bundle, numpy_dtype
-from . import compat, record
-from .errors import EngineError
-from .profiles import DECODE, PREFILL
+from ..runtime.cuda import query_gpu
+from ..runtime.engine_record import DECODE, PREFILL
+from ..runtime.errors import EngineError
 
 DEFAULT_ATOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 0.25}
 
@@ -24,7 +26,7 @@ DEFAULT_ATOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 0.25}
 def compare_feeds(manifest: dict, prompt_len: int, decode_steps: int, seed: int = 0,
                   max_seq: int | None = None) -> list[tuple[str, str, dict]]:
     """[(case name, profile name, feed dict)] for the decode graph: one prefill, then decode steps."""
-    spec, graph = manifest["spec"], manifest["graphs"]["decode"]
+    spec, graph = manifest["spec"], manifest["graphs"][engine_record.GRAPH]
     max_seq = max_seq or manifest["max_seq"]
     if not 1 <= prompt_len < max_seq:
         raise EngineError(f"--prompt-len must be between 1 and {max_seq - 1} (got {prompt_len})")
@@ -46,17 +48,16 @@ def compare_feeds(manifest: dict, prompt_len: int, decode_steps: int, seed: int 
     return cases
 
 
-def _import_polygraphy(t: compat.TensorRT):
-    want = "1" if t.is_rtx else "0"
+def _import_polygraphy(tensorrt: compat.TensorRT):
     if "polygraphy.backend.trt" in sys.modules:
         import polygraphy.config as pc
-        if bool(pc.USE_TENSORRT_RTX) != t.is_rtx:
+        if bool(pc.USE_TENSORRT_RTX) != tensorrt.is_rtx:
             raise EngineError("polygraphy was already imported for the other TensorRT flavour in this process")
     else:
-        os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = want
+        os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if tensorrt.is_rtx else "0"
         import polygraphy.config as pc
-        pc.USE_TENSORRT_RTX = t.is_rtx
-    compat.alias_for_polygraphy(t)
+        pc.USE_TENSORRT_RTX = tensorrt.is_rtx
+    compat.alias_for_polygraphy(tensorrt)
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
@@ -69,29 +70,37 @@ def max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32)))) if a.size else 0.0
 
 
-def compare_bundle(path, prompt_len: int = 16, decode_steps: int = 4, atol: float | None = None,
-                   rtol: float | None = None, seed: int = 0) -> dict:
-    from ..runtime.backends.trt import query_gpu
-    bundle = Bundle.load(path)
-    rec = record.load(bundle)
-    record.check_graphs(rec, bundle)
-    t = compat.load(rec["tensorrt"]["flavour"])
-    record.check_tensorrt(rec, t.flavour, t.version)
+def _checked_engine(bundle: Bundle) -> tuple[dict, compat.TensorRT, tuple[str, str]]:
+    """(engines.json, TensorRT, GPU) once the engine is known to be runnable here, as the backend checks it."""
+    rec = engine_record.load(bundle)
+    engine_record.check_graphs(rec, bundle)
+    tensorrt = compat.load(rec["tensorrt"]["flavour"])
+    engine_record.check_tensorrt(rec, tensorrt.flavour, tensorrt.version)
     gpu = query_gpu()
     if gpu is None:
         raise EngineError("compare runs the engine, and engines run only on an NVIDIA GPU; none is visible here "
                           "(building needs none with TensorRT-RTX, running does)")
-    record.check_gpu(rec, *gpu)
+    engine_record.check_gpu(rec, *gpu)
+    return rec, tensorrt, gpu
+
+
+def compare_bundle(path, prompt_len: int = 16, decode_steps: int = 4, atol: float | None = None,
+                   rtol: float | None = None, seed: int = 0) -> dict:
+    bundle = Bundle.load(path)
+    rec, tensorrt, gpu = _checked_engine(bundle)
     atol = DEFAULT_ATOL[rec["precision"]] if atol is None else atol
     rtol = 0.0 if rtol is None else rtol
-    OnnxrtRunner, SessionFromOnnx, EngineFromBytes, TrtRunner, Comparator, SimpleCompareFunc = _import_polygraphy(t)
-    plan = (record.engines_dir(bundle) / rec["engines"][0]["file"]).read_bytes()
-    profiles = [p["name"] for p in rec["engines"][0]["profiles"]]
-    ort_runner = OnnxrtRunner(SessionFromOnnx(str(bundle.graph_path("decode")), providers=["cpu"]), name="onnxrt")
+    OnnxrtRunner, SessionFromOnnx, EngineFromBytes, TrtRunner, Comparator, SimpleCompareFunc = \
+        _import_polygraphy(tensorrt)
+    plan = (engine_record.engines_dir(bundle) / rec["engines"][0]["file"]).read_bytes()
+    profile_names = [p["name"] for p in rec["engines"][0]["profiles"]]
+    onnx_path = str(bundle.graph_path(engine_record.GRAPH))
+    ort_runner = OnnxrtRunner(SessionFromOnnx(onnx_path, providers=["cpu"]), name="onnxrt")
     report = {"bundle": str(bundle.path), "tensorrt": rec["tensorrt"]["label"], "gpu": gpu[0],
               "atol": atol, "rtol": rtol, "cases": []}
     for name, profile, feed in compare_feeds(bundle.manifest, prompt_len, decode_steps, seed, rec["max_seq"]):
-        trt_runner = TrtRunner(EngineFromBytes(plan), optimization_profile=profiles.index(profile), name="tensorrt")
+        trt_runner = TrtRunner(EngineFromBytes(plan), optimization_profile=profile_names.index(profile),
+                               name="tensorrt")
         results = Comparator.run([ort_runner, trt_runner], data_loader=[feed])
         passed = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
         ref, got = results["onnxrt"][0], results["tensorrt"][0]

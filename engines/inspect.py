@@ -7,26 +7,28 @@ from __future__ import annotations
 
 import json
 
+from ..runtime import engine_record
+from ..runtime import trt_compat as compat
 from ..runtime.bundle import Bundle
+from ..runtime.cuda import query_gpu
 from . import layers as layer_report
 from . import record
 
 
 def _device_memory(bundle: Bundle, rec: dict) -> list[int] | None:
-    from ..runtime.backends.trt import query_gpu
+    """Activation bytes of each profile, when this machine's GPU and TensorRT can load the engine."""
     if query_gpu() is None:
         return None
     try:
-        from . import compat
-        t = compat.load(rec["tensorrt"]["flavour"])
-        if t.version != rec["tensorrt"]["version"]:
+        tensorrt = compat.load(rec["tensorrt"]["flavour"])
+        if tensorrt.version != rec["tensorrt"]["version"]:
             return None
-        rt = compat.runtime(t, compat.logger(t))
-        blob = (record.engines_dir(bundle) / rec["engines"][0]["file"]).read_bytes()
-        if compat.engine_validity(t, rt, blob) is not None:
+        trt_runtime = compat.runtime(tensorrt, compat.logger(tensorrt))
+        plan = (engine_record.engines_dir(bundle) / rec["engines"][0]["file"]).read_bytes()
+        if compat.engine_validity(tensorrt, trt_runtime, plan) is not None:
             return None
-        engine = compat.deserialize(t, rt, blob)
-        return None if engine is None else [compat.profile_memory(t, engine, i)
+        engine = compat.deserialize(tensorrt, trt_runtime, plan)
+        return None if engine is None else [compat.profile_memory(tensorrt, engine, i)
                                             for i in range(len(rec["engines"][0]["profiles"]))]
     except Exception:
         return None
@@ -34,11 +36,11 @@ def _device_memory(bundle: Bundle, rec: dict) -> list[int] | None:
 
 def inspect_bundle(path, layers: bool = False) -> dict:
     bundle = Bundle.load(path)
-    rec = record.load(bundle)
+    rec = engine_record.load(bundle)
     m = bundle.manifest
     n_kv, hd = bundle.kv_shape
     kv_bytes = 2 * bundle.n_layers * rec["max_seq"] * rec["max_batch"] * n_kv * hd * bundle.kv_dtype.itemsize
-    report = json.loads((record.engines_dir(bundle) / rec["layers"]["file"]).read_text(encoding="utf-8"))
+    report = json.loads((engine_record.engines_dir(bundle) / rec["layers"]["file"]).read_text(encoding="utf-8"))
     out = {k: rec[k] for k in ("tensorrt", "target", "precision", "max_seq", "max_batch", "opt_seq",
                                "build_seconds", "created")}
     out["engines"] = [{"file": e["file"], "graph": e["graph"], "bytes": e["bytes"],
@@ -58,9 +60,10 @@ def inspect_bundle(path, layers: bool = False) -> dict:
 
 def render(rep: dict) -> str:
     mib = lambda n: f"{n / 2**20:.1f} MiB"   # noqa: E731
-    t, mem = rep["target"], rep["memory"]
-    lines = [f"engines: {rep['tensorrt']['label']}, {rep['precision']}, for "
-             + ("any supported GPU" if t["compute_capability"] == "any" else f"{t['gpu']} ({t['compute_capability']})")
+    target, mem = rep["target"], rep["memory"]
+    where = "any supported GPU" if target["compute_capability"] == "any" else \
+        f"{target['gpu']} ({target['compute_capability']})"
+    lines = [f"engines: {rep['tensorrt']['label']}, {rep['precision']}, for {where}"
              + f", max_seq {rep['max_seq']}, max_batch {rep['max_batch']}, built in {rep['build_seconds']} s"]
     for e in rep["engines"]:
         lines.append(f"  {e['file']} ({mib(e['bytes'])}) from the {e['graph']} graph")

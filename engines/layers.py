@@ -23,11 +23,11 @@ def network_report(layers: list[dict]) -> dict:
 
 
 def _inspector_dtype(text: str) -> str | None:
-    t = text.upper()
+    upper = text.upper()
     for key, name in (("BF16", "bfloat16"), ("FP16", "float16"), ("HALF", "float16"), ("FP32", "float32"),
                       ("FLOAT", "float32"), ("INT64", "int64"), ("INT32", "int32"), ("INT8", "int8"),
                       ("BOOL", "bool")):
-        if key in t:
+        if key in upper:
             return name
     return None
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PREFILL, DECODE = "prefill", "decode"
+from ..runtime.engine_record import DECODE, PREFILL
+
 Range = tuple[int, int, int]        # (min, opt, max)
 
 
@@ -41,7 +42,8 @@ class Profile:
                 "shapes": {n: [list(s) for s in v] for n, v in self.shapes(inputs).items()}}
 
 
-def plan_profiles(max_seq: int, max_batch: int, opt_seq: int) -> list[Profile]:
+def optimization_profiles(max_seq: int, max_batch: int, opt_seq: int) -> list[Profile]:
+    """The prefill and decode profiles (in that order) of an engine for these limits."""
     if max_seq < 2:
         raise ValueError(f"max_seq must be at least 2 (got {max_seq})")
     if max_batch < 1:
@@ -63,12 +65,3 @@ def inconsistencies(profile: Profile) -> list[str]:
             for k, point in enumerate(("min", "opt", "max"))
             if d["total_seq"][k] != d["past_seq"][k] + d["seq"][k]]
 
-
-def profile_for(past: int, seq: int, profiles: list[dict]) -> int:
-    """Index of the profile (engines.json form) that serves a step of `seq` tokens after `past` cached ones."""
-    for i, p in enumerate(profiles):
-        d = p["dims"]
-        if d["past_seq"][0] <= past <= d["past_seq"][2] and d["seq"][0] <= seq <= d["seq"][2] \
-                and past + seq <= d["total_seq"][2]:
-            return i
-    raise IndexError(f"no engine profile covers {seq} new token(s) after {past} cached ones")

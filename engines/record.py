@@ -1,94 +1,21 @@
-"""engines.json: what was built, from what, by which TensorRT, for which GPU; and the refusal rules.
+"""engines.json, the writing side: the precisions a build may ask for, and the file itself.
 
-Pure (json, hashlib): the runtime reads it without importing TensorRT first, so a wrong engine is
-refused with a clear message before TensorRT prints anything of its own.
+What the record holds is assembled by engines/builder.py; reading it back and the rules that refuse
+a wrong engine are the runtime's (runtime/engine_record.py), since engines.json is part of the bundle.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from ..runtime.bundle import Bundle, BundleError
+from ..runtime.engine_record import RECORD
 
-ENGINES_DIR = "engines"
-RECORD = "engines.json"
-FORMAT = "ardeploy-engines"
-FORMAT_VERSION = 1
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-INT8 = "int8"        # a calibrated bundle (Q/DQ graphs); its float parts keep the bundle's dtype
 
 
 def float_precision(rec: dict) -> str:
     """The float type of an engine's non-INT8 layers (an int8 engine's is its graph's dtype)."""
     return rec.get("graph_dtype") or rec["precision"]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def engines_dir(bundle: Bundle) -> Path:
-    return Path(bundle.path) / ENGINES_DIR
-
-
-def load(bundle: Bundle) -> dict:
-    path = engines_dir(bundle) / RECORD
-    if not path.exists():
-        precision = INT8 if bundle.manifest.get("quantization") else bundle.manifest.get("dtype", "fp16")
-        raise BundleError(f"{bundle.path}: no TensorRT engines (build them with `ardeploy build {bundle.path} "
-                          f"--precision {precision}`)")
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
-    if rec.get("format") != FORMAT or rec.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: not an engines record this version of ardeploy reads (rebuild the engines)")
-    missing = [e["file"] for e in rec["engines"] if not (path.parent / e["file"]).exists()]
-    if missing:
-        raise BundleError(f"{path.parent}: missing engine file(s) named in {RECORD}: {', '.join(missing)}")
-    return rec
-
-
-def check_graphs(rec: dict, bundle: Bundle) -> None:
-    """Refuse engines built from other graphs or other weights than the bundle now holds."""
-    for file, digest in rec["graphs"].items():
-        path = Path(bundle.path) / file
-        if not path.exists() or sha256_file(path) != digest:
-            raise BundleError(f"{bundle.path}: the engines were built from another {file} (its sha256 changed "
-                              f"since the build); rebuild them with `ardeploy build`")
-    m = bundle.manifest
-    if rec["weights"]["bytes"] != m["weights"]["bytes"] or rec.get("source_sha256") != m["source"].get("sha256"):
-        raise BundleError(f"{bundle.path}: the engines were built from other weights than the bundle holds; "
-                          f"rebuild them with `ardeploy build`")
-
-
-def check_tensorrt(rec: dict, flavour: str, version: str) -> None:
-    built = rec["tensorrt"]
-    if built["flavour"] != flavour or built["version"] != version:
-        raise BundleError(f"engines were built by {built['label']} but this is "
-                          f"{'TensorRT-RTX' if flavour == 'tensorrt_rtx' else 'TensorRT'} {version}; "
-                          f"rebuild them with `ardeploy build` (plans only load in the exact version that built them)")
-
-
-def check_gpu(rec: dict, name: str, cc: str) -> None:
-    """TensorRT plans target the GPU model they were built on; RTX plans the compute capabilities asked for."""
-    target = rec["target"]
-    ccs = target["compute_capability"]
-    if ccs == "any":
-        return
-    if isinstance(ccs, list):
-        if cc not in ccs:
-            raise BundleError(f"engines were built for compute capability {', '.join(ccs)}; this GPU ({name}) is "
-                              f"{cc}: rebuild them (`ardeploy build --compute-capability {cc}`, or none for any)")
-        return
-    if cc != ccs or name != target["gpu"]:
-        raise BundleError(f"engines were built for {target['gpu']} (compute capability {ccs}); this GPU is {name} "
-                          f"({cc}): rebuild them on this machine with `ardeploy build`")
 
 
 def write(folder: Path, rec: dict) -> None:

@@ -17,37 +17,35 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from ..runtime.weights_file import WeightsFile
 from .checkpoint import Checkpoint
 from .pieces import Piece
 
 ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
-SMALL = 1 << 16          # tensors at least this large start on a 64 KiB boundary (mmap-friendly on every OS)
 
 
-class WeightsFile:
-    """Appends tensors to one file and hands out external-data TensorProtos pointing at them."""
+class ExternalWeights:
+    """Every weight of a bundle, written once into the shared weights file (runtime.weights_file, which
+    aligns them), and the external-data TensorProtos through which graphs point at them."""
 
     def __init__(self, path: Path, dtype: torch.dtype):
-        self.path, self.dtype = path, dtype
-        self.file = open(path, "wb")
-        self.offset = 0
+        self.path, self.dtype = Path(path), dtype
+        self.file = WeightsFile(self.path)
         self.stored: dict[str, TensorProto] = {}
         self.layout: dict[str, str] = {}      # parameter -> layout it is stored in ("" or "T")
 
+    @property
+    def offset(self) -> int:
+        """Bytes written so far (the file's size)."""
+        return self.file.offset
+
     def add(self, name: str, tensor: torch.Tensor) -> TensorProto:
         data = tensor.detach().to(self.dtype).contiguous()
-        raw = data.view(torch.uint8).numpy()
-        align = 1 << 16 if raw.nbytes >= SMALL else 64
-        pad = -self.offset % align
-        if pad:
-            self.file.write(b"\0" * pad)
-            self.offset += pad
-        self.file.write(raw.tobytes())
+        offset, length = self.file.put(name, data.view(torch.uint8).numpy())
         proto = TensorProto(name=name, data_type=ONNX_DTYPE[self.dtype], dims=list(data.shape),
                             data_location=TensorProto.EXTERNAL)
-        for k, v in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(raw.nbytes))):
-            proto.external_data.add(key=k, value=v)
-        self.offset += raw.nbytes
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            proto.external_data.add(key=key, value=value)
         self.stored[name] = proto
         return proto
 
@@ -58,22 +56,22 @@ class WeightsFile:
 class GraphBuilder:
     """Collects nodes and initializers of one graph while pieces are instantiated into it."""
 
-    def __init__(self, ckpt: Checkpoint, weights: WeightsFile):
+    def __init__(self, ckpt: Checkpoint, weights: ExternalWeights):
         self.ckpt, self.weights = ckpt, weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, TensorProto] = {}
 
     def weight(self, param: str, layout: str) -> str:
         """Name of a value holding `param` in `layout`, storing it in the weights file on first use."""
-        w = self.weights
-        if param not in w.layout:
-            t = self.ckpt.tensors[param].load()
+        weights = self.weights
+        if param not in weights.layout:
+            tensor = self.ckpt.tensors[param].load()
             stored_name = param + (".T" if layout == "T" else "")
-            w.add(stored_name, t.t() if layout == "T" else t)
-            w.layout[param] = layout
-        stored_layout = w.layout[param]
+            weights.add(stored_name, tensor.t() if layout == "T" else tensor)
+            weights.layout[param] = layout
+        stored_layout = weights.layout[param]
         stored_name = param + (".T" if stored_layout == "T" else "")
-        self.initializers[stored_name] = w.stored[stored_name]
+        self.initializers[stored_name] = weights.stored[stored_name]
         if stored_layout == layout:
             return stored_name
         # The other layout: transpose at load time rather than storing the weight twice.
@@ -89,9 +87,9 @@ class GraphBuilder:
             name = f"{shared_scope}/{init.name}"       # identical in every instance: share it
             consts[init.name] = name
             if name not in self.initializers:
-                t = copy.deepcopy(init)
-                t.name = name
-                self.initializers[name] = t
+                shared = copy.deepcopy(init)
+                shared.name = name
+                self.initializers[name] = shared
 
         def rename(v: str) -> str:
             if not v:
@@ -110,11 +108,11 @@ class GraphBuilder:
         for node in piece.graph.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
                 raise RuntimeError(f"piece node {node.name} has a subgraph; the assembler does not handle those")
-            n = copy.deepcopy(node)
-            n.name = f"{scope}/{node.name or node.op_type}"
-            n.input[:] = [rename(v) for v in node.input]
-            n.output[:] = [rename(v) for v in node.output]
-            self.nodes.append(n)
+            stamped = copy.deepcopy(node)
+            stamped.name = f"{scope}/{node.name or node.op_type}"
+            stamped.input[:] = [rename(v) for v in node.input]
+            stamped.output[:] = [rename(v) for v in node.output]
+            self.nodes.append(stamped)
 
     def prune(self, outputs: list[str]) -> None:
         """Drop nodes whose results no graph output needs (the score graph's K/V)."""
@@ -134,23 +132,25 @@ class GraphBuilder:
         return model
 
 
-def build_graph(kind: str, pieces: dict[str, Piece], ckpt: Checkpoint, weights: WeightsFile,
-                io: dict, opset: int) -> onnx.ModelProto:
-    """kind: prefill | decode | score. `io` gives the contract's ValueInfoProtos (see bundle.graph_io)."""
+def build_graph(kind: str, pieces: dict[str, Piece], ckpt: Checkpoint, weights: ExternalWeights,
+                io: dict, opset: int, prologue: str = "prologue") -> onnx.ModelProto:
+    """kind: prefill | decode | score. `io` gives the contract's ValueInfoProtos (see contract.graph_io);
+    prologue: the piece the graph starts from (LlamaGen t2i's prefill starts from caption features)."""
     spec = ckpt.spec
-    b = GraphBuilder(ckpt, weights)
-    b.add(pieces["prologue"], "prologue", None,
-          {"input_ids": "input_ids", "attention_mask": "attention_mask",
-           "io_x": "hidden.0", "io_cos": "rope.cos", "io_sin": "rope.sin", "io_mask": "attn.mask"}, "prologue")
+    builder = GraphBuilder(ckpt, weights)
+    first = pieces[prologue]
+    builder.add(first, "prologue", None,
+                {**{name: name for name in first.inputs},
+                 "io_x": "hidden.0", "io_cos": "rope.cos", "io_sin": "rope.sin", "io_mask": "attn.mask"}, prologue)
     block = pieces["block_past" if kind == "decode" else "block"]
     for i in range(spec.n_layers):
         bind = {"io_x": f"hidden.{i}", "io_cos": "rope.cos", "io_sin": "rope.sin", "io_mask": "attn.mask",
                 "io_y": f"hidden.{i + 1}", "io_k": f"present.{i}.key", "io_v": f"present.{i}.value"}
         if kind == "decode":
             bind.update({"io_past_k": f"past.{i}.key", "io_past_v": f"past.{i}.value"})
-        b.add(block, f"layers.{i}", i, bind, "block")
+        builder.add(block, f"layers.{i}", i, bind, "block")
     head = pieces["head_all" if kind == "score" else "head_last"]
-    b.add(head, "head", None, {"io_x": f"hidden.{spec.n_layers}", "io_logits": "logits"}, "head")
+    builder.add(head, "head", None, {"io_x": f"hidden.{spec.n_layers}", "io_logits": "logits"}, "head")
     inputs, outputs = io["inputs"], io["outputs"]
-    b.prune([o.name for o in outputs])
-    return b.to_model(kind, inputs, outputs, opset)
+    builder.prune([o.name for o in outputs])
+    return builder.to_model(kind, inputs, outputs, opset)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +14,13 @@ import onnx
 import torch
 
 from ..runtime import atomic
-from .assemble import WeightsFile, build_graph
+from ..runtime.log import log, progress_enabled
+from .assemble import ExternalWeights
 from .checkpoint import Checkpoint
+from .contract import describe, value_infos
 from .errors import CheckpointError, ExportError
-from .contract import describe, graph_io, value_infos
+from .registry import family_of, load_checkpoint
+from .text_graphs import TextGraphs
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_KINDS = ("decode", "prefill", "score")     # decode first: it decides how shared weights are laid out
@@ -40,111 +41,112 @@ def check_out(out: Path, force: bool) -> None:
     atomic.check_out(out, force, ExportError)
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    """Return the temporary folder to build in, beside the target."""
-    check_out(out, force)
-    return atomic.temp_beside(out, ExportError)
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_seq: int = 2048, max_batch: int = 1,
                   opset: int = DEFAULT_OPSET, force: bool = False, quiet: bool = False, score_graph: bool = True) -> dict:
     """Write the bundle and return its manifest."""
-    from tqdm import tqdm
+    _check_options(dtype, max_seq, max_batch)
+    out = Path(out)
+    graphs = family_of(ckpt).graphs(ckpt)
+    max_seq, max_batch = graphs.limits(max_seq, max_batch)
+    if max_seq > ckpt.spec.max_position_embeddings and not quiet:
+        log.info(f"note: --max-seq {max_seq} exceeds the model's trained context ({ckpt.spec.max_position_embeddings})")
+    check_out(out, force)
+    started = time.perf_counter()
+    with atomic.folder_written_whole(out, ExportError) as folder:
+        pieces = _trace(graphs, TORCH_DTYPES[dtype], opset, score_graph, quiet)
+        kinds = GRAPH_KINDS if score_graph else GRAPH_KINDS[:2]
+        graph_entries, weights_entry = _write_graphs(graphs, pieces, kinds, folder, dtype, opset, quiet)
+        for entry in graph_entries.values():
+            onnx.checker.check_model(str(folder / entry["file"]))   # by path, so external data is checked too
+        manifest = _manifest(ckpt, dtype, max_seq, max_batch, opset, weights_entry, graph_entries,
+                             _write_tokenizer(ckpt, folder))
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        manifest.update(graphs.manifest_sections(folder))
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    return manifest
 
-    from .pieces import trace_pieces
 
+def _check_options(dtype: str, max_seq: int, max_batch: int) -> None:
     if dtype not in TORCH_DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r} (choose fp32, fp16 or bf16)")
     if max_seq < 2:
         raise ExportError(f"--max-seq must be at least 2 (got {max_seq})")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be at least 1 (got {max_batch})")
-    out = Path(out)
-    spec = ckpt.spec
-    from .families.image_export import image_plan
-    plan = image_plan(ckpt)                     # None for text models
-    if plan:
-        max_seq, max_batch = plan.limits(max_seq, max_batch)
-    if max_seq > spec.max_position_embeddings:
-        _log(f"note: --max-seq {max_seq} exceeds the model's trained context ({spec.max_position_embeddings})", quiet)
-    tmp = _prepare_out(out, force)
-    t0 = time.perf_counter()
+
+
+def _trace(graphs: TextGraphs, dtype: torch.dtype, opset: int, score_graph: bool, quiet: bool) -> dict:
+    from tqdm import tqdm
+    with tqdm(total=5 if score_graph else 4, desc="trace", unit="piece", disable=quiet or not progress_enabled(),
+              leave=False) as bar:
+        pieces = graphs.trace(dtype, opset, score_graph, progress=lambda name: (bar.set_postfix_str(name), bar.update(0)))
+        bar.update(bar.total)
+    return pieces
+
+
+def _write_graphs(graphs: TextGraphs, pieces: dict, kinds: tuple[str, ...], folder: Path, dtype: str, opset: int,
+                  quiet: bool) -> tuple[dict, dict]:
+    """Each graph into `folder` and every weight once into weights.bin; their manifest entries."""
+    from tqdm import tqdm
+    weights = ExternalWeights(folder / "weights.bin", TORCH_DTYPES[dtype])
+    entries = {}
     try:
-        kinds = GRAPH_KINDS if score_graph else GRAPH_KINDS[:2]
-        with tqdm(total=5 if score_graph else 4, desc="trace", unit="piece", disable=quiet, leave=False) as bar:
-            pieces = trace_pieces(spec, TORCH_DTYPES[dtype], opset, need_score=score_graph,
-                                  progress=lambda name: (bar.set_postfix_str(name), bar.update(0)))
-            if plan:
-                pieces.update(plan.extra_pieces(TORCH_DTYPES[dtype], opset))
-            bar.update(bar.total)
-        weights = WeightsFile(tmp / "weights.bin", TORCH_DTYPES[dtype])
-        graphs = {}
-        try:
-            for kind in tqdm(kinds, desc="assemble", unit="graph", disable=quiet, leave=False):
-                io = plan.graph_io(kind, dtype) if plan else graph_io(spec, kind, dtype)
-                model = plan.build_graph(kind, pieces, weights, value_infos(io), opset) if plan else None
-                if model is None:
-                    model = build_graph(kind, pieces, ckpt, weights, value_infos(io), opset)
-                path = tmp / f"{kind}.onnx"
-                onnx.save_model(model, str(path))
-                graphs[kind] = {"file": path.name, **describe(io)}
-            if plan:   # the VQ decoder graph; its weights go into the same shared file
-                graphs.update(plan.write_extra_graphs(tmp, weights, TORCH_DTYPES[dtype], opset))
-        finally:
-            weights.close()
-        for g in graphs.values():
-            onnx.checker.check_model(str(tmp / g["file"]))   # by path, so external data is checked too
-        tokenizer_file = None
-        if ckpt.tokenizer_json:
-            (tmp / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
-            tokenizer_file = "tokenizer.json"
-        manifest = {
-            "format": "ardeploy-bundle",
-            "format_version": BUNDLE_FORMAT_VERSION,
-            "toolkit_version": toolkit_version(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(Path(ckpt.source).resolve()), "format": ckpt.source_format,
-                       "files": [p.name for p in ckpt.source_files], "sha256": ckpt.source_sha256()},
-            "family": ckpt.family,
-            "spec": spec.to_dict(),
-            "dtype": dtype,
-            "kv_dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
-            "logits_dtype": "float32",
-            "max_seq": max_seq,
-            "max_batch": max_batch,
-            "kv_layout": {"order": ["time", "batch", "kv_head", "head_dim"],
-                          "shape": ["max_seq", "batch", spec.n_kv_heads, spec.head_dim]},
-            "opset": opset,
-            "weights": {"file": "weights.bin", "bytes": weights.offset, "tensors": len(weights.stored)},
-            "graphs": graphs,
-            "tokenizer": tokenizer_file,
-            "special_tokens": ckpt.special_tokens,
-            "chat_template": ckpt.chat_template,
-            "generation_defaults": ckpt.generation_defaults,
-            "export_seconds": round(time.perf_counter() - t0, 2),
-        }
-        if plan:
-            manifest["image"] = plan.manifest_section(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        atomic.move_into_place(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for kind in tqdm(kinds, desc="assemble", unit="graph", disable=quiet or not progress_enabled(), leave=False):
+            io = graphs.graph_io(kind, dtype)
+            model = graphs.build(kind, pieces, weights, value_infos(io), opset)
+            onnx.save_model(model, str(folder / f"{kind}.onnx"))
+            entries[kind] = {"file": f"{kind}.onnx", **describe(io)}
+        # Family graphs (an image family's VQ decoder); their weights go into the same shared file.
+        entries.update(graphs.extra_graphs(folder, weights, TORCH_DTYPES[dtype], opset))
+    finally:
+        weights.close()
+    return entries, {"file": "weights.bin", "bytes": weights.offset, "tensors": len(weights.stored)}
+
+
+def _write_tokenizer(ckpt: Checkpoint, folder: Path) -> str | None:
+    if not ckpt.tokenizer_json:
+        return None
+    (folder / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
+    return "tokenizer.json"
+
+
+def _manifest(ckpt: Checkpoint, dtype: str, max_seq: int, max_batch: int, opset: int, weights_entry: dict,
+              graph_entries: dict, tokenizer_file: str | None) -> dict:
+    """manifest.json's fields (docs/ARCHITECTURE.md, "Bundle format"); export_seconds comes last."""
+    spec = ckpt.spec
+    return {
+        "format": "ardeploy-bundle",
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "toolkit_version": toolkit_version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(Path(ckpt.source).resolve()), "format": ckpt.source_format,
+                   "files": [p.name for p in ckpt.source_files], "sha256": ckpt.source_sha256()},
+        "family": ckpt.family,
+        "spec": spec.to_dict(),
+        "dtype": dtype,
+        "kv_dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
+        "logits_dtype": "float32",
+        "max_seq": max_seq,
+        "max_batch": max_batch,
+        "kv_layout": {"order": ["time", "batch", "kv_head", "head_dim"],
+                      "shape": ["max_seq", "batch", spec.n_kv_heads, spec.head_dim]},
+        "opset": opset,
+        "weights": weights_entry,
+        "graphs": graph_entries,
+        "tokenizer": tokenizer_file,
+        "special_tokens": ckpt.special_tokens,
+        "chat_template": ckpt.chat_template,
+        "generation_defaults": ckpt.generation_defaults,
+    }
 
 
 def export_path(path: str | Path, out: str | Path, family: str | None = None, family_options: dict | None = None,
                 **kw) -> dict:
-    from .loaders import load_checkpoint
     check_out(Path(out), kw.get("force", False))
     ckpt = load_checkpoint(path, family=family, **(family_options or {}))
-    for w in ckpt.warnings:
-        _log(f"warning: {w}", kw.get("quiet", False))
+    if not kw.get("quiet", False):
+        for warning in ckpt.warnings:
+            log.warning(f"warning: {warning}")
     return export_bundle(ckpt, out, **kw)
 
 

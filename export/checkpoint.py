@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..runtime.files import hash_file_into
 from .errors import CheckpointError  # noqa: F401  (re-exported for loaders)
 from .spec import ModelSpec
 
@@ -44,9 +45,7 @@ class Checkpoint:
         h = hashlib.sha256()
         for path in sorted(self.source_files):
             h.update(path.name.encode())
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
+            hash_file_into(h, path)
         return h.hexdigest()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

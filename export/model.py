@@ -232,18 +232,12 @@ class Decoder(nn.Module):
         return logits, presents
 
 
-def decoder_class(spec: ModelSpec) -> type[Decoder]:
-    """The Decoder subclass for a spec's architecture (families override the prologue or head)."""
-    if spec.architecture == "LlamaGen":
-        from .families.llamagen import LlamaGenDecoder   # class/caption prefix, 2D rotary
-        return LlamaGenDecoder
-    return Decoder
-
-
-def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Decoder:
-    """Create the module on the meta device and adopt the loader's tensors (no random init, no copy)."""
+def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                decoder: type[Decoder] = Decoder) -> Decoder:
+    """Create the module on the meta device and adopt the loader's tensors (no random init, no copy).
+    decoder: the family's module class (export/registry.py says which; families override the prologue)."""
     with torch.device("meta"):
-        model = decoder_class(spec)(spec)
+        model = decoder(spec)
     model.load_state_dict(state, strict=True, assign=True)
     return init_constants(model.to(dtype).eval())
 

@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from .model import Decoder, decoder_class, init_constants
+from .model import Decoder, init_constants
 from .spec import ModelSpec
 
 TRACE_VOCAB = 64   # the vocabulary size only shapes weights, never a graph constant: trace with a small one
@@ -55,12 +55,12 @@ class _Head(nn.Module):
         return self.dec.head(x if self.all_positions else x[:, -1, :])
 
 
-def trace_model(spec: ModelSpec, dtype: torch.dtype) -> Decoder:
-    """One-layer decoder with the real dimensions (small vocabulary) and distinct random weights."""
-    tspec = dataclasses.replace(spec, n_layers=1, vocab_size=min(spec.vocab_size, TRACE_VOCAB))
+def trace_model(spec: ModelSpec, dtype: torch.dtype, decoder: type[Decoder]) -> Decoder:
+    """One-layer `decoder` with the real dimensions (small vocabulary) and distinct random weights."""
+    trace_spec = dataclasses.replace(spec, n_layers=1, vocab_size=min(spec.vocab_size, TRACE_VOCAB))
     gen = torch.Generator().manual_seed(0)
     with torch.device("meta"):
-        dec = decoder_class(tspec)(tspec)
+        dec = decoder(trace_spec)
     state = {n: torch.randn(p.shape, generator=gen) for n, p in dec.state_dict().items()}
     dec.load_state_dict(state, assign=True)
     return init_constants(dec.to(dtype).eval())
@@ -92,8 +92,9 @@ def _weight_placeholders(model_ir, params: dict[str, torch.Tensor]) -> None:
                 break
 
 
-def _to_piece(prog, params) -> Piece:
-    model_ir = prog.model
+def to_piece(program, params: dict[str, torch.Tensor]) -> Piece:
+    """An exported program -> Piece: parameters become weight placeholders, value shapes dropped."""
+    model_ir = program.model
     _weight_placeholders(model_ir, params)
     if model_ir.functions:
         raise RuntimeError("exported piece still has ONNX functions; expected them inlined")
@@ -108,7 +109,8 @@ def _to_piece(prog, params) -> Piece:
     return Piece(graph=graph, inputs=[i.name for i in graph.input], outputs=[o.name for o in graph.output])
 
 
-def _export(module, args, names_in, names_out, dynamic_shapes, opset: int):
+def export_program(module, args, names_in, names_out, dynamic_shapes, opset: int):
+    """torch.onnx.export (dynamo) of one module, quietly."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch").setLevel(logging.ERROR)
@@ -117,10 +119,11 @@ def _export(module, args, names_in, names_out, dynamic_shapes, opset: int):
                                  optimize=True, verbose=False, report=False)
 
 
-def trace_pieces(spec: ModelSpec, dtype: torch.dtype, opset: int, need_score: bool = True, progress=None) -> dict[str, Piece]:
-    """Pieces: prologue, block (no past), block_past, head_last, head_all."""
+def trace_pieces(spec: ModelSpec, dtype: torch.dtype, opset: int, decoder: type[Decoder], need_score: bool = True,
+                 progress=None) -> dict[str, Piece]:
+    """Pieces of `decoder`: prologue, block (no past), block_past, head_last, head_all."""
     from torch.export import Dim
-    dec = trace_model(spec, dtype)
+    dec = trace_model(spec, dtype, decoder)
     params = dict(dec.named_parameters())
     B, S, P = 2, 3, 4   # example sizes >= 2 so torch.export keeps every dimension symbolic
     batch, seq, past, total = (Dim("batch", min=1, max=1 << 14), Dim("seq", min=1, max=1 << 20),
@@ -149,9 +152,9 @@ def trace_pieces(spec: ModelSpec, dtype: torch.dtype, opset: int, need_score: bo
     if need_score:
         jobs["head_all"] = (_Head(dec, True), (x,), ["io_x"], ["io_logits"], {"x": {0: batch, 1: seq}})
     pieces = {}
-    for name, (module, args, names_in, names_out, ds) in jobs.items():
+    for name, (module, args, names_in, names_out, dynamic_shapes) in jobs.items():
         if progress:
             progress(name)
-        prog = _export(module, args, names_in, names_out, ds, opset)
-        pieces[name] = _to_piece(prog, params)
+        program = export_program(module, args, names_in, names_out, dynamic_shapes, opset)
+        pieces[name] = to_piece(program, params)
     return pieces

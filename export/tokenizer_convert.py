@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 # Pre-tokenizer split patterns, by the names llama.cpp writes in `tokenizer.ggml.pre`.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -88,8 +88,8 @@ def _sentencepiece_tokenizer(tokens, scores, types, bpe: bool, add_prefix: bool,
 def from_gguf(reader) -> tuple[str, dict]:
     """tokenizer.json text and special token ids from a GGUF file's `tokenizer.ggml.*` metadata."""
     def get(key, default=None):
-        f = reader.fields.get(f"tokenizer.ggml.{key}")
-        return default if f is None else f.contents()
+        found = reader.fields.get(f"tokenizer.ggml.{key}")
+        return default if found is None else found.contents()
 
     kind = get("model")
     tokens = list(get("tokens") or [])

@@ -13,6 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..runtime.backends.ort import OrtBackend
+from ..runtime.bundle import Bundle
+from .model import build_model
+from .registry import family_of, load_checkpoint, reread_options
+
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
 
 
@@ -67,27 +72,13 @@ def transformers_step_logits(hf_model, prompt_ids: list[int], tokens: list[int])
     return [logits[n - 1 + i] for i in range(len(tokens))]
 
 
-def load_transformers(source: Path, family: str):
+def load_transformers(source: Path, class_name: str):
+    """transformers' own model of the source: from the GGUF file itself, else `class_name` from the folder."""
     import transformers
     if source.suffix == ".gguf":
         return transformers.AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
                                                                  dtype=torch.float32).eval()
-    # Emu3's LM lives inside the unified model; AutoModelForCausalLM would build a bare LM and
-    # initialise its weights at random.
-    cls = transformers.Emu3ForConditionalGeneration if family == "emu3" else transformers.AutoModelForCausalLM
-    return cls.from_pretrained(str(source), dtype=torch.float32).eval()
-
-
-def family_options(manifest: dict) -> dict:
-    """What load_checkpoint needs to read the source again as the exporter did."""
-    family = manifest.get("family", "")
-    if family.startswith("llamagen"):
-        cfg = manifest["spec"]["extra"]["llamagen"]
-        return {"family": family, "image_size": cfg["image_size"], "n_head": manifest["spec"]["n_heads"],
-                "downsample": cfg["downsample"]}
-    if family == "emu3.5":
-        return {"family": family}
-    return {}
+    return getattr(transformers, class_name).from_pretrained(str(source), dtype=torch.float32).eval()
 
 
 def compare(name: str, ref: list[np.ndarray], got: list[np.ndarray], got_tokens: list[int]) -> dict:
@@ -100,12 +91,6 @@ def compare(name: str, ref: list[np.ndarray], got: list[np.ndarray], got_tokens:
 
 def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, with_transformers: bool | None = None,
                   threads: int | None = None) -> dict:
-    from ardeploy.runtime.backends.ort import OrtBackend
-    from ardeploy.runtime.bundle import Bundle
-
-    from .loaders import load_checkpoint
-    from .model import build_model
-
     bundle = Bundle.load(bundle_path)
     src = Path(source or bundle.manifest["source"]["path"])
     if bundle.manifest["dtype"] == "bf16":
@@ -117,24 +102,31 @@ def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, wi
     steps = min(steps, bundle.max_seq - len(prompt_ids))
     report = {"bundle": str(bundle_path), "source": str(src), "dtype": bundle.manifest["dtype"],
               "prompt_tokens": len(prompt_ids), "steps": steps}
-    t = time.perf_counter()
+    started = time.perf_counter()
     backend = OrtBackend(bundle, threads=threads)
     tokens, ort_logits = run_bundle_greedy(backend, bundle, prompt_ids, steps)
-    report["ort_seconds"] = round(time.perf_counter() - t, 3)
+    report["ort_seconds"] = round(time.perf_counter() - started, 3)
     report["tokens"] = tokens
+    _compare_references(report, src, bundle.manifest, prompt_ids, tokens, ort_logits, with_transformers)
+    return report
 
-    ckpt = load_checkpoint(src, **family_options(bundle.manifest))
-    model = build_model(ckpt.spec, ckpt.state_dict(), torch.float32)
+
+def _compare_references(report: dict, src: Path, manifest: dict, prompt_ids: list[int], tokens: list[int],
+                        ort_logits: list[np.ndarray], with_transformers: bool | None) -> None:
+    """Our PyTorch modules, read from the source again, and transformers when the family says so."""
+    ckpt = load_checkpoint(src, **reread_options(manifest))
+    family = family_of(ckpt)
+    model = build_model(ckpt.spec, ckpt.state_dict(), torch.float32, family.decoder)
     report["comparisons"] = [compare("ardeploy-pytorch-fp32", torch_step_logits(model, prompt_ids, tokens),
                                      ort_logits, tokens)]
     if with_transformers is None:
-        with_transformers = ckpt.source_format == "hf" or ckpt.family == "emu3"
-    if with_transformers:
-        try:
-            hf = load_transformers(src, ckpt.family)
-        except ImportError:
-            report["transformers"] = "not installed (pip install transformers)"
-        else:
-            report["comparisons"].append(compare("transformers-fp32", transformers_step_logits(hf, prompt_ids, tokens),
-                                                 ort_logits, tokens))
-    return report
+        with_transformers = family.compare_by_default
+    if not with_transformers:
+        return
+    try:
+        hf = load_transformers(src, family.transformers_class)
+    except ImportError:
+        report["transformers"] = "not installed (pip install transformers)"
+        return
+    report["comparisons"].append(compare("transformers-fp32", transformers_step_logits(hf, prompt_ids, tokens),
+                                         ort_logits, tokens))

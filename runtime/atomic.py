@@ -1,8 +1,14 @@
 """Folders written whole or not at all: build in a hidden temporary folder beside the target, then
 swap it in with a rename. Export, engine builds and calibration all write this way, so a failure
-(or Ctrl-C) never leaves a half-written bundle behind."""
+(or Ctrl-C) never leaves a half-written bundle behind.
+
+    check_out(out, force)                 # before any work: refuse what must not be written
+    with folder_written_whole(out) as tmp:
+        ...write files into tmp...        # on success tmp replaces out; on any error tmp is removed
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -43,3 +49,16 @@ def move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def folder_written_whole(out: Path, error: type[Exception] = ValueError):
+    """Yield a temporary folder beside `out`; it becomes `out` when the block finishes, and is
+    removed (leaving `out` as it was) when the block raises."""
+    tmp = temp_beside(out, error)
+    try:
+        yield tmp
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -39,15 +39,15 @@ class Bundle:
         if manifest.get("format") != "ardeploy-bundle":
             raise BundleError(f"{mpath}: not an ardeploy bundle manifest")
         bundle = cls(path, manifest)
-        missing = [f for f in bundle.required_files() if not (path / f).exists()]
+        missing = [name for name in bundle.required_files() if not (path / name).exists()]
         if missing:
             raise BundleError(f"{path}: missing file(s) named in manifest.json: {', '.join(missing)}")
         return bundle
 
     def required_files(self) -> list[str]:
-        m = self.manifest
-        files = [g["file"] for g in m["graphs"].values()] + [m["weights"]["file"]]
-        return files + ([m["tokenizer"]] if m.get("tokenizer") else [])
+        manifest = self.manifest
+        files = [graph["file"] for graph in manifest["graphs"].values()] + [manifest["weights"]["file"]]
+        return files + ([manifest["tokenizer"]] if manifest.get("tokenizer") else [])
 
     # -- facts the runtime needs ------------------------------------------------------------
     @property
@@ -86,8 +86,7 @@ class Bundle:
 
     @property
     def pad_id(self) -> int:
-        st = self.manifest.get("special_tokens", {})
-        pad = st.get("pad_token_id")
+        pad = self.manifest.get("special_tokens", {}).get("pad_token_id")
         if pad is None:
             pad = (self.eos_ids or [0])[0]
         return int(pad)

@@ -7,6 +7,11 @@
 
 A batch of prompts is left-padded; the attention mask hides the padding and positions are counted
 from each row's first real token, so every row gets the same tokens as when run alone.
+
+`Generator.events` is the loop, in phases: `_prefill` (the prompts, or a chat turn's new tokens
+after the part of the conversation still in the arena), then repeatedly sample, let every running
+row take its token (`RowProgress.add`: stop on EOS, a stop string or the token budget) and
+`_decode_step` (one new position per row) until every row has stopped or the cache is full.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .kv_arena import KVArena
+from .padding import left_pad
 from .sampling import LogitsProcessor, Sampler, SamplingConfig
 from .text import Detokenizer, StopStrings, render_chat
 
@@ -78,27 +84,27 @@ class Generator:
         bundle = Bundle.load(path)
         return cls(bundle, load_backend(bundle, backend, **backend_kw), max_batch)
 
-    def feed_prompt(self, x: np.ndarray, mask: np.ndarray, arena: KVArena) -> np.ndarray:
+    def feed_prompt(self, ids: np.ndarray, mask: np.ndarray, arena: KVArena) -> np.ndarray:
         """Run the prompt's tokens; logits of its last position. A backend with `prefill_chunk` takes
         long prompts in pieces of that many tokens (each piece attends to the ones before it through
         the arena): ONNX Runtime keeps its largest activation buffers for good, and a 1536-token
         prompt in one piece would leave the process 40 % larger for the rest of its life."""
         chunk = getattr(self.backend, "prefill_chunk", None)
-        S = x.shape[1]
-        if not chunk or S <= chunk:
-            return self.backend.step(x, mask, arena)
-        past = mask.shape[1] - S
-        for start in range(0, S, chunk):
-            stop = min(S, start + chunk)
-            logits = self.backend.step(x[:, start:stop], mask[:, :past + stop], arena)
+        n_new = ids.shape[1]
+        if not chunk or n_new <= chunk:
+            return self.backend.step(ids, mask, arena)
+        past = mask.shape[1] - n_new
+        for start in range(0, n_new, chunk):
+            stop = min(n_new, start + chunk)
+            logits = self.backend.step(ids[:, start:stop], mask[:, :past + stop], arena)
         return logits
 
     # -- text ---------------------------------------------------------------------------------
     def _special(self, key: str) -> str:
-        tid = self.bundle.manifest.get("special_tokens", {}).get(key)
-        if isinstance(tid, list):
-            tid = tid[0] if tid else None
-        return self.tokenizer.id_to_token(tid) if (tid is not None and self.tokenizer) else ""
+        token_id = self.bundle.manifest.get("special_tokens", {}).get(key)
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        return self.tokenizer.id_to_token(token_id) if (token_id is not None and self.tokenizer) else ""
 
     def chat_text(self, messages: list[dict]) -> str:
         template = self.bundle.manifest.get("chat_template")
@@ -127,8 +133,8 @@ class Generator:
     def to_ids(self, prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
             return self.encode(prompt, chat)
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.bundle.vocab_size]
+        ids = [int(token) for token in prompt]
+        bad = [token for token in ids if not 0 <= token < self.bundle.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.bundle.vocab_size})")
         return ids
@@ -136,20 +142,20 @@ class Generator:
     # -- public API ---------------------------------------------------------------------------
     def stream(self, prompt, cfg: SamplingConfig | None = None, chat: bool = False) -> Iterator[str]:
         """Text pieces of one prompt as they are produced."""
-        for ev in self.events([self.to_ids(prompt, chat)], cfg or SamplingConfig()):
-            if ev.text:
-                yield ev.text
+        for event in self.events([self.to_ids(prompt, chat)], cfg or SamplingConfig()):
+            if event.text:
+                yield event.text
 
     def generate(self, prompts, cfg: SamplingConfig | None = None, chat: bool = False):
         """One prompt (str or id list) -> GenerationResult; a list of prompts -> list of results."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
-        run = Run(self.events([self.to_ids(p, chat) for p in batch], cfg or SamplingConfig()))
+        run = Run(self.events([self.to_ids(one, chat) for one in batch], cfg or SamplingConfig()))
         for _ in run:
             pass
         return run.results[0] if single else run.results
 
-    # -- the loop -----------------------------------------------------------------------------
+    # -- the loop: prefill, then sample / decode one step until every row has stopped ------------
     def events(self, prompt_ids: list[list[int]], cfg: SamplingConfig, continue_cache: bool = False,
                processors: list[LogitsProcessor] | None = None):
         """Generator of Events; it returns the list of GenerationResults (iterate it through `Run`).
@@ -157,98 +163,144 @@ class Generator:
         continue_cache (batch 1): keep the arena's K/V for the longest common prefix with the
         previous call and run only the new tokens (through the decode graph when a past exists).
         """
-        B = len(prompt_ids)
-        if B == 0:
+        self._check_prompts(prompt_ids)
+        started, graph_before = time.perf_counter(), self.backend.run_seconds()
+        reuse = continue_cache and len(prompt_ids) == 1 and self.cached and self.arena.batch == 1
+        # Forget the cached tokens until this run ends: a run abandoned half way leaves other K/V.
+        cached, self.cached = self.cached, []
+        logits, mask = self._prefill(prompt_ids, cached if reuse else None)
+        rows = [RowProgress(ids, self.tokenizer, cfg.stop) for ids in prompt_ids]
+        sampler = Sampler(cfg, len(rows), processors)
+        eos = self._eos_ids(cfg)
+        first_token_at = None
+        while True:
+            tokens = sampler(logits, [row.history for row in rows])
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            yield from take_tokens(rows, tokens, eos, cfg.max_new_tokens)
+            if self._all_stopped(rows):
+                break
+            logits, mask = self._decode_step(tokens, rows, mask)
+        finished = time.perf_counter()
+        if len(rows) == 1:
+            self.cached = rows[0].prompt_ids + rows[0].token_ids[:-1]      # the last token was never run
+        timings = RunTimings(started, first_token_at, finished, self.backend.run_seconds() - graph_before)
+        return [row.result(timings, has_text=self.tokenizer is not None) for row in rows]
+
+    def _check_prompts(self, prompt_ids: list[list[int]]) -> None:
+        if not prompt_ids:
             raise ValueError("no prompts given")
-        if B > self.arena.max_batch:
-            raise ValueError(f"{B} prompts exceed the bundle's max_batch {self.arena.max_batch}")
+        if len(prompt_ids) > self.arena.max_batch:
+            raise ValueError(f"{len(prompt_ids)} prompts exceed the bundle's max_batch {self.arena.max_batch}")
         for ids in prompt_ids:
             if not ids:
                 raise ValueError("empty prompt: give at least one token")
             if len(ids) >= self.bundle.max_seq:
                 raise ValueError(f"prompt of {len(ids)} tokens does not fit max_seq {self.bundle.max_seq} "
                                  f"(re-export with a larger --max-seq)")
-        arena, backend = self.arena, self.backend
-        eos = set() if cfg.ignore_eos else set(cfg.eos_ids if cfg.eos_ids is not None else self.bundle.eos_ids)
-        pad = self.bundle.pad_id
 
-        t0 = time.perf_counter()
-        run0 = backend.run_seconds()
-        if continue_cache and B == 1 and self.cached and arena.batch == 1:
-            ids = prompt_ids[0]
-            keep = 0
-            while keep < min(len(ids) - 1, len(self.cached)) and ids[keep] == self.cached[keep]:
-                keep += 1
-            arena.length = keep
-            x = np.asarray([ids[keep:]], dtype=np.int64)
-            mask = np.ones((1, len(ids)), dtype=np.int64)
+    def _eos_ids(self, cfg: SamplingConfig) -> set[int]:
+        if cfg.ignore_eos:
+            return set()
+        return set(cfg.eos_ids if cfg.eos_ids is not None else self.bundle.eos_ids)
+
+    def _prefill(self, prompt_ids: list[list[int]], cached: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Run the prompts into the arena: (logits of each row's last position, attention mask so far).
+        With `cached` (one prompt), the arena keeps the K/V of the prompt's common prefix with it."""
+        if cached:
+            ids, mask = self._keep_common_prefix(prompt_ids[0], cached)
         else:
-            arena.reset(B)
-            S = max(len(p) for p in prompt_ids)
-            x = np.full((B, S), pad, dtype=np.int64)
-            mask = np.zeros((B, S), dtype=np.int64)
-            for r, p in enumerate(prompt_ids):
-                x[r, S - len(p):] = p
-                mask[r, S - len(p):] = 1
-        fed_tokens = list(prompt_ids[0]) if B == 1 else []
-        logits = self.feed_prompt(x, mask, arena)
+            self.arena.reset(len(prompt_ids))
+            ids, mask = left_pad(prompt_ids, fill=self.bundle.pad_id)
+        return self.feed_prompt(ids, mask, self.arena), mask
 
-        sampler = Sampler(cfg, B, processors)
-        history = [list(p) for p in prompt_ids]
-        generated: list[list[int]] = [[] for _ in range(B)]
-        reasons: list[str | None] = [None] * B
-        detok = [Detokenizer(self.tokenizer, p) if self.tokenizer else None for p in prompt_ids]
-        stops = [StopStrings(cfg.stop) for _ in range(B)]
-        texts = [""] * B
-        t_first = None
-        while True:
-            tokens = sampler(logits, history)
-            if t_first is None:
-                t_first = time.perf_counter()
-            for r in range(B):
-                if reasons[r]:
-                    continue
-                tok = int(tokens[r])
-                generated[r].append(tok)
-                history[r].append(tok)
-                piece = ""
-                if tok in eos:
-                    reasons[r] = "eos"
-                elif detok[r] is not None:
-                    piece, hit = stops[r].feed(detok[r].add(tok))
-                    if hit:
-                        reasons[r] = "stop_string"
-                if reasons[r] is None and len(generated[r]) >= cfg.max_new_tokens:
-                    reasons[r] = "max_new_tokens"
-                if reasons[r] and reasons[r] != "stop_string" and detok[r] is not None:
-                    piece += stops[r].flush()
-                texts[r] += piece
-                yield Event(r, tok, piece)
-            if all(reasons):
-                break
-            if arena.length + 1 > arena.max_seq:
-                for r in range(B):
-                    reasons[r] = reasons[r] or "max_seq"
-                break
-            x = np.where([reason is None for reason in reasons], tokens, pad).astype(np.int64)[:, None]
-            if B == 1:
-                fed_tokens.append(int(tokens[0]))
-            mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-            logits = backend.step(x, mask, arena)
-        t_end = time.perf_counter()
-        self.cached = fed_tokens if B == 1 else []
+    def _keep_common_prefix(self, ids: list[int], cached: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Truncate the arena to the longest common prefix of `ids` and `cached` (the prompt's last token
+        always runs again: its logits are needed); returns the tokens still to run and the whole mask."""
+        keep, limit = 0, min(len(ids) - 1, len(cached))
+        while keep < limit and ids[keep] == cached[keep]:
+            keep += 1
+        self.arena.truncate(keep)
+        return np.asarray([ids[keep:]], dtype=np.int64), np.ones((1, len(ids)), dtype=np.int64)
 
-        results = []
-        graph_s = backend.run_seconds() - run0
-        for r in range(B):
-            n = len(generated[r])
-            decode_s = t_end - t_first
-            results.append(GenerationResult(
-                prompt_ids=list(prompt_ids[r]), token_ids=generated[r],
-                text=texts[r] if self.tokenizer else None, stop_reason=reasons[r],
-                ttft_s=t_first - t0, decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-                timings={"total_s": round(t_end - t0, 6), "graph_s": round(graph_s, 6)}))
-        return results
+    def _all_stopped(self, rows: list["RowProgress"]) -> bool:
+        """No row needs another step: all have stopped, or the cache is full (the rest stop with max_seq)."""
+        if all(row.stop_reason for row in rows):
+            return True
+        if self.arena.length + 1 > self.arena.max_seq:
+            for row in rows:
+                row.stop_reason = row.stop_reason or "max_seq"
+            return True
+        return False
+
+    def _decode_step(self, tokens: np.ndarray, rows: list["RowProgress"],
+                     mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One new position for every row: its sampled token (a stopped row: padding). Returns the logits
+        and the attention mask grown by that position."""
+        running = [row.stop_reason is None for row in rows]
+        ids = np.where(running, tokens, self.bundle.pad_id).astype(np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        return self.backend.step(ids, mask, self.arena), mask
+
+
+# -- per-row stop tracking ------------------------------------------------------------------------
+@dataclass
+class RunTimings:
+    started: float                # prompts in
+    first_token_at: float         # the first tokens sampled
+    finished: float
+    graph_s: float                # inside the backend's graph runs
+
+    def of(self, n_tokens: int) -> dict:
+        decode_s = self.finished - self.first_token_at
+        rate = (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else 0.0
+        return {"ttft_s": self.first_token_at - self.started, "decode_tokens_per_s": rate,
+                "timings": {"total_s": round(self.finished - self.started, 6), "graph_s": round(self.graph_s, 6)}}
+
+
+class RowProgress:
+    """One row of a generation: its prompt, the tokens sampled for it, and why it stopped (None while
+    it runs). With a tokenizer it also turns tokens into printable text and watches for stop strings."""
+
+    def __init__(self, prompt_ids: list[int], tokenizer, stop_strings: list[str]):
+        self.prompt_ids = list(prompt_ids)
+        self.history = list(prompt_ids)             # what the sampler's processors see
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.stop_reason: str | None = None
+        self.detokenizer = Detokenizer(tokenizer, prompt_ids) if tokenizer else None
+        self.stops = StopStrings(stop_strings)
+
+    def add(self, token: int, eos: set[int], max_new_tokens: int) -> str:
+        """Take one sampled token; returns the printable text it completed ("" if none yet)."""
+        self.token_ids.append(token)
+        self.history.append(token)
+        piece = ""
+        if token in eos:
+            self.stop_reason = "eos"
+        elif self.detokenizer is not None:
+            piece, hit = self.stops.feed(self.detokenizer.add(token))
+            if hit:
+                self.stop_reason = "stop_string"
+        if self.stop_reason is None and len(self.token_ids) >= max_new_tokens:
+            self.stop_reason = "max_new_tokens"
+        if self.stop_reason not in (None, "stop_string") and self.detokenizer is not None:
+            piece += self.stops.flush()           # text held back as a possible stop string's start
+        self.text += piece
+        return piece
+
+    def result(self, timings: RunTimings, has_text: bool) -> GenerationResult:
+        return GenerationResult(prompt_ids=self.prompt_ids, token_ids=self.token_ids,
+                                text=self.text if has_text else None, stop_reason=self.stop_reason,
+                                **timings.of(len(self.token_ids)))
+
+
+def take_tokens(rows: list[RowProgress], tokens: np.ndarray, eos: set[int], max_new_tokens: int):
+    """Events of one sampling step: each running row takes its token (stopped rows are skipped)."""
+    for index, row in enumerate(rows):
+        if row.stop_reason is None:
+            token = int(tokens[index])
+            yield Event(index, token, row.add(token, eos, max_new_tokens))
 
 
 class ChatSession:
@@ -262,9 +314,9 @@ class ChatSession:
         self.messages.append({"role": "user", "content": user})
         ids = self.gen.encode_messages(self.messages)
         run = Run(self.gen.events([ids], cfg, continue_cache=True))
-        for ev in run:
-            if ev.text:
-                yield ev.text
+        for event in run:
+            if event.text:
+                yield event.text
         self.last = run.results[0]
         self.messages.append({"role": "assistant", "content": self.last.text})
 

@@ -15,6 +15,10 @@ and the image, as in Emu3.5.
 Tokens the layout forces (EOL, EOF, EOI, the "H*W" header) are never sampled: they are fed together
 with the next sampled token in one decode step (S > 1), and the forced tokens after the last code are
 not run at all.
+
+A batch runs in phases (`ImageGenerator._generate_batch`): `_prefill` (token prompts, or caption
+features through the backend's `prefill_features`), `_text_before_image` (unified models only), then
+`_sample_image` along the layout; `BatchRows` holds the rows' attention mask and feeds both halves.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ import numpy as np
 from .bundle import Bundle, BundleError
 from .guidance import Guidance, RangeSampler, guide, image_generators
 from .image_layout import ImageLayout
+from .padding import left_pad
 from .sampling import SamplingConfig
+from .sessions import open_session, session_options
 
 
 @dataclass
@@ -67,8 +73,61 @@ CONDITION_HELP = {
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
     """VQ output [B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3]."""
-    x = np.clip(np.rint((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    levels = np.clip(np.rint((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(levels.transpose(0, 2, 3, 1))
+
+
+class BatchRows:
+    """The arena rows of one batch of images and their attention mask so far: image b's conditional row
+    is b and, with guidance, its unconditional row is n_images + b. Every run's logits land in `logits`
+    (and a copy in `trace`, when it is a list)."""
+
+    def __init__(self, backend, arena, n_images: int, guided: bool, pad: int, trace: list | None):
+        self.backend, self.arena, self.n_images, self.guided, self.pad, self.trace = \
+            backend, arena, n_images, guided, pad, trace
+        self.n_rows = 2 * n_images if guided else n_images
+        arena.reset(self.n_rows)
+        self.mask: np.ndarray | None = None
+        self.logits: np.ndarray | None = None
+
+    def prefill(self, prompts: list[list[int]]) -> None:
+        """Token prompts, one per row, left-padded to one length."""
+        ids, self.mask = left_pad(prompts, fill=self.pad)
+        self._took(self.backend.step(ids, self.mask, self.arena))
+
+    def prefill_features(self, features: np.ndarray, mask: np.ndarray) -> None:
+        """Input features [rows, S, dim] instead of tokens (LlamaGen t2i captions)."""
+        run = getattr(self.backend, "prefill_features", None)
+        if run is None:
+            raise BundleError("caption-conditioned (LlamaGen t2i) prefill runs on the ort backend only for now")
+        self.mask = mask
+        self._took(run(features, mask, self.arena))
+
+    def column(self, token: int) -> np.ndarray:
+        """The same token for every image."""
+        return np.full(self.n_images, token, np.int64)
+
+    def feed(self, columns: list[np.ndarray], uncond_sees: bool) -> None:
+        """One decode step. columns: S arrays [images], image b's tokens; its unconditional row gets the
+        same tokens, or padding (attention mask 0) while it must not see them."""
+        ids = np.stack(columns, axis=1).astype(np.int64)              # [images, S]
+        real = np.ones_like(ids)
+        if self.guided:
+            ids = np.concatenate([ids, ids if uncond_sees else np.full_like(ids, self.pad)])
+            real = np.concatenate([real, real if uncond_sees else np.zeros_like(real)])
+        self.mask = np.concatenate([self.mask, real], axis=1)
+        self._took(self.backend.step(ids, self.mask, self.arena))
+
+    def guided_logits(self, lo: int, hi: int, scale: float) -> np.ndarray:
+        """Logits [images, hi - lo] of the range [lo, hi), guided by the unconditional rows."""
+        cond = self.logits[:self.n_images, lo:hi]
+        uncond = self.logits[self.n_images:self.n_rows, lo:hi] if self.guided else None
+        return guide(cond, uncond, scale)
+
+    def _took(self, logits: np.ndarray) -> None:
+        self.logits = logits
+        if self.trace is not None:
+            self.trace.append(logits[:self.n_rows].copy())
 
 
 class ImageGenerator:
@@ -100,11 +159,11 @@ class ImageGenerator:
     # -- facts --------------------------------------------------------------------------------------
     @property
     def default_size(self) -> tuple[int, int]:
-        f = self.layout.downsample
+        per_token = self.layout.downsample          # pixels per token side
         if self.layout.grid:
-            return self.layout.grid[1] * f, self.layout.grid[0] * f
-        w, h = self.image.get("default_size") or (32 * f, 32 * f)
-        return int(w), int(h)
+            return self.layout.grid[1] * per_token, self.layout.grid[0] * per_token
+        width, height = self.image.get("default_size") or (32 * per_token, 32 * per_token)
+        return int(width), int(height)
 
     @property
     def condition(self) -> str:
@@ -124,22 +183,23 @@ class ImageGenerator:
 
     # -- validation ---------------------------------------------------------------------------------
     def _check(self, req: ImageRequest) -> None:
-        given = [k for k, v in (("class", req.class_id), ("caption", req.caption), ("prompt", req.prompt_ids))
-                 if v is not None]
+        given = [kind for kind, value in (("class", req.class_id), ("caption", req.caption),
+                                          ("prompt", req.prompt_ids)) if value is not None]
         if given != [self.condition]:
             raise ValueError(CONDITION_HELP[self.condition])
-        cc = self.image.get("class_conditional")
-        if cc:
-            if not 0 <= req.class_id < cc["num_classes"]:
-                raise ValueError(f"class id {req.class_id} is out of range [0, {cc['num_classes']})")
+        classes = self.image.get("class_conditional")
+        if classes:
+            if not 0 <= req.class_id < classes["num_classes"]:
+                raise ValueError(f"class id {req.class_id} is out of range [0, {classes['num_classes']})")
         elif "caption" in self.image:
-            cap = self.image["caption"]
-            c = np.asarray(req.caption)
-            if c.ndim != 2 or c.shape[1] != cap["dim"] or not 1 <= c.shape[0] <= cap["tokens"]:
-                raise ValueError(f"caption features must be [L, {cap['dim']}] with 1 <= L <= {cap['tokens']}, "
-                                 f"got {list(c.shape)}")
+            caption = self.image["caption"]
+            features = np.asarray(req.caption)
+            if features.ndim != 2 or features.shape[1] != caption["dim"] or \
+                    not 1 <= features.shape[0] <= caption["tokens"]:
+                raise ValueError(f"caption features must be [L, {caption['dim']}] with 1 <= L <= "
+                                 f"{caption['tokens']}, got {list(features.shape)}")
         else:
-            bad = [t for t in req.prompt_ids if not 0 <= t < self.bundle.vocab_size]
+            bad = [token for token in req.prompt_ids if not 0 <= token < self.bundle.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.bundle.vocab_size})")
             self.layout.check_prompt(req.prompt_ids)
@@ -156,8 +216,8 @@ class ImageGenerator:
         settings = settings or ImageSettings()
         if not requests:
             raise ValueError("no images requested")
-        for r in requests:
-            self._check(r)
+        for request in requests:
+            self._check(request)
         width, height = settings.size or self.default_size
         h, w = self.layout.tokens_for_size(width, height)
         if decode and not self.has_decoder:
@@ -177,10 +237,11 @@ class ImageGenerator:
             chunk = requests[start: start + per_batch]
             rngs = image_generators(seed, start, len(chunk))
             batch = self._generate_batch(chunk, settings, negative, h, w, rngs, progress, trace)
-            done = [r for r in batch if r.codes is not None]
+            done = [result for result in batch if result.codes is not None]
             if decode and done:
-                for r, img in zip(done, to_uint8(self.decode_codes(np.stack([r.codes for r in done])))):
-                    r.image = img
+                images = to_uint8(self.decode_codes(np.stack([result.codes for result in done])))
+                for result, image in zip(done, images):
+                    result.image = image
             results += batch
         return results
 
@@ -199,7 +260,7 @@ class ImageGenerator:
     def _check_length(self, requests, negative, settings: ImageSettings, h: int, w: int) -> None:
         if self.condition != "prompt":
             return                   # LlamaGen: max_seq is exactly prefix + grid^2, and the size is checked
-        longest = max(len(r.prompt_ids) for r in requests)
+        longest = max(len(request.prompt_ids) for request in requests)
         if negative is not None:
             longest = max(longest, len(negative))
         need = longest + settings.max_text_tokens + len(self.layout.header(h, w)) + len(self.layout.region(h, w))
@@ -210,162 +271,119 @@ class ImageGenerator:
     def _prompts(self, chunk: list[ImageRequest], guided: bool, negative: list[int] | None, h: int, w: int,
                  unified: bool):
         """Prefill rows (cond, then uncond when guided): token lists; None for LlamaGen t2i (captions)."""
-        cc = self.image.get("class_conditional")
-        if cc:
-            cond = [[cc["token_offset"] + r.class_id] for r in chunk]
-            return cond + ([[cc["token_offset"] + cc["null_class"]]] * len(chunk) if guided else [])
+        classes = self.image.get("class_conditional")
+        if classes:
+            cond = [[classes["token_offset"] + request.class_id] for request in chunk]
+            return cond + ([[classes["token_offset"] + classes["null_class"]]] * len(chunk) if guided else [])
         if "caption" in self.image:
             return None
         header = [] if unified else self.layout.header(h, w)
-        cond = [list(r.prompt_ids) + header for r in chunk]
+        cond = [list(request.prompt_ids) + header for request in chunk]
         return cond + ([negative + header for _ in chunk] if negative is not None else [])
 
     def _captions(self, chunk: list[ImageRequest], guided: bool) -> tuple[np.ndarray, np.ndarray]:
         """LlamaGen t2i prefix: features left-padded to the prefix length; the null caption shares the mask."""
-        cap = self.image["caption"]
-        T, D = cap["tokens"], cap["dim"]
-        B = len(chunk)
-        feats = np.zeros((B, T, D), np.float32)
-        mask = np.zeros((B, T), np.int64)
-        for b, r in enumerate(chunk):
-            c = np.asarray(r.caption, np.float32)
-            feats[b, T - len(c):] = c
-            mask[b, T - len(c):] = 1
+        caption = self.image["caption"]
+        n_images, length, dim = len(chunk), caption["tokens"], caption["dim"]
+        features, mask = left_pad([np.asarray(request.caption, np.float32) for request in chunk], fill=0.0,
+                                  length=length, dtype=np.float32)
         if not guided:
-            return feats, mask
+            return features, mask
         if self._uncond_caption is None:
-            path = self.bundle.path / cap["uncond_file"]
+            path = self.bundle.path / caption["uncond_file"]
             if not path.exists():
-                raise BundleError(f"{self.bundle.path}: missing {cap['uncond_file']} (the null caption)")
+                raise BundleError(f"{self.bundle.path}: missing {caption['uncond_file']} (the null caption)")
             self._uncond_caption = np.load(path).astype(np.float32)
-        null = np.broadcast_to(self._uncond_caption, (B, T, D))
-        return np.concatenate([feats, null]), np.concatenate([mask, mask])
+        null = np.broadcast_to(self._uncond_caption, (n_images, length, dim))
+        return np.concatenate([features, null]), np.concatenate([mask, mask])
 
-    def _generate_batch(self, chunk, settings, negative, h, w, rngs, progress, trace) -> list[ImageResult]:
-        B = len(chunk)
-        guided = settings.guidance.active
-        R = 2 * B if guided else B
-        lay = self.layout
-        unified = settings.max_text_tokens > 0
-        region = lay.region(h, w)
-        n_codes = h * w
+    def _generate_batch(self, chunk: list[ImageRequest], settings: ImageSettings, negative: list[int] | None,
+                        h: int, w: int, rngs: list, progress, trace: list | None) -> list[ImageResult]:
+        """One batch of images: prefill the conditions, free text first (unified models), then the image."""
         if self._arena is None:
             self._arena = self.backend.new_arena()       # allocated once, re-viewed for each batch
-        arena = self._arena
-        arena.reset(R)
-        pad = self.bundle.pad_id
-        visual = RangeSampler(settings.visual, lay.lo, lay.hi, rngs)
-        t0 = time.perf_counter()
-
-        prompts = self._prompts(chunk, guided, negative, h, w, unified)
-        if prompts is None:                      # LlamaGen t2i: caption features
-            feats, mask = self._captions(chunk, guided)
-            logits = self._prefill_features(feats, mask, arena)
-        else:
-            S = max(len(p) for p in prompts)      # fits max_seq: checked for every request up front
-            ids = np.full((R, S), pad, np.int64)
-            mask = np.zeros((R, S), np.int64)
-            for r, p in enumerate(prompts):
-                ids[r, S - len(p):] = p
-                mask[r, S - len(p):] = 1
-            logits = self.backend.step(ids, mask, arena)
-        if trace is not None:
-            trace.append(logits[:R].copy())
-
-        def step(columns: list[np.ndarray], uncond_sees: bool) -> None:
-            """One decode step. columns: S arrays [B], image b's tokens; its unconditional row gets the
-            same tokens, or padding (attention mask 0) while it must not see them."""
-            nonlocal mask, logits
-            x = np.stack(columns, axis=1).astype(np.int64)              # [B, S]
-            real = np.ones_like(x)
-            if guided:
-                x = np.concatenate([x, x if uncond_sees else np.full_like(x, pad)])
-                real = np.concatenate([real, real if uncond_sees else np.zeros_like(real)])
-            mask = np.concatenate([mask, real], axis=1)
-            logits = self.backend.step(x, mask, arena)
-            if trace is not None:
-                trace.append(logits[:R].copy())
-
-        def forced(token: int) -> np.ndarray:
-            return np.full(B, token, np.int64)
-
-        generated: list[list[int]] = [[] for _ in range(B)]
-        if unified:
-            # Free text first (B == 1, conditional row only, no guidance, image ids excluded) until BOI.
-            text = RangeSampler(settings.text, 0, self.bundle.vocab_size, rngs)
-            boi = lay.special["boi"]
-            for k in range(settings.max_text_tokens + 1):
-                if k == settings.max_text_tokens:
-                    tok = boi                                    # the text budget is spent: the image starts
-                else:
-                    x = np.array(logits[:B], np.float32)
-                    x[:, lay.lo:lay.hi] = -np.inf
-                    x[:, lay.structural] = -np.inf
-                    tok = int(text(x)[0])
-                generated[0].append(tok)
-                if tok == boi:
-                    break
-                if tok in self.bundle.eos_ids:
-                    return [ImageResult(codes=None, token_ids=generated[0],
-                                        timings={"seconds": round(time.perf_counter() - t0, 4)})]
-                step([forced(tok)], uncond_sees=False)
-            header = lay.header(h, w)
-            generated[0] += header[1:]
-            step([forced(t) for t in header], uncond_sees=True)  # from BOI on, the unconditional row sees it too
-
-        codes = np.zeros((B, n_codes), np.int64)
-        feed: list[np.ndarray] = []          # tokens not run yet: the last code and the forced ones after it
-        index, t_first = 0, None
-        for slot in region:
-            if slot is not None:             # forced by the layout: never sampled, fed with the next code
-                feed.append(forced(slot))
-                for g in generated:
-                    g.append(slot)
-                continue
-            if feed:
-                step(feed, uncond_sees=True)
-            # Restrict to the visual range first, then guide and sample there (exact, see guidance.py).
-            cond = logits[:B, lay.lo:lay.hi]
-            uncond = logits[B:R, lay.lo:lay.hi] if guided else None
-            toks = visual(guide(cond, uncond, settings.guidance.scale_at(index, n_codes)))
-            codes[:, index] = toks - lay.lo
-            for b in range(B):
-                generated[b].append(int(toks[b]))
-            index += 1
-            feed = [toks.astype(np.int64)]
-            if t_first is None:
-                t_first = time.perf_counter()
-            if progress:
-                progress(B)
-        t_end = time.perf_counter()
-        rate = (n_codes - 1) * B / (t_end - t_first) if n_codes > 1 and t_end > t_first else 0.0
-        timings = {"seconds": round(t_end - t0, 4), "first_token_s": round(t_first - t0, 4),
+        rows = BatchRows(self.backend, self._arena, len(chunk), settings.guidance.active, self.bundle.pad_id, trace)
+        started = time.perf_counter()
+        self._prefill(rows, chunk, settings, negative, h, w)
+        generated: list[list[int]] = [[] for _ in chunk]
+        if settings.max_text_tokens > 0 and self._text_before_image(rows, settings, rngs, generated[0], h, w):
+            return [ImageResult(codes=None, token_ids=generated[0],
+                                timings={"seconds": round(time.perf_counter() - started, 4)})]
+        codes, first_code_at = self._sample_image(rows, settings, rngs, generated, h, w, progress)
+        finished = time.perf_counter()
+        n_codes = h * w
+        elapsed = finished - first_code_at
+        rate = (n_codes - 1) * len(chunk) / elapsed if n_codes > 1 and elapsed > 0 else 0.0
+        timings = {"seconds": round(finished - started, 4), "first_token_s": round(first_code_at - started, 4),
                    "image_tokens_per_s": round(rate, 2)}
-        return [ImageResult(codes=codes[b].reshape(h, w), token_ids=generated[b], timings=dict(timings))
-                for b in range(B)]
+        return [ImageResult(codes=image_codes.reshape(h, w), token_ids=tokens, timings=dict(timings))
+                for image_codes, tokens in zip(codes, generated)]
 
-    def _prefill_features(self, feats: np.ndarray, mask: np.ndarray, arena) -> np.ndarray:
-        """LlamaGen t2i prefill: `caption_features` instead of `input_ids`, K/V bound into the arena.
+    def _prefill(self, rows: "BatchRows", chunk, settings: ImageSettings, negative, h: int, w: int) -> None:
+        """Every row's prompt (prompt-conditioned families: with the image header unless text may come first)."""
+        prompts = self._prompts(chunk, rows.guided, negative, h, w, unified=settings.max_text_tokens > 0)
+        if prompts is None:                      # LlamaGen t2i: caption features
+            rows.prefill_features(*self._captions(chunk, rows.guided))
+        else:
+            rows.prefill(prompts)                # fits max_seq: checked for every request up front
 
-        Backend.step takes token ids only, so this binds the ONNX Runtime session directly.
-        """
-        be = self.backend
-        if getattr(be, "name", None) != "ort":
-            raise BundleError("caption-conditioned (LlamaGen t2i) prefill runs on the ort backend only for now")
-        sess = be.session("prefill")
-        io = sess.io_binding()
-        io.bind_cpu_input("caption_features", np.ascontiguousarray(feats, np.float32))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, np.int64))
-        S = feats.shape[1]
-        for i in range(self.bundle.n_layers):
-            for kv, name in ((0, "key"), (1, "value")):
-                ptr, shape = arena.region(i, kv, 0, S)
-                io.bind_output(f"present.{i}.{name}", be.device, 0, arena.dtype, shape, ptr)
-        logits = np.empty((feats.shape[0], self.bundle.vocab_size), np.float32)
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        sess.run_with_iobinding(io)
-        arena.length = S
-        return logits
+    def _text_before_image(self, rows: "BatchRows", settings: ImageSettings, rngs, generated: list[int],
+                           h: int, w: int) -> bool:
+        """Unified models: free text (one image, conditional row only, image ids excluded) until the model
+        opens the image or the text budget is spent (then BOI is forced); then the header, seen by both
+        rows. Returns True when the model ended with EOS instead."""
+        layout = self.layout
+        text = RangeSampler(settings.text, 0, self.bundle.vocab_size, rngs)
+        boi = layout.special["boi"]
+        for step in range(settings.max_text_tokens + 1):
+            if step == settings.max_text_tokens:
+                token = boi                                  # the text budget is spent: the image starts
+            else:
+                logits = np.array(rows.logits[:rows.n_images], np.float32)
+                logits[:, layout.lo:layout.hi] = -np.inf
+                logits[:, layout.structural] = -np.inf
+                token = int(text(logits)[0])
+            generated.append(token)
+            if token == boi:
+                break
+            if token in self.bundle.eos_ids:
+                return True
+            rows.feed([rows.column(token)], uncond_sees=False)
+        header = layout.header(h, w)
+        generated += header[1:]
+        rows.feed([rows.column(token) for token in header], uncond_sees=True)  # from BOI on, uncond sees it too
+        return False
+
+    def _sample_image(self, rows: "BatchRows", settings: ImageSettings, rngs, generated: list[list[int]],
+                      h: int, w: int, progress) -> tuple[np.ndarray, float]:
+        """Walk the layout's region: sample each code (guided, inside the visual range), queue the forced
+        tokens. Returns the codes [images, h*w] and when the first code was sampled."""
+        layout = self.layout
+        visual = RangeSampler(settings.visual, layout.lo, layout.hi, rngs)
+        n_codes = h * w
+        codes = np.zeros((rows.n_images, n_codes), np.int64)
+        pending: list[np.ndarray] = []       # tokens not run yet: the last code and the forced ones after it
+        index, first_code_at = 0, None
+        for slot in layout.region(h, w):
+            if slot is not None:             # forced by the layout: never sampled, fed with the next code
+                pending.append(rows.column(slot))
+                for tokens in generated:
+                    tokens.append(slot)
+                continue
+            if pending:
+                rows.feed(pending, uncond_sees=True)
+            # Restrict to the visual range first, then guide and sample there (exact, see guidance.py).
+            sampled = visual(rows.guided_logits(layout.lo, layout.hi, settings.guidance.scale_at(index, n_codes)))
+            codes[:, index] = sampled - layout.lo
+            for tokens, token in zip(generated, sampled):
+                tokens.append(int(token))
+            index += 1
+            pending = [sampled.astype(np.int64)]
+            if first_code_at is None:
+                first_code_at = time.perf_counter()
+            if progress:
+                progress(rows.n_images)
+        return codes, first_code_at
 
     # -- VQ decoding --------------------------------------------------------------------------------
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -373,19 +391,11 @@ class ImageGenerator:
         if not self.has_decoder:
             raise BundleError(f"{self.bundle.path}: the bundle has no VQ decoder graph (export with --vq)")
         codes = np.ascontiguousarray(codes, np.int64)
-        n = self.image["vq"]["codebook_size"]
-        if codes.ndim != 3 or codes.min() < 0 or codes.max() >= n:
-            raise ValueError(f"VQ codes must be [B, h, w] in [0, {n})")
+        codebook = self.image["vq"]["codebook_size"]
+        if codes.ndim != 3 or codes.min() < 0 or codes.max() >= codebook:
+            raise ValueError(f"VQ codes must be [B, h, w] in [0, {codebook})")
         if self._vq is None:
-            import onnxruntime as ort
-            so = ort.SessionOptions()
-            if self.threads:
-                so.intra_op_num_threads = self.threads
-            path = self.bundle.graph_path("vq_decoder")
-            try:
-                self._vq = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            except Exception as e:
-                raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+            self._vq = open_session(self.bundle.graph_path("vq_decoder"), session_options(self.threads))
         return self._vq.run(["pixels"], {"tokens": codes})[0]
 
 
@@ -393,12 +403,12 @@ def save_images(results: list[ImageResult], out: str | Path, names: list[str] | 
     """PNG files: `out` itself when it ends in .png and there is one image, else out/<name>.png."""
     from .png import write_png
     out = Path(out)
-    images = [r for r in results if r.image is not None]
+    images = [result for result in results if result.image is not None]
     if out.suffix.lower() == ".png":
         if len(images) != 1:
             raise ValueError(f"{out}: one file name for {len(images)} images; give a folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         return [write_png(out, images[0].image)]
     out.mkdir(parents=True, exist_ok=True)
-    names = names or [f"{i:03d}" for i in range(len(images))]
-    return [write_png(out / f"{name}.png", r.image) for name, r in zip(names, images)]
+    names = names or [f"{index:03d}" for index in range(len(images))]
+    return [write_png(out / f"{name}.png", result.image) for name, result in zip(names, images)]

@@ -38,34 +38,35 @@ class ImageLayout:
     @property
     def structural(self) -> list[int]:
         """Ids that only belong inside an image (never in a prompt or in free text)."""
-        return [self.special[k] for k in ("img", "eoi", "eol", "eof") if self.special.get(k) is not None]
+        return [self.special[name] for name in ("img", "eoi", "eol", "eof") if self.special.get(name) is not None]
 
     def tokens_for_size(self, width: int, height: int) -> tuple[int, int]:
         """Pixel size -> (h, w) in tokens, or ValueError when the VQ decoder cannot produce it."""
-        f = self.downsample
-        if width <= 0 or height <= 0 or width % f or height % f:
-            raise ValueError(f"image size {width}x{height} is not a multiple of the VQ decoder's {f} pixels per token")
-        h, w = height // f, width // f
+        per_token = self.downsample
+        if width <= 0 or height <= 0 or width % per_token or height % per_token:
+            raise ValueError(f"image size {width}x{height} is not a multiple of the VQ decoder's {per_token} pixels "
+                             f"per token")
+        h, w = height // per_token, width // per_token
         if self.grid is not None and (h, w) != tuple(self.grid):
-            gh, gw = self.grid
-            raise ValueError(f"this bundle makes {gw * f}x{gh * f} images only (its 2D rotary table is {gh}x{gw} "
-                             f"tokens); got {width}x{height}")
+            grid_h, grid_w = self.grid
+            raise ValueError(f"this bundle makes {grid_w * per_token}x{grid_h * per_token} images only (its 2D rotary "
+                             f"table is {grid_h}x{grid_w} tokens); got {width}x{height}")
         return h, w
 
     def header(self, h: int, w: int) -> list[int]:
         """BOI, the digits of "h*w", IMG (empty for grid layouts)."""
         if self.kind == "grid":
             return []
-        return [self.special["boi"]] + [self.header_ids[c] for c in f"{h}*{w}"] + [self.special["img"]]
+        return [self.special["boi"]] + [self.header_ids[char] for char in f"{h}*{w}"] + [self.special["img"]]
 
     def region(self, h: int, w: int) -> list[int | None]:
         if self.kind == "grid":
             return [None] * (h * w)
         eol = self.special["eol"]
         out: list[int | None] = []
-        for r in range(h):
+        for row in range(h):
             out += [None] * w
-            if self.kind == "emu3" or r < h - 1:
+            if self.kind == "emu3" or row < h - 1:
                 out.append(eol)
         if self.kind == "emu3":
             out.append(self.special["eof"])
@@ -74,8 +75,8 @@ class ImageLayout:
     def check_prompt(self, ids: list[int], what: str = "prompt") -> None:
         """Image tokens are allowed only inside the image the model generates."""
         banned = set(self.structural) | {self.special.get("boi")}
-        for t in ids:
-            if self.lo <= t < self.hi or t in banned:
-                kind = "a visual token" if self.lo <= t < self.hi else "an image layout token"
-                raise ValueError(f"{what} contains {kind} (id {t}); image tokens are only allowed inside the "
+        for token in ids:
+            if self.lo <= token < self.hi or token in banned:
+                kind = "a visual token" if self.lo <= token < self.hi else "an image layout token"
+                raise ValueError(f"{what} contains {kind} (id {token}); image tokens are only allowed inside the "
                                  f"generated image")

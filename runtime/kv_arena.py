@@ -11,19 +11,42 @@ from __future__ import annotations
 import numpy as np
 
 
+def host_buffer(count: int, dtype) -> tuple[np.ndarray, int]:
+    """The default allocation: zeroed host memory and its address."""
+    buffer = np.zeros(count, dtype)
+    return buffer, buffer.ctypes.data
+
+
 class KVArena:
     def __init__(self, n_layers: int, max_seq: int, max_batch: int, n_kv: int, head_dim: int, dtype,
                  allocate=None):
         """`allocate(n_elements, dtype) -> (buffer, base_address)`; default: host memory (numpy)."""
         self.n_layers, self.max_seq, self.max_batch = n_layers, max_seq, max_batch
         self.n_kv, self.head_dim, self.dtype = n_kv, head_dim, np.dtype(dtype)
-        n = max_seq * max_batch * n_kv * head_dim
-        allocate = allocate or (lambda count, dt: (lambda a: (a, a.ctypes.data))(np.zeros(count, dt)))
+        elements = max_seq * max_batch * n_kv * head_dim
+        allocate = allocate or host_buffer
         # [layer][0 = key, 1 = value] -> (buffer, base address)
-        self.buffers = [[allocate(n, self.dtype) for _ in range(2)] for _ in range(n_layers)]
+        self.buffers = [[allocate(elements, self.dtype) for _ in range(2)] for _ in range(n_layers)]
         self.batch = max_batch
-        self.length = 0            # positions [0, length) hold valid K/V
+        self._length = 0           # positions [0, length) hold valid K/V; changed only by the methods below
         self.bytes_copied = 0      # copies a backend could not avoid (must not grow with length)
+
+    @property
+    def length(self) -> int:
+        """Positions [0, length) hold valid K/V for every row of the batch."""
+        return self._length
+
+    def advance(self, n: int) -> None:
+        """The last step wrote n new positions at [length, length + n)."""
+        if not 0 <= self._length + n <= self.max_seq:
+            raise IndexError(f"{self._length + n} positions exceed the cache's max_seq {self.max_seq}")
+        self._length += n
+
+    def truncate(self, length: int) -> None:
+        """Keep only positions [0, length) (e.g. a chat turn that reuses a common prefix)."""
+        if not 0 <= length <= self._length:
+            raise IndexError(f"cannot truncate the cache to {length} positions (it holds {self._length})")
+        self._length = length
 
     @property
     def nbytes(self) -> int:
@@ -38,7 +61,7 @@ class KVArena:
         """Start a new set of sequences; the same memory is re-viewed as [max_seq, batch, n_kv, hd]."""
         if not 1 <= batch <= self.max_batch:
             raise ValueError(f"batch {batch} exceeds the arena's max_batch {self.max_batch}")
-        self.batch, self.length = batch, 0
+        self.batch, self._length = batch, 0
 
     def region(self, layer: int, kv: int, start: int, stop: int) -> tuple[int, list[int]]:
         """(address, shape) of positions [start, stop) of one layer's K (kv=0) or V (kv=1)."""

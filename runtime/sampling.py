@@ -8,7 +8,7 @@ to a token range, per-range parameters) are more processors in the same chain.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -57,9 +57,8 @@ class LogitsProcessor(Protocol):
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    m = np.max(x, axis=-1, keepdims=True)
-    e = np.exp(x - m)
-    return e / e.sum(axis=-1, keepdims=True)
+    exp = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def repetition_penalty(penalty: float) -> LogitsProcessor:
@@ -67,22 +66,22 @@ def repetition_penalty(penalty: float) -> LogitsProcessor:
     def apply(logits, history):
         for row, seen in enumerate(history):
             if seen:
-                idx = np.unique(np.asarray(seen, dtype=np.int64))
-                s = logits[row, idx]
-                logits[row, idx] = np.where(s < 0, s * penalty, s / penalty)
+                ids = np.unique(np.asarray(seen, dtype=np.int64))
+                values = logits[row, ids]
+                logits[row, ids] = np.where(values < 0, values * penalty, values / penalty)
         return logits
     return apply
 
 
-def temperature(t: float) -> LogitsProcessor:
-    return lambda logits, history: np.divide(logits, t, out=logits)
+def temperature(value: float) -> LogitsProcessor:
+    return lambda logits, history: np.divide(logits, value, out=logits)
 
 
 def top_k(k: int) -> LogitsProcessor:
     """Keep the k largest; entries tied with the k-th value are kept too."""
     def apply(logits, history):
-        kk = min(k, logits.shape[-1])
-        kth = np.partition(logits, -kk, axis=-1)[:, -kk][:, None]
+        kept = min(k, logits.shape[-1])
+        kth = np.partition(logits, -kept, axis=-1)[:, -kept][:, None]
         logits[logits < kth] = NEG_INF
         return logits
     return apply
@@ -107,8 +106,8 @@ def min_p(p: float) -> LogitsProcessor:
     """Drop tokens whose probability is below p times the most likely token's."""
     def apply(logits, history):
         probs = softmax(logits)
-        thresh = p * probs.max(axis=-1, keepdims=True)
-        drop = probs < thresh
+        threshold = p * probs.max(axis=-1, keepdims=True)
+        drop = probs < threshold
         logits[drop] = NEG_INF
         return logits
     return apply
@@ -142,22 +141,19 @@ class Sampler:
 
     def distribution(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
         """Processed logits [B, V] (a copy; the backend's buffer is left alone)."""
-        x = np.array(logits, dtype=np.float32, copy=True)
-        for proc in self.chain:
-            x = proc(x, history)
-        return x
+        processed = np.array(logits, dtype=np.float32, copy=True)
+        for processor in self.chain:
+            processed = processor(processed, history)
+        return processed
 
     def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
-        x = self.distribution(logits, history)
+        processed = self.distribution(logits, history)
         if self.cfg.is_greedy:
-            return np.argmax(x, axis=-1)
-        probs = softmax(x.astype(np.float64))
-        cdf = np.cumsum(probs, axis=-1)
-        out = np.empty(len(x), dtype=np.int64)
+            return np.argmax(processed, axis=-1)
+        cdf = np.cumsum(softmax(processed.astype(np.float64)), axis=-1)
+        tokens = np.empty(len(processed), dtype=np.int64)
         for row, rng in enumerate(self.rngs):
-            u = rng.random() * cdf[row, -1]
-            out[row] = min(int(np.searchsorted(cdf[row], u, side="right")), x.shape[-1] - 1)
-        return out
+            draw = rng.random() * cdf[row, -1]          # inverse CDF: one uniform draw per row
+            tokens[row] = min(int(np.searchsorted(cdf[row], draw, side="right")), processed.shape[-1] - 1)
+        return tokens
 
-
-ProcessorFactory = Callable[[int], LogitsProcessor]

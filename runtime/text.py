@@ -45,7 +45,7 @@ class StopStrings:
     might be the start of one so a stop string is never printed."""
 
     def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
+        self.stops = [stop for stop in stops if stop]
         self.pending = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
@@ -53,15 +53,14 @@ class StopStrings:
         if not self.stops:
             return piece, False
         self.pending += piece
-        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
-        if hits:
-            pos = min(h[0] for h in hits)
-            out, self.pending = self.pending[:pos], ""
+        found = [self.pending.find(stop) for stop in self.stops if stop in self.pending]
+        if found:
+            out, self.pending = self.pending[:min(found)], ""
             return out, True
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
+        hold = 0                       # the longest tail of `pending` that starts some stop string
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
                     hold = max(hold, n)
                     break
         out = self.pending[: len(self.pending) - hold]

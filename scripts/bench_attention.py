@@ -71,9 +71,9 @@ def main() -> None:
         res = []
         for s in (sa, sb, sb2):
             for _ in range(20): s.run(None, feeds)
-            t = time.perf_counter()
+            started = time.perf_counter()
             for _ in range(600): s.run(None, feeds)
-            res.append((time.perf_counter() - t) / 600 * 30 * 1000)       # ms per 30-layer step
+            res.append((time.perf_counter() - started) / 600 * 30 * 1000)       # ms per 30-layer step
         print(f"T={T:5d}: as exported {res[0]:6.2f} ms/step, in place {res[1]:6.2f}, in place without V join {res[2]:6.2f} (30 layers)")
 
 

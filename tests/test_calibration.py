@@ -17,7 +17,7 @@ from ardeploy.calibration.data import make_windows, read_documents
 from ardeploy.calibration.graphs import quantize_graph
 from ardeploy.calibration.quantize import CalibConfig, Calibrator, calibrate_bundle
 from ardeploy.engines.builder import build_engines
-from ardeploy.engines.errors import EngineError
+from ardeploy.runtime.errors import EngineError
 from ardeploy.runtime.bundle import Bundle
 
 
@@ -135,16 +135,16 @@ def test_smoothquant_folding_is_exact(tiny_bundles, name):
     cal = Calibrator(b, CalibConfig(scheme="w8a8", samples=4, seq_len=64, check_windows=0, progress=False,
                                     smoothquant_alpha=0.9, weight_method="max"))
     cal.load_data(IDS)
-    cal.plan_smoothing(cal.collect_channel_max())
-    applied = {g: e["smoothquant"]["applied"] for g, e in cal.cal.groups.items()}
+    cal.choose_smoothing(cal.collect_channel_max())
+    applied = {g: e["smoothquant"]["applied"] for g, e in cal.record.groups.items()}
     assert all(applied.values()) and len(applied) == 4 * b.n_layers
-    assert max(float(np.abs(np.log(s)).max()) for s in cal.smooth.values()) > 0.1    # factors do something
-    plan = cal.smoothed_float_plan(cal.layers)
+    assert max(float(np.abs(np.log(s)).max()) for s in cal.smoothing.factors.values()) > 0.1    # factors do something
+    plan = cal.smoothed_float_plan(cal.source.layers)
     x = IDS[None, :40]
     feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
     for kind in ("score", "prefill"):
         want = ev.session(b.graph_path(kind)).run(["logits"], feeds)[0]
-        model = quantize_graph(cal.graphs[kind], kind, cal.linears, plan, ev.in_memory_initializer)
+        model = quantize_graph(cal.source.graphs[kind], kind, cal.source.linears, plan, ev.in_memory_initializer)
         got = ev.session(model, b.path, arrays=plan.tensors).run(["logits"], feeds)[0]
         np.testing.assert_allclose(got, want, atol=1e-4)
 

@@ -12,11 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from ardeploy.calibration.data import load_stream, python_docstrings, write_corpus
+from ardeploy.calibration.data import load_stream
 from ardeploy.calibration.evaluate import bundle_perplexity
 from ardeploy.cli import main
 from ardeploy.runtime.bundle import Bundle
 from conftest import one_line_error
+from stdlib_corpus import python_docstrings, write_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """The TensorRT backend's binding logic, without a GPU.
 
-`plan_step` is checked on SmolLM2's geometry at every decode position (all addresses 256-byte
+`step_binding` is checked on SmolLM2's geometry at every decode position (all addresses 256-byte
 aligned, staging copies only where needed and of constant size). Then the backend's own `step`
 code runs end to end with two stand-ins: host memory for CUDA (256-byte aligned buffers, memmove
 for copies) and, for each TensorRT execution context, ONNX Runtime running the decode graph with
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from ardeploy.runtime.backends.ort import OrtBackend
-from ardeploy.runtime.backends.trt import ALIGN, Cuda, TrtBackend, plan_runs, plan_step, staging_slot_bytes
+from ardeploy.runtime.backends.trt import ALIGN, TrtBackend, engine_runs, staging_slot_bytes, step_binding
+from ardeploy.runtime.cuda import Cuda
 from ardeploy.runtime.bundle import Bundle
 from ardeploy.runtime.kv_arena import KVArena
 from conftest import rng_ids, threads
@@ -33,7 +34,7 @@ def fake_arena(n_layers, max_seq, max_batch, n_kv, hd, dtype, base=1 << 40):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_plan_step_smollm2_geometry_every_position(batch):
+def test_step_binding_smollm2_geometry_every_position(batch):
     """SmolLM2 FP16: 3 KV heads x 64 x 2 bytes = 384-byte rows at batch 1, so every odd decode position
     starts off the 256-byte grid and goes through a staging slot; batch 2 (768-byte rows) never does."""
     L, n_kv, hd, max_seq = 30, 3, 64, 1024
@@ -42,7 +43,7 @@ def test_plan_step_smollm2_geometry_every_position(batch):
     slot = staging_slot_bytes(2, n_kv, hd, 2)
     staging = 1 << 44
     row = batch * n_kv * hd * 2
-    b = plan_step(arena, 17, 0, 1 << 45, (1 << 45) + 4096, (1 << 45) + 8192, staging, slot)
+    b = step_binding(arena, 17, 0, 1 << 45, (1 << 45) + 4096, (1 << 45) + 8192, staging, slot)
     assert b.profile == 0 and not b.copies
     assert b.shapes["input_ids"] == (batch, 17) and b.shapes["attention_mask"] == (batch, 17)
     for i in range(L):
@@ -51,11 +52,11 @@ def test_plan_step_smollm2_geometry_every_position(batch):
             assert b.shapes[f"past.{i}.{name}"] == (0, batch, n_kv, hd)
             assert b.addresses[f"past.{i}.{name}"] == base           # empty, but a valid address
             assert b.addresses[f"present.{i}.{name}"] == base
-    arena.length = 17
+    arena.advance(17)
     copied = []
     for P in range(17, max_seq):
-        arena.length = P
-        b = plan_step(arena, 1, 1, 1 << 45, (1 << 45) + 4096, (1 << 45) + 8192, staging, slot)
+        assert arena.length == P
+        b = step_binding(arena, 1, 1, 1 << 45, (1 << 45) + 4096, (1 << 45) + 8192, staging, slot)
         assert b.profile == 1
         assert b.shapes["attention_mask"] == (batch, P + 1)
         assert all(a % ALIGN == 0 for a in b.addresses.values())
@@ -70,23 +71,24 @@ def test_plan_step_smollm2_geometry_every_position(batch):
         expected = {arena.region(i, kv, P, P + 1)[0] for i in range(L) for kv in (0, 1)}
         assert expected <= targets
         copied.append(sum(n for _, _, n in b.copies))
+        arena.advance(1)
     assert set(copied) == ({0, 2 * L * row} if batch == 1 else {0})    # O(1) per step, never grows with P
 
 
-def test_plan_runs_prefill_once_then_one_token_per_run():
-    assert plan_runs(0, 9) == [(0, 9, "prefill")]
-    assert plan_runs(9, 1) == [(0, 1, "decode")]
-    assert plan_runs(9, 3) == [(0, 1, "decode"), (1, 2, "decode"), (2, 3, "decode")]    # a new chat turn
+def test_engine_runs_prefill_once_then_one_token_per_run():
+    assert engine_runs(0, 9) == [(0, 9, "prefill")]
+    assert engine_runs(9, 1) == [(0, 1, "decode")]
+    assert engine_runs(9, 3) == [(0, 1, "decode"), (1, 2, "decode"), (2, 3, "decode")]    # a new chat turn
 
 
-def test_plan_step_refuses_unaligned_arena_and_oversized_staging():
+def test_step_binding_refuses_unaligned_arena_and_oversized_staging():
     arena = KVArena(2, 16, 1, 2, 16, np.float32, lambda n, dt: (None, 1000))      # 1000 is not 256-aligned
     with pytest.raises(ValueError, match="aligned"):
-        plan_step(arena, 1, 0, 0, 0, 0, 0, 256)
+        step_binding(arena, 1, 0, 0, 0, 0, 0, 256)
     arena = fake_arena(2, 16, 1, 2, 16, np.float32)
-    arena.length = 1                                                            # 128-byte rows: unaligned
+    arena.advance(1)                                                            # 128-byte rows: unaligned
     with pytest.raises(ValueError, match="staging slot"):
-        plan_step(arena, 3, 1, 0, 0, 0, 1 << 44, 256)
+        step_binding(arena, 3, 1, 0, 0, 0, 1 << 44, 256)
 
 
 # -- the backend's step() with host memory and ONNX Runtime standing in for CUDA and TensorRT ----------------

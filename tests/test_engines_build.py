@@ -19,9 +19,12 @@ import pytest
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13-libs "
                                                     "tensorrt-rtx-cu13-bindings)")
 
-from ardeploy.engines import compat, layers, profiles, record                      # noqa: E402
+from ardeploy.engines import layers, profiles, record                               # noqa: E402
 from ardeploy.engines.builder import PLAN_RULE, build_engines                       # noqa: E402
+from ardeploy.runtime import engine_record                                          # noqa: E402
+from ardeploy.runtime import trt_compat as compat                                   # noqa: E402
 from ardeploy.runtime.bundle import Bundle, BundleError                             # noqa: E402
+from ardeploy.runtime.files import sha256_file                                      # noqa: E402
 
 OPT_LEVEL = 0       # the cheapest builder setting; measured no slower to build and the same plan size as 3
 
@@ -72,7 +75,7 @@ def check_engine(folder: Path, rec: dict, precision: str):
     assert rec["tensorrt"]["flavour"] == "tensorrt_rtx" and rec["tensorrt"]["version"] == compat.load("tensorrt_rtx").version
     assert rec["target"] == {"gpu": "any", "compute_capability": "any"}
     assert rec["precision"] == precision and rec["max_seq"] == m["max_seq"] and rec["max_batch"] == m["max_batch"]
-    assert rec["graphs"] == {"decode.onnx": record.sha256_file(folder / "decode.onnx")}
+    assert rec["graphs"] == {"decode.onnx": sha256_file(folder / "decode.onnx")}
     assert rec["plan_bytes"] == (eng_dir / "decode.plan").stat().st_size == rec["engines"][0]["bytes"]
     assert rec["build_seconds"] > 0
 
@@ -100,7 +103,7 @@ def check_engine(folder: Path, rec: dict, precision: str):
     # profile ranges: prefill S 1..max_seq with no past, decode P 1..max_seq-1
     ms, mb = m["max_seq"], m["max_batch"]
     pro = {p["name"]: p for p in rec["engines"][0]["profiles"]}
-    assert list(pro) == [profiles.PREFILL, profiles.DECODE]
+    assert list(pro) == [engine_record.PREFILL, engine_record.DECODE]
     assert pro["prefill"]["dims"] == {"batch": [1, 1, mb], "seq": [1, min(512, ms), ms], "past_seq": [0, 0, 0],
                                       "total_seq": [1, min(512, ms), ms]}
     d = pro["decode"]["dims"]
@@ -108,7 +111,7 @@ def check_engine(folder: Path, rec: dict, precision: str):
     n_kv, hd = bundle.kv_shape
     assert pro["prefill"]["shapes"]["past.0.key"] == [[0, 1, n_kv, hd], [0, 1, n_kv, hd], [0, mb, n_kv, hd]]
     assert pro["decode"]["shapes"]["attention_mask"][2] == [mb, ms + 1]
-    for p in profiles.plan_profiles(ms, mb, min(512, ms)):
+    for p in profiles.optimization_profiles(ms, mb, min(512, ms)):
         assert not profiles.inconsistencies(p)
         assert p.to_json(graph["inputs"]) == pro[p.name]
     return bundle
@@ -197,7 +200,7 @@ def test_timing_cache_is_not_used_by_tensorrt_rtx(built, sources, tmp_path, caps
                   timing_cache=tmp_path / "t.cache")
     err = capsys.readouterr().err
     assert "no timing cache" in err and not (tmp_path / "t.cache").exists()
-    rec = record.load(Bundle.load(folder))
+    rec = engine_record.load(Bundle.load(folder))
     assert rec["max_seq"] == 32 and rec["max_batch"] == 1
     assert rec["engines"][0]["profiles"][1]["dims"]["past_seq"] == [1, 8, 31]
 

@@ -1,4 +1,4 @@
-"""engines/compat.py touches only names that each TensorRT flavour's real Python bindings have.
+"""runtime/trt_compat.py touches only names that each TensorRT flavour's real Python bindings have.
 
 Full TensorRT's libraries are not installable from PyPI, but its bindings wheels (tensorrt-cu12-bindings)
 are real. They import against stub libnvinfer/libnvonnxparser/libnvinfer_plugin libraries (a few
@@ -105,8 +105,8 @@ class FakeModule:
 
 def exercise(flavour: str) -> list[str]:
     """Run every compat function (and the backend's step) against strict stand-ins of `flavour`'s classes."""
-    from ardeploy.engines import compat
-    from ardeploy.engines.errors import EngineError
+    from ardeploy.runtime import trt_compat as compat
+    from ardeploy.runtime.errors import EngineError
     from ardeploy.engines.progress import make_monitor
     from ardeploy.runtime.backends.trt import TrtBackend
     from ardeploy.runtime.bundle import Bundle
@@ -159,7 +159,7 @@ def exercise(flavour: str) -> list[str]:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_engines_binding import HostCuda
     backend = object.__new__(TrtBackend)
-    backend.t, backend.cuda = t, HostCuda()
+    backend.tensorrt, backend.cuda = t, HostCuda()
     backend.bundle = Bundle(Path("."), {"spec": {"n_layers": 1, "vocab_size": 8, "n_kv_heads": 1, "head_dim": 64},
                                         "kv_dtype": "float16", "max_seq": 8, "max_batch": 1})
     backend._allocate_io(8, 1)

@@ -9,11 +9,13 @@ import onnx
 import pytest
 
 from ardeploy.cli import main
-from ardeploy.engines import compat, record
 from ardeploy.engines.builder import build_engines, parse_size
-from ardeploy.engines.errors import EngineError
-from ardeploy.engines.profiles import inconsistencies, plan_profiles, profile_for
+from ardeploy.engines.profiles import inconsistencies, optimization_profiles
+from ardeploy.runtime import engine_record
+from ardeploy.runtime import trt_compat as compat
+from ardeploy.runtime.backends.trt import engine_runs
 from ardeploy.runtime.bundle import BundleError
+from ardeploy.runtime.errors import EngineError
 
 
 @pytest.fixture(scope="module")
@@ -134,34 +136,43 @@ def test_gpu_rules():
     rtx_any = {"target": {"gpu": "any", "compute_capability": "any"}}
     rtx_some = {"target": {"gpu": "any", "compute_capability": ["8.6", "8.9"]}}
     full = {"target": {"gpu": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}}
-    record.check_gpu(rtx_any, "NVIDIA H100 80GB HBM3", "9.0")       # RTX's own validity check decides
-    record.check_gpu(rtx_some, "NVIDIA RTX A6000", "8.6")
-    record.check_gpu(full, "NVIDIA GeForce RTX 4090", "8.9")
+    engine_record.check_gpu(rtx_any, "NVIDIA H100 80GB HBM3", "9.0")       # RTX's own validity check decides
+    engine_record.check_gpu(rtx_some, "NVIDIA RTX A6000", "8.6")
+    engine_record.check_gpu(full, "NVIDIA GeForce RTX 4090", "8.9")
     with pytest.raises(BundleError, match="built for compute capability 8.6, 8.9; this GPU .* is 12.0"):
-        record.check_gpu(rtx_some, "NVIDIA GeForce RTX 5090", "12.0")
+        engine_record.check_gpu(rtx_some, "NVIDIA GeForce RTX 5090", "12.0")
     with pytest.raises(BundleError, match="built for NVIDIA GeForce RTX 4090 .* this GPU is NVIDIA L40S"):
-        record.check_gpu(full, "NVIDIA L40S", "8.9")
+        engine_record.check_gpu(full, "NVIDIA L40S", "8.9")
 
 
 def test_tensorrt_version_rule():
     rec = {"tensorrt": {"flavour": "tensorrt", "version": "10.13.3.9", "label": "TensorRT 10.13.3.9"}}
-    record.check_tensorrt(rec, "tensorrt", "10.13.3.9")
+    engine_record.check_tensorrt(rec, "tensorrt", "10.13.3.9")
     with pytest.raises(BundleError, match="built by TensorRT 10.13.3.9 but this is TensorRT 10.3.0"):
-        record.check_tensorrt(rec, "tensorrt", "10.3.0")
+        engine_record.check_tensorrt(rec, "tensorrt", "10.3.0")
     with pytest.raises(BundleError, match="but this is TensorRT-RTX 1.7"):
-        record.check_tensorrt(rec, "tensorrt_rtx", "1.7.1.116")
+        engine_record.check_tensorrt(rec, "tensorrt_rtx", "1.7.1.116")
 
 
 def test_profiles_cover_every_step_and_are_consistent():
-    raw = plan_profiles(1024, 2, 512)
+    """Every engine run the TensorRT backend makes (engine_runs) falls inside the profile it names."""
+    raw = optimization_profiles(1024, 2, 512)
     assert all(not inconsistencies(p) for p in raw)
-    js = [{"name": p.name, "dims": {k: list(v) for k, v in p.dims.items()}} for p in raw]
-    assert profile_for(0, 1024, js) == 0 and profile_for(0, 1, js) == 0
-    assert all(profile_for(P, 1, js) == 1 for P in range(1, 1024))
-    with pytest.raises(IndexError):
-        profile_for(5, 3, js)                   # a new turn runs as one-token steps
+    by_name = {p.name: p.dims for p in raw}
+
+    def covers(name, past, seq):
+        d = by_name[name]
+        return (d["past_seq"][0] <= past <= d["past_seq"][2] and d["seq"][0] <= seq <= d["seq"][2]
+                and past + seq <= d["total_seq"][2])
+    steps = [(0, 1024), (0, 1)] + [(P, 1) for P in range(1, 1024)] + [(5, 3)]
+    for past, seq in steps:
+        for first, stop, name in engine_runs(past, seq):
+            assert covers(name, past + first, stop - first), (past, seq, first, stop, name)
+    assert [name for _, _, name in engine_runs(0, 1024)] == ["prefill"]
+    assert all([name for _, _, name in engine_runs(P, 1)] == ["decode"] for P in range(1, 1024))
+    assert not any(covers(name, 5, 3) for name in by_name)     # a new turn runs as one-token steps
     with pytest.raises(ValueError, match="--opt-seq"):
-        plan_profiles(64, 1, 65)
+        optimization_profiles(64, 1, 65)
 
 
 def test_compare_feeds_follow_the_profiles(tiny16):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ardeploy.runtime.backends.trt import ALIGN, Cuda, plan_step, query_gpu, staging_slot_bytes
+from ardeploy.runtime.backends.trt import ALIGN, staging_slot_bytes, step_binding
+from ardeploy.runtime.cuda import Cuda, query_gpu
 from ardeploy.runtime.bundle import BundleError
 from ardeploy.runtime.kv_arena import KVArena
 
@@ -58,8 +59,8 @@ def test_staging_copies_land_at_the_arena_position(cuda):
     staging = cuda.malloc(2 * L * slot)
     rows = {}
     for P in range(max_seq):
-        arena.length = P
-        b = plan_step(arena, 1, int(P > 0), 0, 0, 0, staging, slot)
+        assert arena.length == P
+        b = step_binding(arena, 1, int(P > 0), 0, 0, 0, staging, slot)
         for i in range(L):
             for kv, name in ((0, "key"), (1, "value")):
                 row = np.full(n_kv * hd, P * 10 + 2 * i + kv, np.float16)     # what the engine would write
@@ -69,6 +70,7 @@ def test_staging_copies_land_at_the_arena_position(cuda):
             cuda.copy(dst, src, n, Cuda.D2D)
         cuda.sync()
         assert bool(b.copies) == bool((P * 384) % ALIGN)
+        arena.advance(1)
     for i in range(L):
         for kv in (0, 1):
             addr, shape = arena.region(i, kv, 0, max_seq)

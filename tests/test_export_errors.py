@@ -104,11 +104,12 @@ def test_existing_out_needs_force(hf_copy, tmp_path, capsys):
 
 def test_failure_midway_leaves_nothing(hf_copy, tmp_path, monkeypatch):
     from ardeploy.export import assemble, bundle
-    from ardeploy.export.loaders import load_checkpoint
+    from ardeploy.export.registry import load_checkpoint
+    from ardeploy.export.text_graphs import TextGraphs
 
     def boom(*a, **k):
         raise RuntimeError("disk full (simulated)")
-    monkeypatch.setattr(bundle, "build_graph", boom)
+    monkeypatch.setattr(TextGraphs, "build", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         bundle.export_bundle(load_checkpoint(hf_copy), tmp_path / "out", quiet=True)
     assert_nothing_written(tmp_path)

@@ -228,7 +228,7 @@ def test_bad_input(emu3, tmp_path, capsys):
 def test_emu35_loader(tiny_hf, tmp_path):
     """An Emu3.5-style folder (Qwen3 LM, visual tokens in tokenizer.json) loads with its layout."""
     from ardeploy.export.checkpoint import CheckpointError
-    from ardeploy.export.loaders import load_checkpoint
+    from ardeploy.export.registry import load_checkpoint
     folder, _ = tiny_hf("qwen3_qknorm")
     d = tmp_path / "emu35"
     shutil.copytree(folder, d)
@@ -251,7 +251,7 @@ def test_vq_decoder_builds_with_trt_rtx_fp16(emu3, tmp_path):
 
     import test_image_llamagen as llamagen
     from ardeploy.export.families.image_export import export_vq_graph
-    from ardeploy.export.loaders import load_checkpoint
+    from ardeploy.export.registry import load_checkpoint
     pytest.importorskip("tensorrt_rtx_libs")
     model, _ = export_vq_graph(load_checkpoint(emu3[1]).vq, torch.float16, 21)
     onnx.save_model(model, str(tmp_path / "vq16.onnx"))

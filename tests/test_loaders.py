@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ardeploy.export.checkpoint import permute_to_interleaved, unpermute_interleaved
-from ardeploy.export.loaders import load_checkpoint
+from ardeploy.export.registry import load_checkpoint
 
 
 def test_sharded_checkpoint_loads_the_same_tensors(tiny_hf, tmp_path):

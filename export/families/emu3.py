@@ -16,8 +16,11 @@ import json
 import re
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, check_tensors
-from ..loaders.hf import _read_json, safetensors_tensors, spec_from_config
+from ..checkpoint import LazyTensor, check_tensors
+from ..errors import CheckpointError
+from ..loaders.hf import load_hf, read_json, safetensors_tensors, spec_from_config
+from . import ImageCheckpoint
+from .vq import emu3_vq_source
 
 SPECIAL = {"boi": "<|image start|>", "img": "<|image token|>", "eoi": "<|image end|>", "eol": "<|extra_200|>",
            "eof": "<|extra_201|>", "bos": "<|extra_203|>", "eos": "<|extra_204|>", "pad": "<|endoftext|>"}
@@ -64,28 +67,28 @@ def _tokenizer_vocab(tokenizer_json: str | None) -> dict[str, int]:
     return vocab
 
 
-def _reject_options(family: str, options: dict) -> None:
-    bad = [k for k, v in options.items() if v is not None]
-    if bad:
-        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-        verb = "does" if len(bad) == 1 else "do"
-        raise CheckpointError(f"{flags} {verb} not apply to {family} checkpoints (their image layout comes from the checkpoint)")
-
-
 def _folder_parts(folder: Path):
     cfg_path = folder / "config.json"
     if not folder.is_dir() or not cfg_path.exists():
         raise CheckpointError(f"{folder}: expected a Hugging Face checkpoint folder (config.json + safetensors)")
     tok_path = folder / "tokenizer.json"
     tokenizer_json = tok_path.read_text(encoding="utf-8") if tok_path.exists() else None
-    return _read_json(cfg_path), tokenizer_json
+    return read_json(cfg_path), tokenizer_json
 
 
-def load_emu3(folder: Path, **options):
+def is_emu3_folder(folder: Path) -> bool:
+    """A Hugging Face folder whose config names the unified Emu3 model (the files alone say so)."""
+    if not (folder / "config.json").exists():
+        return False
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False     # load_hf names the broken file
+    return "Emu3ForConditionalGeneration" in (cfg.get("architectures") or [])
+
+
+def load_emu3(folder: Path) -> ImageCheckpoint:
     """`Emu3ForConditionalGeneration` folder: Llama LM (text_model) + VQ-VAE (vqmodel) + vocabulary_map."""
-    from . import ImageCheckpoint
-    from .vq import emu3_vq_source
-    _reject_options("emu3", options)
     cfg, tokenizer_json = _folder_parts(folder)
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch != "Emu3ForConditionalGeneration":
@@ -94,39 +97,43 @@ def load_emu3(folder: Path, **options):
     spec = spec_from_config({**text_cfg, "architectures": ["LlamaForCausalLM"]}, str(folder / "config.json"))
     spec = dataclasses.replace(spec, architecture="Emu3ForConditionalGeneration")
     raw, files = safetensors_tensors(folder)
-    text, vq = {}, {}
-    # transformers 5 saves the Hub layout (text_model.model.*, text_model.lm_head, vqmodel.*); older
-    # code saved model.text_model.* / lm_head / model.vqmodel.*.
-    for name, t in raw.items():
-        for prefix, target, keep in (("text_model.model.", text, ""), ("model.text_model.", text, ""),
-                                     ("text_model.lm_head.", text, "lm_head."), ("lm_head.", text, "lm_head."),
-                                     ("vqmodel.", vq, ""), ("model.vqmodel.", vq, "")):
-            if name.startswith(prefix):
-                target[keep + name[len(prefix):]] = t
-                break
-    text = {k: v for k, v in text.items() if "rotary_emb" not in k}
+    text, vq = _split_unified_tensors(raw)
     check_tensors(spec, text, str(folder), name_of=lambda n: n if n == "lm_head.weight" else "text_model.model." + n)
     vocab = {**_tokenizer_vocab(tokenizer_json), **(cfg.get("vocabulary_map") or {})}
     image = image_layout(vocab, "emu3", str(folder))
     vq_source = emu3_vq_source(cfg.get("vq_config") or {}, vq, str(folder))
     image["downsample"] = vq_source.downsample
     specials = image["special"]
-    st = {"bos_token_id": specials["bos"] if specials["bos"] is not None else text_cfg.get("bos_token_id"),
-          "eos_token_id": [specials["eos"]] if specials["eos"] is not None else [text_cfg.get("eos_token_id")],
-          "pad_token_id": specials["pad"] if specials["pad"] is not None else text_cfg.get("pad_token_id")}
+    special_tokens = {
+        "bos_token_id": specials["bos"] if specials["bos"] is not None else text_cfg.get("bos_token_id"),
+        "eos_token_id": [specials["eos"]] if specials["eos"] is not None else [text_cfg.get("eos_token_id")],
+        "pad_token_id": specials["pad"] if specials["pad"] is not None else text_cfg.get("pad_token_id")}
     return ImageCheckpoint(spec=spec, tensors=text, source=str(folder), source_format="hf", source_files=files,
-                           tokenizer_json=tokenizer_json, special_tokens=st, family="emu3", image=image, vq=vq_source)
+                           tokenizer_json=tokenizer_json, special_tokens=special_tokens, family="emu3", image=image,
+                           vq=vq_source)
 
 
-def load_emu35(folder: Path, **options):
+def _split_unified_tensors(raw: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], dict[str, LazyTensor]]:
+    """The unified model's tensors -> (language model under canonical names, VQ-VAE without its prefix).
+    transformers 5 saves the Hub layout (text_model.model.*, text_model.lm_head, vqmodel.*); older
+    code saved model.text_model.* / lm_head / model.vqmodel.*."""
+    text, vq = {}, {}
+    for name, tensor in raw.items():
+        for prefix, target, keep in (("text_model.model.", text, ""), ("model.text_model.", text, ""),
+                                     ("text_model.lm_head.", text, "lm_head."), ("lm_head.", text, "lm_head."),
+                                     ("vqmodel.", vq, ""), ("model.vqmodel.", vq, "")):
+            if name.startswith(prefix):
+                target[keep + name[len(prefix):]] = tensor
+                break
+    return {k: v for k, v in text.items() if "rotary_emb" not in k}, vq
+
+
+def load_emu35(folder: Path) -> ImageCheckpoint:
     """Emu3.5-style folder: a Qwen3-shaped LM (q/k norm) whose tokenizer.json holds the visual tokens.
 
     The IBQ vision tokenizer ships separately (config.yaml + model.ckpt) and is not exported yet:
     the bundle produces image tokens; decoding them to pixels needs that decoder.
     """
-    from . import ImageCheckpoint
-    from ..loaders.hf import load_hf
-    _reject_options("emu3.5", options)
     cfg, tokenizer_json = _folder_parts(folder)
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in ("Qwen3ForCausalLM", "Emu3ForCausalLM"):
@@ -146,15 +153,15 @@ def load_emu35(folder: Path, **options):
     image = image_layout(_tokenizer_vocab(tokenizer_json), "emu3.5", str(folder))
     image["downsample"] = 16
     specials = image["special"]
-    st = dict(base.special_tokens or {})
+    special_tokens = dict(base.special_tokens or {})
     if specials["bos"] is not None:
-        st["bos_token_id"] = specials["bos"]
+        special_tokens["bos_token_id"] = specials["bos"]
     if specials["eos"] is not None:
-        st["eos_token_id"] = [specials["eos"]]
+        special_tokens["eos_token_id"] = [specials["eos"]]
     if specials["pad"] is not None:
-        st["pad_token_id"] = specials["pad"]
+        special_tokens["pad_token_id"] = specials["pad"]
     return ImageCheckpoint(spec=base.spec, tensors=base.tensors, source=str(folder), source_format="hf",
                            source_files=base.source_files, tokenizer_json=tokenizer_json,
-                           chat_template=base.chat_template, special_tokens=st, family="emu3.5", image=image,
+                           chat_template=base.chat_template, special_tokens=special_tokens, family="emu3.5", image=image,
                            warnings=list(base.warnings) + ["Emu3.5's IBQ vision decoder is not exported: the bundle "
                                                            "generates image tokens (--save-tokens), not pixels"])

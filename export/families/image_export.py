@@ -1,4 +1,4 @@
-"""What an image-token family adds to a bundle export (called from `export/bundle.py`).
+"""What an image-token family changes in a bundle export: `ImageGraphs`, the text graphs plus these.
 
 * limits: LlamaGen's 2D rotary table has prefix + grid^2 rows, so max_seq is exactly that; every image
   family gets max_batch >= 2 (a conditional and an unconditional row for classifier-free guidance).
@@ -16,9 +16,11 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from ..assemble import ONNX_DTYPE, GraphBuilder, WeightsFile
+from ..assemble import ONNX_DTYPE, ExternalWeights
 from ..contract import describe, graph_io
-from . import ImageCheckpoint
+from ..pieces import Piece, export_program, to_piece, trace_model
+from ..text_graphs import TextGraphs
+from .vq import build_vq_module
 
 MIN_EXTERNAL = 1024     # initializers with at least this many elements go to the shared weights file
 
@@ -33,9 +35,11 @@ class _CaptionPrologue(nn.Module):
         return (x, *self.dec.block_inputs(cos, sin, mask))     # shaped as the traced block expects
 
 
-class ImagePlan:
-    def __init__(self, ckpt: ImageCheckpoint):
-        self.ckpt, self.spec = ckpt, ckpt.spec
+class ImageGraphs(TextGraphs):
+    """The text graphs, plus what an image family changes (see the module docstring)."""
+
+    def __init__(self, ckpt, decoder):
+        super().__init__(ckpt, decoder)
         self.llamagen = self.spec.extra.get("llamagen")
         self.caption = bool(self.llamagen) and self.llamagen["model_type"] == "t2i"
 
@@ -45,20 +49,22 @@ class ImagePlan:
         return max_seq, max(max_batch, 2)
 
     # -- transformer graphs -------------------------------------------------------------------------
-    def extra_pieces(self, dtype: torch.dtype, opset: int) -> dict:
-        if not self.caption:
-            return {}
-        from torch.export import Dim
+    def trace(self, dtype: torch.dtype, opset: int, need_score: bool, progress=None) -> dict[str, Piece]:
+        pieces = super().trace(dtype, opset, need_score, progress)
+        if self.caption:
+            pieces["prologue_caption"] = self._trace_caption_prologue(dtype, opset)
+        return pieces
 
-        from ..pieces import _export, _to_piece, trace_model
-        dec = trace_model(self.spec, dtype)
+    def _trace_caption_prologue(self, dtype: torch.dtype, opset: int) -> Piece:
+        from torch.export import Dim
+        dec = trace_model(self.spec, dtype, self.decoder)
         batch, seq = Dim("batch", min=1, max=1 << 14), Dim("seq", min=1, max=1 << 20)
         feats = torch.randn(2, 3, self.llamagen["caption_dim"])
         mask = torch.ones(2, 3, dtype=torch.int64)
-        prog = _export(_CaptionPrologue(dec), (feats, mask), ["caption_features", "attention_mask"],
-                       ["io_x", "io_cos", "io_sin", "io_mask"],
-                       {"caption_features": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, opset)
-        return {"prologue_caption": _to_piece(prog, dict(dec.named_parameters()))}
+        program = export_program(_CaptionPrologue(dec), (feats, mask), ["caption_features", "attention_mask"],
+                                 ["io_x", "io_cos", "io_sin", "io_mask"],
+                                 {"caption_features": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, opset)
+        return to_piece(program, dict(dec.named_parameters()))
 
     def graph_io(self, kind: str, dtype: str) -> dict:
         io = graph_io(self.spec, kind, dtype)
@@ -67,24 +73,12 @@ class ImagePlan:
                             ("attention_mask", TensorProto.INT64, ["batch", "seq"])]
         return io
 
-    def build_graph(self, kind: str, pieces: dict, weights: WeightsFile, io: dict, opset: int):
-        """The t2i prefill graph (caption prologue, blocks, last-position head); None: the usual graph."""
-        if not (self.caption and kind == "prefill"):
-            return None
-        b = GraphBuilder(self.ckpt, weights)
-        b.add(pieces["prologue_caption"], "prologue", None,
-              {"caption_features": "caption_features", "attention_mask": "attention_mask", "io_x": "hidden.0",
-               "io_cos": "rope.cos", "io_sin": "rope.sin", "io_mask": "attn.mask"}, "prologue_caption")
-        for i in range(self.spec.n_layers):
-            b.add(pieces["block"], f"layers.{i}", i,
-                  {"io_x": f"hidden.{i}", "io_cos": "rope.cos", "io_sin": "rope.sin", "io_mask": "attn.mask",
-                   "io_y": f"hidden.{i + 1}", "io_k": f"present.{i}.key", "io_v": f"present.{i}.value"}, "block")
-        b.add(pieces["head_last"], "head", None, {"io_x": f"hidden.{self.spec.n_layers}", "io_logits": "logits"}, "head")
-        b.prune([o.name for o in io["outputs"]])
-        return b.to_model(kind, io["inputs"], io["outputs"], opset)
+    def prologue(self, kind: str) -> str:
+        """LlamaGen t2i's prefill starts from caption features; every other graph from token ids."""
+        return "prologue_caption" if self.caption and kind == "prefill" else "prologue"
 
     # -- VQ decoder and extras ----------------------------------------------------------------------
-    def write_extra_graphs(self, folder, weights: WeightsFile, dtype: torch.dtype, opset: int) -> dict:
+    def extra_graphs(self, folder, weights: ExternalWeights, dtype: torch.dtype, opset: int) -> dict:
         vq = self.ckpt.vq
         if vq is None:
             return {}
@@ -92,44 +86,38 @@ class ImagePlan:
         onnx.save_model(model, str(folder / "vq_decoder.onnx"))
         return {"vq_decoder": {"file": "vq_decoder.onnx", **io}}
 
-    def manifest_section(self, folder) -> dict:
+    def manifest_sections(self, folder) -> dict:
         image = dict(self.ckpt.image)
-        for name, t in self.ckpt.arrays.items():
-            np.save(folder / f"{name}.npy", t.load().detach().cpu().numpy())
+        for name, tensor in self.ckpt.arrays.items():
+            np.save(folder / f"{name}.npy", tensor.load().detach().cpu().numpy())
         if self.ckpt.vq is not None:
             vq = self.ckpt.vq
             image["vq"] = {"graph": "vq_decoder", "kind": vq.kind, "downsample": vq.downsample,
                            "codebook_size": vq.config["codebook_size"], "config": vq.config}
-        return image
+        return {"image": image}
 
 
-def image_plan(ckpt) -> ImagePlan | None:
-    return ImagePlan(ckpt) if isinstance(ckpt, ImageCheckpoint) and ckpt.image else None
-
-
-def export_vq_graph(vq, dtype: torch.dtype, opset: int, weights: WeightsFile | None = None):
+def export_vq_graph(vq, dtype: torch.dtype, opset: int, weights: ExternalWeights | None = None):
     """Trace the VQ decoder with dynamic batch/height/width. With `weights`, its large initializers
     are appended to that shared file (and referenced as external data); otherwise they stay inline."""
     from torch.export import Dim
-
-    from ..pieces import _export
-    from .vq import build_vq_module
     module = build_vq_module(vq, dtype)
     codes = torch.randint(0, vq.config["codebook_size"], (2, 3, 5))       # sizes >= 2 stay symbolic
     dims = {0: Dim("batch", min=1, max=1 << 10), 1: Dim("height", min=1, max=1 << 12), 2: Dim("width", min=1, max=1 << 12)}
     with torch.no_grad():
-        prog = _export(module, (codes,), ["tokens"], ["pixels"], {"codes": dims}, opset)
-    model = prog.model_proto
+        program = export_program(module, (codes,), ["tokens"], ["pixels"], {"codes": dims}, opset)
+    model = program.model_proto
     if model.functions:
         raise RuntimeError("exported VQ decoder still has ONNX functions; expected them inlined")
-    f = vq.downsample
+    factor = vq.downsample
+    pixel_dims = ["batch", 3, f"height*{factor}", f"width*{factor}"]
     _name_dims(model.graph.input[0], ["batch", "height", "width"])
-    _name_dims(model.graph.output[0], ["batch", 3, f"height*{f}", f"width*{f}"])
+    _name_dims(model.graph.output[0], pixel_dims)
     if weights is not None:
         _externalize(model, weights, "vq_decoder/")
     model.ir_version = 10        # ONNX Runtime 1.31 reads at most IR 13
     io = {"inputs": [("tokens", TensorProto.INT64, ["batch", "height", "width"])],
-          "outputs": [("pixels", TensorProto.FLOAT, ["batch", 3, f"height*{f}", f"width*{f}"])]}
+          "outputs": [("pixels", TensorProto.FLOAT, pixel_dims)]}
     return model, describe(io)
 
 
@@ -142,7 +130,7 @@ def _name_dims(value: onnx.ValueInfoProto, dims: list) -> None:
             d.dim_param = want
 
 
-def _externalize(model: onnx.ModelProto, weights: WeightsFile, prefix: str) -> None:
+def _externalize(model: onnx.ModelProto, weights: ExternalWeights, prefix: str) -> None:
     """Move initializers of the weights file's dtype into it; the graph keeps their names."""
     want = ONNX_DTYPE[weights.dtype]
     for init in model.graph.initializer:
@@ -159,4 +147,4 @@ def _externalize(model: onnx.ModelProto, weights: WeightsFile, prefix: str) -> N
         init.external_data.extend(ext.external_data)
 
 
-__all__ = ["ImagePlan", "export_vq_graph", "image_plan"]
+__all__ = ["ImageGraphs", "export_vq_graph"]

@@ -19,18 +19,19 @@ What differs from our text decoder, and how it maps onto it:
 """
 from __future__ import annotations
 
-import argparse
-import pickle
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checkpoint import CheckpointError, LazyTensor, unpermute_interleaved
+from ..checkpoint import LazyTensor, expected_shapes, unpermute_interleaved
+from ..errors import CheckpointError
 from ..model import Decoder
 from ..spec import ModelSpec
+from ..torch_files import training_state_dict
+from . import ImageCheckpoint
+from .vq import load_vq16
 
 # dim -> (n_layer, n_head) of the published GPT configs (autoregressive/models/gpt.py).
 GPT_CONFIGS = {768: ("GPT-B", 12, 12), 1024: ("GPT-L", 24, 16), 1280: ("GPT-XL", 36, 20), 1536: ("GPT-XXL", 48, 24),
@@ -112,46 +113,12 @@ class LlamaGenDecoder(Decoder):
 
 
 # -- loading -----------------------------------------------------------------------------------------
-def load_torch_file(path: Path) -> dict:
-    """torch.load with weights_only=True; LlamaGen's training checkpoints also pickle their argparse args."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused to load: it holds a Python object{what}, not only tensors") from None
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {first})") from None
-
-
-def state_dict_of(obj, path: Path, marker: str) -> dict[str, torch.Tensor]:
-    """The state dict inside a training checkpoint ({"model"|"module"|"state_dict": ...} or bare)."""
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not a state dict (a {type(obj).__name__})")
-    for key in ("model", "module", "state_dict"):
-        if isinstance(obj.get(key), dict) and any(marker in k for k in obj[key]):
-            obj = obj[key]
-            break
-    sd = {}
-    for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            sd[k.removeprefix("_orig_mod.").removeprefix("module.")] = v
-    return sd
-
-
-def _lazy(t: torch.Tensor, fn=None) -> LazyTensor:
-    return LazyTensor(tuple(t.shape), (lambda: fn(t)) if fn else (lambda: t))
+def _lazy(tensor: torch.Tensor, convert=None) -> LazyTensor:
+    return LazyTensor(tuple(tensor.shape), (lambda: convert(tensor)) if convert else (lambda: tensor))
 
 
 def load_llamagen(path: Path, family: str, image_size: int | None = None, vq: str | None = None,
-                  n_head: int | None = None, downsample: int | None = None):
+                  n_head: int | None = None, downsample: int | None = None) -> ImageCheckpoint:
     """A LlamaGen GPT `.pt` (+ optional VQ tokenizer `.pt`) -> ImageCheckpoint.
 
     n_head: only for dimensions that match no published config (tests); the published ones are known.
@@ -159,34 +126,48 @@ def load_llamagen(path: Path, family: str, image_size: int | None = None, vq: st
     source with the factor its manifest recorded); default 16, LlamaGen's VQ-16.
     """
     try:
-        return _load_llamagen(path, family, image_size, vq, n_head, downsample)
+        return _read_llamagen(path, family, image_size, vq, n_head, downsample)
     except KeyError as e:
         raise CheckpointError(f"{path}: missing tensor {e.args[0]} (an incomplete LlamaGen checkpoint)") from None
 
 
-def _load_llamagen(path: Path, family: str, image_size: int | None, vq: str | None, n_head: int | None,
-                   downsample: int | None):
-    from . import ImageCheckpoint
-    from .vq import load_vq16
-
+def _read_llamagen(path: Path, family: str, image_size: int | None, vq: str | None, n_head: int | None,
+                   downsample: int | None) -> ImageCheckpoint:
     model_type = family.split("-")[1]
-    if path.is_dir():
-        raise CheckpointError(f"{path}: --family {family} expects a LlamaGen .pt file, not a folder")
-    sd = state_dict_of(load_torch_file(path), path, "tok_embeddings.weight")
-    if "tok_embeddings.weight" not in sd or not any(k.startswith("cls_embedding.") for k in sd):
-        raise CheckpointError(f"{path}: not a LlamaGen GPT checkpoint (no tok_embeddings/cls_embedding tensors)")
-    found_type = "t2i" if "cls_embedding.cap_proj.fc1.weight" in sd else "c2i"
-    if found_type != model_type:
-        raise CheckpointError(f"{path}: a LlamaGen {found_type} checkpoint; export it with --family llamagen-{found_type}")
+    sd = _gpt_state_dict(path, family, model_type)
     if image_size is None:
         raise CheckpointError(f"{path}: LlamaGen needs --image-size (the size it was trained for, e.g. 256 or 384)")
     vq_source = load_vq16(Path(vq)) if vq else None
     factor = vq_source.downsample if vq_source else (downsample or 16)
     if image_size <= 0 or image_size % factor:
         raise CheckpointError(f"--image-size {image_size} is not a positive multiple of the VQ downsampling factor {factor}")
-    grid = image_size // factor
+    spec = _spec(sd, model_type, image_size, factor, n_head, path)
+    tensors = _canonical_tensors(sd, spec)
+    _check_shapes(spec, tensors, path)
+    image, arrays = _image_section(sd, spec, family)
+    return ImageCheckpoint(spec=spec, tensors=tensors, source=str(path), source_format="llamagen-pt",
+                           source_files=[path] + ([Path(vq)] if vq else []), family=family, image=image,
+                           vq=vq_source, arrays=arrays)
 
-    V, dim = sd["tok_embeddings.weight"].shape
+
+def _gpt_state_dict(path: Path, family: str, model_type: str) -> dict[str, torch.Tensor]:
+    """The GPT's tensors, checked to be a LlamaGen GPT of the asked type (c2i or t2i)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: --family {family} expects a LlamaGen .pt file, not a folder")
+    sd = training_state_dict(path, "tok_embeddings.weight")
+    if "tok_embeddings.weight" not in sd or not any(k.startswith("cls_embedding.") for k in sd):
+        raise CheckpointError(f"{path}: not a LlamaGen GPT checkpoint (no tok_embeddings/cls_embedding tensors)")
+    found_type = "t2i" if "cls_embedding.cap_proj.fc1.weight" in sd else "c2i"
+    if found_type != model_type:
+        raise CheckpointError(f"{path}: a LlamaGen {found_type} checkpoint; export it with --family llamagen-{found_type}")
+    return sd
+
+
+def _spec(sd: dict[str, torch.Tensor], model_type: str, image_size: int, factor: int, n_head: int | None,
+          path: Path) -> ModelSpec:
+    """Dimensions from the tensors; the head count from the published configs unless given."""
+    grid = image_size // factor
+    vocab, dim = sd["tok_embeddings.weight"].shape
     n_layers = len({int(k.split(".")[1]) for k in sd if k.startswith("layers.")})
     if n_head is None:
         if dim not in GPT_CONFIGS:
@@ -204,24 +185,29 @@ def _load_llamagen(path: Path, family: str, image_size: int | None, vq: str | No
         cfg["num_classes"] = sd["cls_embedding.embedding_table.weight"].shape[0] - 1
     else:
         cfg["caption_dim"] = sd["cls_embedding.cap_proj.fc1.weight"].shape[1]
-    spec = ModelSpec(vocab_size=V, hidden_size=dim, intermediate_size=ffn, n_layers=n_layers, n_heads=n_head,
+    return ModelSpec(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, n_layers=n_layers, n_heads=n_head,
                      n_kv_heads=n_kv, head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=ROPE_BASE,
                      max_position_embeddings=prefix + grid * grid, tie_word_embeddings=False,
                      architecture="LlamaGen", extra={"llamagen": cfg})
 
+
+def _canonical_tensors(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, LazyTensor]:
+    """LlamaGen names -> ours: class table appended below the codes (c2i), caption MLP (t2i), fused
+    q|k|v split with q/k rows permuted from interleaved pairs onto the half-split rotation."""
+    dim, vocab = spec.hidden_size, spec.vocab_size
     tensors: dict[str, LazyTensor] = {"norm.weight": _lazy(sd["norm.weight"]), "lm_head.weight": _lazy(sd["output.weight"])}
-    if model_type == "c2i":
+    if spec.extra["llamagen"]["model_type"] == "c2i":
         codes, classes = sd["tok_embeddings.weight"], sd["cls_embedding.embedding_table.weight"]
-        tensors["embed_tokens.weight"] = LazyTensor((V + classes.shape[0], dim), lambda: torch.cat([codes, classes]))
+        tensors["embed_tokens.weight"] = LazyTensor((vocab + classes.shape[0], dim), lambda: torch.cat([codes, classes]))
     else:
         tensors["embed_tokens.weight"] = _lazy(sd["tok_embeddings.weight"])
         tensors["cap_proj.fc1.weight"] = _lazy(sd["cls_embedding.cap_proj.fc1.weight"])
         tensors["cap_proj.fc2.weight"] = _lazy(sd["cls_embedding.cap_proj.fc2.weight"])
-    for i in range(n_layers):
+    n_head, n_kv, head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    split = (n_head * head_dim, n_kv * head_dim, n_kv * head_dim)
+    for i in range(spec.n_layers):
         p = f"layers.{i}."
         wqkv = sd[p + "attention.wqkv.weight"]
-        split = (n_head * head_dim, n_kv * head_dim, n_kv * head_dim)
-        # Fused q|k|v rows; q and k rotate interleaved pairs in LlamaGen -> permute onto half-split rows.
         tensors[p + "self_attn.q_proj.weight"] = LazyTensor(
             (split[0], dim), lambda w=wqkv: unpermute_interleaved(w.split(split)[0], n_head))
         tensors[p + "self_attn.k_proj.weight"] = LazyTensor(
@@ -231,23 +217,26 @@ def _load_llamagen(path: Path, family: str, image_size: int | None, vq: str | No
                              ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2"),
                              ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm")):
             tensors[p + ours + ".weight"] = _lazy(sd[p + theirs + ".weight"])
-    _check_shapes(spec, tensors, path)
+    return tensors
 
-    image = {"family": family, "layout": "grid", "visual_tokens": {"start": 0, "count": V},
-             "grid": [grid, grid], "image_size": [image_size, image_size], "downsample": factor,
+
+def _image_section(sd: dict[str, torch.Tensor], spec: ModelSpec, family: str) -> tuple[dict, dict[str, LazyTensor]]:
+    """manifest.json's "image" section known at load time, and the arrays saved beside the graphs."""
+    cfg = spec.extra["llamagen"]
+    model_type, grid, image_size = cfg["model_type"], cfg["grid"], cfg["image_size"]
+    image = {"family": family, "layout": "grid", "visual_tokens": {"start": 0, "count": spec.vocab_size},
+             "grid": [grid, grid], "image_size": [image_size, image_size], "downsample": cfg["downsample"],
              # LlamaGen's sample_c2i.py / sample_t2i.py defaults
              "defaults": {"cfg": 4.0 if model_type == "c2i" else 7.5,
                           "visual": {"temperature": 1.0, "top_k": 2000 if model_type == "c2i" else 1000, "top_p": 1.0}}}
     arrays = {}
     if model_type == "c2i":
-        image["class_conditional"] = {"num_classes": cfg["num_classes"], "token_offset": V, "null_class": cfg["num_classes"]}
+        image["class_conditional"] = {"num_classes": cfg["num_classes"], "token_offset": spec.vocab_size,
+                                      "null_class": cfg["num_classes"]}
     else:
-        uncond = sd["cls_embedding.uncond_embedding"]
-        image["caption"] = {"tokens": prefix, "dim": cfg["caption_dim"], "uncond_file": "uncond_caption.npy"}
-        arrays["uncond_caption"] = _lazy(uncond, lambda t: t.float())
-    return ImageCheckpoint(spec=spec, tensors=tensors, source=str(path), source_format="llamagen-pt",
-                           source_files=[path] + ([Path(vq)] if vq else []), family=family, image=image,
-                           vq=vq_source, arrays=arrays)
+        image["caption"] = {"tokens": cfg["cls_token_num"], "dim": cfg["caption_dim"], "uncond_file": "uncond_caption.npy"}
+        arrays["uncond_caption"] = _lazy(sd["cls_embedding.uncond_embedding"], lambda t: t.float())
+    return image, arrays
 
 
 def expected_extra_shapes(spec: ModelSpec) -> dict[str, tuple]:
@@ -259,7 +248,6 @@ def expected_extra_shapes(spec: ModelSpec) -> dict[str, tuple]:
 
 
 def _check_shapes(spec: ModelSpec, tensors: dict[str, LazyTensor], path: Path) -> None:
-    from ..checkpoint import expected_shapes
     expected = {**expected_shapes(spec), **expected_extra_shapes(spec)}
     wrong = [f"{n} has shape {list(tensors[n].shape)}, expected {list(s)}"
              for n, s in expected.items() if n in tensors and tuple(tensors[n].shape) != tuple(s)]

@@ -18,7 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checkpoint import CheckpointError, LazyTensor
+from ..checkpoint import LazyTensor
+from ..errors import CheckpointError
+from ..torch_files import training_state_dict
+from . import VQSource
 
 
 def swish(x):
@@ -150,9 +153,7 @@ def vq16_config(sd: dict[str, torch.Tensor], source: str) -> dict:
 
 def load_vq16(path):
     """LlamaGen VQ tokenizer `.pt` -> VQSource (decoder, post-quant conv and normalised codebook only)."""
-    from . import VQSource
-    from .llamagen import load_torch_file, state_dict_of
-    sd = state_dict_of(load_torch_file(path), path, "quantize.embedding.weight")
+    sd = training_state_dict(path, "quantize.embedding.weight")
     cfg = vq16_config(sd, str(path))
     keep = {k: v for k, v in sd.items() if k.startswith(("decoder.", "post_quant_conv.")) or k == "quantize.embedding.weight"}
     tensors = {k: LazyTensor(tuple(v.shape), lambda v=v: v) for k, v in keep.items()}
@@ -316,7 +317,6 @@ EMU3_VQ_KEYS = ("codebook_size", "embed_dim", "latent_channels", "base_channels"
 
 def emu3_vq_source(vq_config: dict, raw: dict[str, LazyTensor], source: str):
     """Emu3VQVAE tensors (names without the `vqmodel.` prefix) -> VQSource for the frame-0 decoder."""
-    from . import VQSource
     defaults = {"out_channels": 3, "temporal_downsample_factor": 4}
     cfg = {k: vq_config.get(k, defaults.get(k)) for k in EMU3_VQ_KEYS}
     if None in cfg.values():

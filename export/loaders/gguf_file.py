@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, CheckpointError, LazyTensor, check_tensors, unpermute_interleaved
+from ..checkpoint import Checkpoint, LazyTensor, check_tensors, unpermute_interleaved
+from ..errors import CheckpointError
 from ..spec import ModelSpec
 
 SUPPORTED_ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -34,13 +35,13 @@ def _canonical(name: str) -> str | None:
 
 
 def field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    """A metadata value of the GGUF file, or `default` when it has none."""
+    found = reader.fields.get(key)
+    return default if found is None else found.contents()
 
 
 def load_gguf(path: Path) -> Checkpoint:
     import gguf
-    from gguf import quants
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
@@ -48,27 +49,42 @@ def load_gguf(path: Path) -> Checkpoint:
     arch = field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCH:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCH)})")
-    k = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+    tensors_by_name = {t.name: t for t in reader.tensors}
+    spec = _spec_from_metadata(reader, arch, tensors_by_name, path)
+    if "rope_freqs.weight" in tensors_by_name:
+        # llama3-style scaling baked into per-frequency factors; we only support the metadata forms.
+        raise CheckpointError(f"{path}: rope_freqs (baked llama3 rope scaling) is not supported yet")
+    tensors = _canonical_tensors(reader, spec, permute_rope_rows=arch == "llama")
+    check_tensors(spec, tensors, str(path))
+
+    from ..tokenizer_convert import from_gguf
+    tok_json, specials = from_gguf(reader)
+    return Checkpoint(spec=spec, tensors=tensors, source=str(path), source_format="gguf", source_files=[path],
+                      tokenizer_json=tok_json, chat_template=field(reader, "tokenizer.chat_template"),
+                      special_tokens=specials, generation_defaults={}, family=arch)
+
+
+def _spec_from_metadata(reader, arch: str, tensors_by_name: dict, path: Path) -> ModelSpec:
+    def meta(key, default=None):
+        return field(reader, f"{arch}.{key}", default)
     try:
-        n_heads = int(k("attention.head_count"))
-        n_kv = int(k("attention.head_count_kv", n_heads))
-        hidden = int(k("embedding_length"))
-        tensors_by_name = {t.name: t for t in reader.tensors}
+        n_heads = int(meta("attention.head_count"))
+        hidden = int(meta("embedding_length"))
         emb = tensors_by_name["token_embd.weight"]
-        vocab = int(emb.shape[-1]) if len(emb.shape) > 1 else int(k("vocab_size"))
-        head_dim = int(k("attention.key_length", hidden // n_heads))
+        vocab = int(emb.shape[-1]) if len(emb.shape) > 1 else int(meta("vocab_size"))
         scaling = None
-        scale_type = k("rope.scaling.type")
+        scale_type = meta("rope.scaling.type")
         if scale_type == "linear":
-            scaling = {"type": "linear", "factor": float(k("rope.scaling.factor"))}
+            scaling = {"type": "linear", "factor": float(meta("rope.scaling.factor"))}
         elif scale_type not in (None, "none"):
             raise CheckpointError(f"{path}: rope scaling {scale_type!r} is not supported")
-        spec = ModelSpec(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=int(k("feed_forward_length")),
-            n_layers=int(k("block_count")), n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-            rms_norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(k("rope.freq_base", 10000.0)), rope_scaling=scaling,
-            max_position_embeddings=int(k("context_length", 4096)),
+        return ModelSpec(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=int(meta("feed_forward_length")),
+            n_layers=int(meta("block_count")), n_heads=n_heads, n_kv_heads=int(meta("attention.head_count_kv", n_heads)),
+            head_dim=int(meta("attention.key_length", hidden // n_heads)),
+            rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(meta("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            max_position_embeddings=int(meta("context_length", 4096)),
             tie_word_embeddings="output.weight" not in tensors_by_name,
             attention_bias="blk.0.attn_q.bias" in tensors_by_name,
             attention_out_bias="blk.0.attn_output.bias" in tensors_by_name,
@@ -76,29 +92,23 @@ def load_gguf(path: Path) -> Checkpoint:
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: GGUF metadata or tensor missing: {e}") from None
 
-    if "rope_freqs.weight" in tensors_by_name:
-        # llama3-style scaling baked into per-frequency factors; we only support the metadata forms.
-        raise CheckpointError(f"{path}: rope_freqs (baked llama3 rope scaling) is not supported yet")
 
+def _canonical_tensors(reader, spec: ModelSpec, permute_rope_rows: bool) -> dict[str, LazyTensor]:
+    """Lazily dequantized float32 tensors under canonical names. llama.cpp's converter permutes the
+    q/k rows of `llama` models onto interleaved pairs; permute_rope_rows undoes that."""
+    from gguf import quants
     tensors: dict[str, LazyTensor] = {}
-    for t in reader.tensors:
-        canon = _canonical(t.name)
+    for entry in reader.tensors:
+        canon = _canonical(entry.name)
         if canon is None:
             continue
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
-        permute = arch == "llama" and (canon.endswith("q_proj.weight") or canon.endswith("k_proj.weight"))
-        heads = n_heads if "q_proj" in canon else n_kv
+        shape = tuple(int(x) for x in reversed(entry.shape.tolist()))  # GGUF lists dims fastest-first
+        permute = permute_rope_rows and (canon.endswith("q_proj.weight") or canon.endswith("k_proj.weight"))
+        heads = spec.n_heads if "q_proj" in canon else spec.n_kv_heads
 
-        def load(t=t, shape=shape, permute=permute, heads=heads):
-            arr = quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        def load(entry=entry, shape=shape, permute=permute, heads=heads):
+            arr = quants.dequantize(entry.data, entry.tensor_type).reshape(shape)
             w = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))   # writable copy; the file stays mapped read-only
             return unpermute_interleaved(w, heads) if permute else w
         tensors[canon] = LazyTensor(shape, load)
-    check_tensors(spec, tensors, str(path))
-
-    from ..tokenizer_convert import from_gguf
-    tok_json, specials = from_gguf(reader)
-    defaults = {}
-    return Checkpoint(spec=spec, tensors=tensors, source=str(path), source_format="gguf", source_files=[path],
-                      tokenizer_json=tok_json, chat_template=field(reader, "tokenizer.chat_template"),
-                      special_tokens=specials, generation_defaults=defaults, family=arch)
+    return tensors

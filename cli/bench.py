@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+
+from .options import add_backend_threads, add_json, add_verbosity, comma_ints
 
 
 def host_memory_mib() -> dict:
@@ -42,9 +42,10 @@ class StepTimer:
         backend.step = self
 
     def __call__(self, ids, mask, arena):
-        past, g0, t0 = arena.length, self.backend.run_seconds(), time.perf_counter()
+        past, graph_before, started = arena.length, self.backend.run_seconds(), time.perf_counter()
         out = self._step(ids, mask, arena)
-        self.records.append((past, ids.shape[1], time.perf_counter() - t0, self.backend.run_seconds() - g0))
+        self.records.append((past, ids.shape[1], time.perf_counter() - started,
+                             self.backend.run_seconds() - graph_before))
         return out
 
 
@@ -59,23 +60,23 @@ def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int
     prompts = [prompt_ids(gen.bundle.vocab_size, prompt_len, seed + r) for r in range(batch)]
     cfg = SamplingConfig(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
     timer.records.clear()
-    copied0 = gen.arena.bytes_copied
-    t0 = time.perf_counter()
+    copied_before = gen.arena.bytes_copied
+    started = time.perf_counter()
     from ardeploy.runtime.generator import Run
     step_ends, n_prefill = [], 0
     for n_events, _ in enumerate(Run(gen.events(prompts, cfg)), start=1):
         if n_events % batch == 0:
             step_ends.append(time.perf_counter())
         n_prefill = n_prefill or len(timer.records)      # the prompt may take several calls (pieces)
-    t_end = time.perf_counter()
-    recs = timer.records
-    prefill_wall = sum(r[2] for r in recs[:n_prefill])
-    ttft = step_ends[0] - t0
+    finished = time.perf_counter()
+    records = timer.records
+    prefill_wall = sum(r[2] for r in records[:n_prefill])
+    ttft = step_ends[0] - started
     # step i of decoding: from one sampled token to the next (run call, sampling, binding, detokenizing)
     step_walls = np.diff(step_ends)
-    graph = np.array([r[3] for r in recs[n_prefill:]])
+    graph = np.array([r[3] for r in records[n_prefill:]])
     n_dec = len(step_walls)
-    decode_s = t_end - step_ends[0]
+    decode_s = finished - step_ends[0]
     return {
         "ttft_s": ttft,
         "prefill_tokens_per_s": batch * prompt_len / prefill_wall,
@@ -83,8 +84,8 @@ def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int
         "step_s": float(np.median(step_walls)) if n_dec else 0.0,
         "step_graph_s": float(np.median(graph)) if n_dec else 0.0,
         "overhead_fraction": float(1 - graph.sum() / step_walls.sum()) if n_dec else 0.0,
-        "kv_bytes_copied_per_step": (gen.arena.bytes_copied - copied0) / max(1, len(recs) - n_prefill),
-        "step_by_context": [(int(r[0]), float(r[2])) for r in recs[n_prefill:]],
+        "kv_bytes_copied_per_step": (gen.arena.bytes_copied - copied_before) / max(1, len(records) - n_prefill),
+        "step_by_context": [(int(r[0]), float(r[2])) for r in records[n_prefill:]],
     }
 
 
@@ -98,21 +99,26 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def _check_fits(bundle, max_batch: int, prompt_lens, new_tokens: int) -> None:
+    """Refuse configurations the bundle's KV arena cannot hold."""
+    if max_batch > bundle.max_batch:
+        raise ValueError(f"--batch {max_batch} exceeds the bundle's max_batch {bundle.max_batch} (re-export with --max-batch)")
+    too_long = [p for p in prompt_lens if p + new_tokens > bundle.max_seq]
+    if too_long:
+        raise ValueError(f"--prompt-len {too_long[0]} + --new-tokens {new_tokens} exceeds the bundle's max_seq {bundle.max_seq}")
+
+
 def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: int = 128, batches=(1,),
           threads: int | None = None, repeat: int = 3, warmup: bool = True, progress=print) -> dict:
     from ardeploy.runtime import Generator
     from ardeploy.runtime.bundle import Bundle
     bundle = Bundle.load(bundle_path)
     max_batch = max(batches)
-    if max_batch > bundle.max_batch:
-        raise ValueError(f"--batch {max_batch} exceeds the bundle's max_batch {bundle.max_batch} (re-export with --max-batch)")
-    too_long = [p for p in prompt_lens if p + new_tokens > bundle.max_seq]
-    if too_long:
-        raise ValueError(f"--prompt-len {too_long[0]} + --new-tokens {new_tokens} exceeds the bundle's max_seq {bundle.max_seq}")
-    kw = {"threads": threads, "audit": True} if backend == "ort" else {}
-    t0 = time.perf_counter()
-    gen = Generator.load(bundle_path, backend=backend, max_batch=max_batch, **kw)
-    load_s = time.perf_counter() - t0
+    _check_fits(bundle, max_batch, prompt_lens, new_tokens)
+    options = {"threads": threads, "audit": True} if backend == "ort" else {}
+    started = time.perf_counter()
+    gen = Generator.load(bundle_path, backend=backend, max_batch=max_batch, **options)
+    load_s = time.perf_counter() - started
     timer = StepTimer(gen.backend)
     if warmup:
         run_once(gen, timer, 1, min(prompt_lens), 4, seed=999)
@@ -143,19 +149,22 @@ def format_row(r: dict) -> str:
             f"overhead {100 * m('overhead_fraction'):4.1f} % | KV copied/step {m('kv_bytes_copied_per_step'):.0f} B")
 
 
-def cmd_bench(a) -> int:
-    ints = lambda s: [int(x) for x in s.split(",") if x]
-    res = bench(a.bundle, backend=a.backend, prompt_lens=ints(a.prompt_len), new_tokens=a.new_tokens,
-                batches=ints(a.batch), threads=a.threads, repeat=a.repeat,
-                progress=None if a.quiet else (lambda s: print(s, flush=True)))
+def cmd_bench(args) -> int:
+    if args.quiet:
+        progress = None
+    else:        # the rows go to stderr when stdout carries the JSON document
+        from ardeploy.runtime.log import log
+        progress = log.info if args.json else (lambda line: print(line, flush=True))
+    res = bench(args.bundle, backend=args.backend, prompt_lens=comma_ints(args.prompt_len, skip_empty=True),
+                new_tokens=args.new_tokens, batches=comma_ints(args.batch, skip_empty=True), threads=args.threads,
+                repeat=args.repeat, progress=progress)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
     mem = res["memory"]
     print(f"weights {res['weights_mib']:.0f} MiB, KV arena {res['kv_arena_mib']:.0f} MiB; "
           f"peak RSS {mem['peak_rss_mib']:.0f} MiB, PSS {mem['pss_mib']:.0f} MiB "
           f"(one ONNX Runtime session runs prefill and decode: the weights are held once)")
-    if a.json:
-        tmp = Path(str(a.json) + ".partial")
-        tmp.write_text(json.dumps(res, indent=2))
-        tmp.replace(a.json)
     return 0
 
 
@@ -164,20 +173,11 @@ def register(sub) -> None:
                        description="Benchmark a bundle through the real runtime loop (greedy, EOS ignored). "
                                    "Reports medians and min-max over --repeat runs per configuration.")
     p.add_argument("bundle")
-    p.add_argument("--backend", default="ort", choices=["ort", "trt"])
     p.add_argument("--prompt-len", default="16,512", help="comma-separated prompt lengths")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--json", help="also write all numbers (and per-step times by context length) here")
-    p.add_argument("--quiet", action="store_true")
+    add_backend_threads(p)
+    add_json(p, "all numbers (with per-step times by context length)")
+    add_verbosity(p)
     p.set_defaults(func=cmd_bench)
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(prog="bench")
-    register(ap.add_subparsers(dest="cmd", required=True))
-    args = ap.parse_args(["bench", *sys.argv[1:]])
-    sys.exit(args.func(args))

@@ -1,0 +1,93 @@
+"""Activation statistics: the bundle's own score graph, run in ONNX Runtime with the tensors that
+feed the quantized linears added as outputs, over the calibration windows; or the statistics of
+an earlier run, read back from its calibration.json (`--reuse-stats`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import evaluate as ev
+from .graphs import group_inputs, stats_model
+from .source import SourceModel
+from .stats import AbsHistogram
+
+
+class StatsRun:
+    """The score graph with the activations of every quantized group as outputs: per-channel
+    max |x| (reduce=True, with X^T X per group when hessian=True) or the whole tensors."""
+
+    def __init__(self, source: SourceModel, reduce: bool, hessian: bool = False, threads: int | None = None):
+        tensors = group_inputs({l.param: l for l in source.quantized_linears()}, "score")
+        model = stats_model(source.graphs["score"], tensors, reduce, source.float_dtype, hessian)
+        self.session = ev.session(model, source.bundle.path, threads=threads)
+        self.groups = list(tensors)
+        self.outputs = [o.name for o in model.graph.output]
+
+    def run(self, ids) -> list[np.ndarray]:
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        return self.session.run(self.outputs, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+
+
+def collect_channel_max(source: SourceModel, windows: np.ndarray, hessians: bool = False,
+                        threads: int | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """(group -> per-channel max |x|, group -> X^T X summed over the windows (GPTQ; empty unless
+    `hessians`))."""
+    from tqdm import tqdm
+    stats = StatsRun(source, reduce=True, hessian=hessians, threads=threads)
+    chmax: dict[str, np.ndarray] = {}
+    xtx: dict[str, np.ndarray] = {}
+    desc = "calibrate: channel max" + (" + Hessians" if hessians else "")
+    for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, leave=False):
+        values = stats.run(ids)
+        for j, group in enumerate(stats.groups):
+            v = np.asarray(values[j * (2 if hessians else 1)], np.float32).reshape(-1)
+            chmax[group] = v if group not in chmax else np.maximum(chmax[group], v)
+            if hessians:
+                h = np.asarray(values[2 * j + 1], np.float32).reshape(len(v), len(v))
+                if group in xtx:
+                    xtx[group] += h
+                else:
+                    xtx[group] = h.copy()
+    return chmax, xtx
+
+
+def collect_histograms(source: SourceModel, windows: np.ndarray, smoothing: dict[str, np.ndarray],
+                       threads: int | None = None, progress: bool = True) -> dict[str, AbsHistogram]:
+    """Histograms of |x| per group, of x / s where SmoothQuant divides the group's input by s."""
+    from tqdm import tqdm
+    stats = StatsRun(source, reduce=False, threads=threads)
+    hists = {g: AbsHistogram() for g in stats.groups}
+    inv = {g: (1.0 / smoothing[g]).astype(np.float32) if g in smoothing else None for g in stats.groups}
+    for ids in tqdm(windows, desc="calibrate: histograms", unit="window", disable=not progress, leave=False):
+        for g, v in zip(stats.groups, stats.run(ids)):
+            a = np.abs(np.asarray(v, np.float32))
+            if inv[g] is not None:
+                a *= inv[g]
+            hists[g].add(a)
+    return hists
+
+
+def reuse_statistics(path: str, groups, alpha: float | None, method: str) -> tuple[dict, dict | None, dict]:
+    """(per-channel maxima, histograms or None, the data record) of `groups` from an earlier w8a8
+    calibration.json made with the same SmoothQuant alpha."""
+    try:
+        old = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read calibration statistics ({e})") from None
+    old_alpha = old.get("config", {}).get("smoothquant_alpha")
+    if old.get("scheme") != "w8a8" or old_alpha != alpha:
+        raise ValueError(f"{path}: statistics are for scheme {old.get('scheme')} with SmoothQuant alpha {old_alpha}; "
+                         f"re-use needs w8a8 and the same --smoothquant-alpha")
+    saved = old["groups"]
+    missing = [g for g in groups if g not in saved]
+    if missing:
+        raise ValueError(f"{path}: no statistics for {missing[0]} (calibrated on another bundle?)")
+    chmax = {g: np.asarray(saved[g]["channel_absmax"], np.float32) for g in groups}
+    hists = None
+    if all("histogram" in saved[g] for g in groups):
+        hists = {g: AbsHistogram.from_json(saved[g]["histogram"]) for g in groups}
+    elif method != "max":
+        raise ValueError(f"{path}: has no histograms (it was made with --method max); use --method max")
+    return chmax, hists, dict(old.get("data", {}), reused_from=str(Path(path).resolve()))

@@ -1,0 +1,72 @@
+"""The options several commands share, declared once so that they read and behave the same everywhere."""
+from __future__ import annotations
+
+import argparse
+
+BACKENDS = ["ort", "trt"]
+
+
+def add_verbosity(p, verbose_help: str = "more detail (debug messages)") -> None:
+    """--quiet / -v on every command; the CLI hands them to runtime.log.set_verbosity once."""
+    p.add_argument("--quiet", action="store_true", help="no progress display; warnings and errors only")
+    p.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+
+
+def add_json(p, what: str = "the results") -> None:
+    """--json: one JSON document on stdout in place of the human-readable output."""
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON document instead of the usual output")
+
+
+def add_out_force(p, out_help: str, force_help: str = "replace an existing output folder") -> None:
+    """--out FOLDER (required) and --force, for commands that write a new folder."""
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--force", action="store_true", help=force_help)
+
+
+def add_backend(p) -> None:
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="ONNX Runtime or TensorRT engines")
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
+
+
+def add_backend_threads(p) -> None:
+    add_backend(p)
+    add_threads(p)
+
+
+def add_token_filters(group, prefix: str = "--", family_defaults: bool = False) -> None:
+    """--temperature / --top-k / --top-p; family_defaults: unset means the bundle family's published value."""
+    unset = (lambda value: None) if family_defaults else (lambda value: value)
+    tail = " (default: the family's)" if family_defaults else ""
+    group.add_argument(f"{prefix}temperature", type=float, default=unset(1.0), help=f"1.0 = as the model gives{tail}")
+    group.add_argument(f"{prefix}top-k", type=int, default=unset(0), help=f"0 = off{tail}")
+    group.add_argument(f"{prefix}top-p", type=float, default=unset(1.0), help=f"1.0 = off{tail}")
+
+
+def add_sampling(p) -> None:
+    """The text sampling options of generate and chat (read back by sampling_config)."""
+    group = p.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=256)
+    group.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    add_token_filters(group)
+    group.add_argument("--min-p", type=float, default=0.0, help="0.0 = off")
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n escapes allowed)")
+    group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+
+
+def sampling_config(args: argparse.Namespace):
+    """The SamplingConfig that add_sampling's options describe."""
+    from ardeploy.runtime import SamplingConfig
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=[s.encode().decode("unicode_escape") for s in args.stop], ignore_eos=args.ignore_eos)
+
+
+def comma_ints(text: str, skip_empty: bool = False) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]; a bad number (or an empty part, unless skipped) raises int()'s ValueError."""
+    return [int(x) for x in text.split(",") if x or not skip_empty]

@@ -1,0 +1,167 @@
+"""`ardeploy export`, `verify`, `generate` and `chat`: checkpoint -> bundle -> text."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import UserError
+from .options import (add_backend_threads, add_json, add_out_force, add_sampling, add_threads, add_verbosity,
+                      comma_ints, sampling_config)
+
+
+# -- export / verify ------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from ardeploy.export.bundle import export_path
+    from ardeploy.export.named_models import resolve
+    started = time.perf_counter()
+    family_options = {k: v for k, v in (("image_size", args.image_size), ("vq", args.vq)) if v is not None}
+    manifest = export_path(resolve(args.path), args.out, family=args.family, family_options=family_options,
+                           dtype=args.dtype, max_seq=args.max_seq, max_batch=args.max_batch,
+                           opset=args.opset, force=args.force, quiet=args.quiet, score_graph=not args.no_score)
+    size = manifest["weights"]["bytes"] / 2**20
+    print(f"exported {manifest['spec']['architecture']} ({manifest['spec']['n_layers']} layers, {manifest['dtype']}) "
+          f"to {args.out}: graphs {', '.join(manifest['graphs'])}; weights {size:.1f} MiB held once; "
+          f"{time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ardeploy.export.verify import verify_bundle
+    ids = comma_ints(args.prompt_ids) if args.prompt_ids else None
+    report = verify_bundle(args.bundle, source=args.source, steps=args.steps, prompt_ids=ids,
+                           with_transformers=args.transformers, threads=args.threads)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"bundle {report['bundle']} ({report['dtype']}), prompt {report['prompt_tokens']} tokens, "
+              f"{report['steps']} greedy steps")
+        for c in report["comparisons"]:
+            agree = "identical" if c["greedy_agree"] else f"diverge at step {c['first_disagreement_step']}"
+            print(f"  vs {c['reference']:<24} max |dlogits| {c['max_abs_dlogits']:.3g}   greedy tokens {agree}")
+    ok = all(c["greedy_agree"] for c in report["comparisons"])
+    if args.atol is not None:
+        ok = ok and all(c["max_abs_dlogits"] <= args.atol for c in report["comparisons"])
+    return 0 if ok else 1
+
+
+# -- generate / chat ------------------------------------------------------------------------------
+def load_generator(args):
+    from ardeploy.runtime import Generator
+    options = {"threads": args.threads} if args.backend == "ort" else {}
+    return Generator.load(args.bundle, backend=args.backend, **options)
+
+
+def cmd_generate(args) -> int:
+    cfg = sampling_config(args)
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise UserError("give exactly one of --prompt or --prompt-ids")
+    gen = load_generator(args)
+    prompt = args.prompt if args.prompt is not None else comma_ints(args.prompt_ids)
+    from ardeploy.runtime.generator import Run
+    run = Run(gen.events([gen.to_ids(prompt, args.chat)], cfg))
+    for event in run:
+        if not args.json and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    result = run.results[0]
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print()
+        print(f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, first token {result.ttft_s * 1000:.0f} ms, "
+              f"{result.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ardeploy.runtime import ChatSession
+    cfg = sampling_config(args)
+    session = ChatSession(load_generator(args), system=args.system)
+    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        for piece in session.turn(user, cfg):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        last = session.last
+        print()
+        print(f"[{len(last.token_ids)} tokens, {last.decode_tokens_per_s:.1f} tok/s, stop: {last.stop_reason}]",
+              file=sys.stderr)
+    return 0
+
+
+# -- parsers --------------------------------------------------------------------------------------
+def register(sub) -> None:
+    _register_export(sub)
+    _register_verify(sub)
+    _register_generate(sub)
+    _register_chat(sub)
+
+
+def _register_export(sub) -> None:
+    p = sub.add_parser("export", help="checkpoint -> bundle (prefill/decode/score ONNX graphs, shared weights)",
+                       description="Export a Hugging Face folder (Llama/Qwen3), a Meta folder (params.json + "
+                                   "consolidated.*.pth), a llama-architecture .gguf file, or the name 'smollm2' "
+                                   "(downloaded once) into a bundle folder.")
+    p.add_argument("path", help="checkpoint folder, .gguf file, or 'smollm2'")
+    add_out_force(p, "bundle folder to create", "replace an existing bundle")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="weights, activations and KV cache type (norms and softmax stay fp32)")
+    p.add_argument("--max-seq", type=int, default=2048, help="KV cache length the runtime allocates")
+    p.add_argument("--max-batch", type=int, default=1, help="largest batch the runtime allocates for")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (21: newest that TensorRT 10.x parsers know)")
+    p.add_argument("--no-score", action="store_true", help="skip the all-positions graph used by eval/calibrate")
+    p.add_argument("--family", default=None,
+                   help="model family when the files cannot tell (e.g. llamagen-c2i for a bare .pt state dict)")
+    p.add_argument("--image-size", type=int, default=None, help="image-token models: image size in pixels")
+    p.add_argument("--vq", default=None, help="image-token models: VQ tokenizer checkpoint whose decoder is exported")
+    add_verbosity(p)
+    p.set_defaults(func=cmd_export)
+
+
+def _register_verify(sub) -> None:
+    p = sub.add_parser("verify", help="compare a bundle in ONNX Runtime with the PyTorch reference",
+                       description="Runs prefill + greedy decode steps in ONNX Runtime (KV in the runtime's arena) and "
+                                   "compares every step's logits with our PyTorch modules and, for Hugging Face "
+                                   "sources, transformers. Exit status 1 when greedy tokens disagree.")
+    p.add_argument("bundle")
+    p.add_argument("--source", help="checkpoint to compare with (default: the one recorded in manifest.json)")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--prompt-ids", help="comma-separated token ids (default: a fixed English sentence)")
+    p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=None,
+                   help="also compare with transformers (default: on for Hugging Face folders)")
+    p.add_argument("--atol", type=float, default=None, help="also fail when max |dlogits| exceeds this")
+    add_threads(p)
+    add_json(p, "the comparison report")
+    add_verbosity(p)
+    p.set_defaults(func=cmd_verify)
+
+
+def _register_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text (streams to the terminal)")
+    p.add_argument("bundle")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_json(p, "the result (text, token ids, timings; nothing streamed)")
+    add_sampling(p)
+    add_backend_threads(p)
+    add_verbosity(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _register_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat; the KV cache is kept between turns")
+    p.add_argument("bundle")
+    p.add_argument("--system", help="system prompt")
+    add_sampling(p)
+    add_backend_threads(p)
+    add_verbosity(p)
+    p.set_defaults(func=cmd_chat)

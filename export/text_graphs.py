@@ -1,0 +1,51 @@
+"""Which graphs a bundle holds and how each one is made, for a text model.
+
+`export/bundle.py` asks this object at each step (limits, trace, the I/O of each graph, build, extra
+graphs, extra manifest sections); image-token families subclass it (`families/image_export.py`) and
+override only what differs, so the bundle writer has no family switch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+
+from .assemble import ExternalWeights, build_graph
+from .checkpoint import Checkpoint
+from .contract import graph_io
+from .model import Decoder
+from .pieces import Piece, trace_pieces
+
+
+class TextGraphs:
+    """prefill, decode and score, each assembled from the pieces traced from `decoder`."""
+
+    def __init__(self, ckpt: Checkpoint, decoder: type[Decoder]):
+        self.ckpt, self.spec, self.decoder = ckpt, ckpt.spec, decoder
+
+    def limits(self, max_seq: int, max_batch: int) -> tuple[int, int]:
+        """The bundle's max_seq and max_batch, given the ones asked for."""
+        return max_seq, max_batch
+
+    def trace(self, dtype: torch.dtype, opset: int, need_score: bool, progress=None) -> dict[str, Piece]:
+        return trace_pieces(self.spec, dtype, opset, self.decoder, need_score=need_score, progress=progress)
+
+    def graph_io(self, kind: str, dtype: str) -> dict:
+        return graph_io(self.spec, kind, dtype)
+
+    def prologue(self, kind: str) -> str:
+        """The piece graph `kind` starts from."""
+        return "prologue"
+
+    def build(self, kind: str, pieces: dict[str, Piece], weights: ExternalWeights, io: dict,
+              opset: int) -> onnx.ModelProto:
+        return build_graph(kind, pieces, self.ckpt, weights, io, opset, prologue=self.prologue(kind))
+
+    def extra_graphs(self, folder: Path, weights: ExternalWeights, dtype: torch.dtype, opset: int) -> dict:
+        """Graphs beyond prefill/decode/score, written into `folder`: manifest "graphs" entries."""
+        return {}
+
+    def manifest_sections(self, folder: Path) -> dict:
+        """Family sections added to manifest.json (files they name are written into `folder`)."""
+        return {}

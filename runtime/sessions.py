@@ -1,0 +1,49 @@
+"""The one place ONNX Runtime sessions are made: options, providers, and a one-line error naming the
+graph when ONNX Runtime cannot load it. The backend, the VQ decoder and calibration all use it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bundle import BundleError
+
+
+def providers(device: str) -> list[str]:
+    """Execution providers for `device` ("cpu" or "cuda"); the CPU provider stays as the fallback."""
+    import onnxruntime as ort
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BundleError("device 'cuda' needs onnxruntime-gpu (pip install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise ValueError(f"unknown device {device!r} (cpu or cuda)")
+
+
+def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True):
+    """Full graph optimization, `threads` intra-op threads (None: all cores), one inter-op thread.
+    prepack=False keeps ONNX Runtime from making packed copies of the weights;
+    warnings=False hides ONNX Runtime's warnings (used when running graphs held in memory)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not warnings:
+        options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def open_session(model: str | Path | bytes, options, device: str = "cpu", name: str | Path | None = None):
+    """An InferenceSession of a graph file (or serialized model bytes); a graph ONNX Runtime cannot
+    load becomes a BundleError naming `name` (default: the file)."""
+    import onnxruntime as ort
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                    providers=providers(device))
+    except BundleError:
+        raise
+    except Exception as e:
+        raise BundleError(f"{name or model}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,123 @@
+"""Code health: the stages stay layered (runtime/ imports no other stage and no torch; engines/ and
+export/ build on runtime/, calibration/ on those, the CLI on everything), no module imports itself
+back through others, and no function is too long to read at once.
+
+Imports are read statically from the source (function-level imports included), so a lazy import
+cannot hide a cycle."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"runtime": "runtime", "engines": "engines", "export": "export", "calibration": "calibration", "cli": "cli"}
+# stage -> stages it may import
+ALLOWED = {
+    "runtime": set(),
+    "engines": {"runtime"},
+    "export": {"runtime"},
+    "calibration": {"runtime", "engines", "export"},
+    "cli": {"runtime", "engines", "export", "calibration"},
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return "ardeploy." + ".".join(parts)
+
+
+def runtime_nodes(tree: ast.AST):
+    """Every node except those under `if TYPE_CHECKING:` (annotations only, never imported at run time)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of the ardeploy modules a file imports anywhere in it: (module, module.name) pairs for
+    `from module import name`, where name may itself be a module."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+    found = set()
+    for node in runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {(a.name, a.name) for a in node.names if a.name.startswith("ardeploy")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("ardeploy"):
+                found |= {(target, f"{target}.{a.name}") for a in node.names}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for stage in STAGES for p in (ROOT / stage).rglob("*.py")}
+    edges = {}
+    for name, path in files.items():
+        targets = {sub if sub in files else module for module, sub in imports_of(path)}
+        edges[name] = {t for t in targets if t in files and t != name}
+    return edges
+
+
+def stage_of(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_runtime_imports_no_torch():
+    for path in (ROOT / "runtime").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not any(n == "torch" or n.startswith("torch.") for n in names), path
+
+
+def test_stages_import_only_the_layers_below():
+    wrong = [(a, b) for a, targets in graph().items() for b in targets
+             if stage_of(b) != stage_of(a) and stage_of(b) not in ALLOWED[stage_of(a)]]
+    assert not wrong, wrong
+
+
+def test_engines_never_imports_runtime_backends():
+    wrong = [(a, b) for a, targets in graph().items() for b in targets
+             if stage_of(a) == "engines" and b.startswith("ardeploy.runtime.backends")]
+    assert not wrong, wrong
+
+
+def test_no_import_cycles():
+    edges = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles[:3]
+
+
+def test_functions_read_at_once():
+    """No function outside tests is longer than 80 lines (split long ones into named steps)."""
+    long = []
+    for folder in (*STAGES, "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
