@@ -30,12 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 LAYER_WEIGHT = re.compile(r"^layers\.(\d+)\.(.+)\.weight(\.T)?$")
 HEAD_WEIGHTS = ("lm_head.weight", "embed_tokens.weight")
 # Modules whose linears read the same activation; the group names the activation.
-GROUP_OF_MODULE = {
-    "self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
-    "self_attn.o_proj": "o",
-    "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up",
-    "mlp.down_proj": "down",
-}
+GROUP_OF_MODULE = {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_up_proj": "gate_up",
+                   "mlp.down_proj": "down"}
 NP_OF_ONNX = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
@@ -49,7 +45,7 @@ class LinearUse:
 class Linear:
     param: str           # stored initializer name
     layer: int | None    # decoder layer, None for the LM head
-    module: str          # e.g. self_attn.q_proj, lm_head
+    module: str          # e.g. self_attn.qkv_proj, lm_head
     group: str           # activation group, e.g. layers.3.qkv or head
     out_axis: int        # output-channel axis of the stored 2-D tensor
     shape: tuple
@@ -163,6 +159,14 @@ def linear_output(model: onnx.ModelProto, node_name: str, bias: str | None) -> s
             if n.op_type == "Add" and out in n.input and bias in n.input:
                 return n.output[0]
     return out
+
+
+def split_output(model: onnx.ModelProto, value: str, index: int) -> str | None:
+    """Output `index` of the Split that `value` feeds (a fused projection's part), if there is one."""
+    for node in model.graph.node:
+        if node.op_type == "Split" and node.input[0] == value and len(node.output) > index:
+            return node.output[index]
+    return None
 
 
 def bias_of(param: str, inits: dict[str, TensorProto]) -> str | None:

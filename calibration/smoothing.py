@@ -2,9 +2,9 @@
 weight rows, moving activation outliers into the weights. The division is folded into what
 produces the input, so no node is added:
 
-    q/k/v, gate/up   the RMSNorm scale before them          (gamma / s)
-    o                the v projection's output columns       (one factor per KV head and dim: GQA)
-    down             the up projection's output columns      (SwiGLU: down reads act(gate) * up)
+    q|k|v, gate|up   the RMSNorm scale before them                 (gamma / s)
+    o                the v columns of the fused q|k|v projection   (one factor per KV head and dim: GQA)
+    down             the up columns of the fused gate|up projection (SwiGLU: down reads act(gate) * up)
 
 A group whose producer is not that exact pattern in every graph is left unsmoothed (and
 calibration.json says why).
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .graphs import Linear, bias_of, group_inputs, linear_output, norm_weight_before, product_with
+from .graphs import Linear, bias_of, group_inputs, linear_output, norm_weight_before, product_with, split_output
 from .source import SourceModel
 from .stats import smooth_factors
 
@@ -26,6 +26,7 @@ class Fold:
     kind: str                          # "gamma" (RMSNorm scale), "columns" (up), "v_columns" (v)
     tensor: str                        # the tensor it is folded into
     kv_factors: np.ndarray | None = None    # v_columns: one factor per (KV head, dim)
+    first_column: int = 0              # columns / v_columns: where the part starts in the fused projection
 
 
 @dataclass
@@ -67,10 +68,10 @@ def _factors_and_fold(source: SourceModel, group: str, lins: list[Linear], x: np
     wmax = np.max([np.abs(source.weight(l.param).astype(np.float32)).max(axis=l.out_axis) for l in lins], axis=0)
     if kind in ("qkv", "gate_up"):
         return smooth_factors(x, wmax, alpha), _norm_fold(source, group)
-    if kind == "down" and "mlp.up_proj" in modules:
-        return smooth_factors(x, wmax, alpha), _up_fold(source, group, modules["mlp.up_proj"])
-    if kind == "o" and "self_attn.v_proj" in modules:
-        return _v_factors_and_fold(source, modules["self_attn.v_proj"], x, wmax, alpha)
+    if kind == "down" and "mlp.gate_up_proj" in modules:
+        return smooth_factors(x, wmax, alpha), _up_fold(source, group, modules["mlp.gate_up_proj"])
+    if kind == "o" and "self_attn.qkv_proj" in modules:
+        return _v_factors_and_fold(source, modules["self_attn.qkv_proj"], x, wmax, alpha)
     raise NoFold("no producer to fold the factors into")
 
 
@@ -81,29 +82,31 @@ def _norm_fold(source: SourceModel, group: str) -> Fold:
     return Fold("gamma", gammas.pop())
 
 
-def _up_fold(source: SourceModel, group: str, up: Linear) -> Fold:
+def _up_fold(source: SourceModel, group: str, gate_up: Linear) -> Fold:
+    """down reads act(gate) * up, up being the second half of the gate|up projection's output."""
     ok = True
     for k, m in source.graphs.items():
-        outs = {linear_output(m, u.node, bias_of(up.param, source.inits[k])) for u in up.uses[k]}
-        ok &= product_with(m, group_inputs(source.linears, k)[group], outs)
+        outs = {split_output(m, linear_output(m, u.node, bias_of(gate_up.param, source.inits[k])), 1)
+                for u in gate_up.uses[k]}
+        ok &= product_with(m, group_inputs(source.linears, k)[group], outs - {None})
     if not ok:
         raise NoFold("input is not a product with the up projection in every graph")
-    return Fold("columns", up.param)
+    return Fold("columns", gate_up.param, first_column=gate_up.shape[gate_up.out_axis] // 2)
 
 
-def _v_factors_and_fold(source: SourceModel, v: Linear, x: np.ndarray, wmax: np.ndarray,
+def _v_factors_and_fold(source: SourceModel, qkv: Linear, x: np.ndarray, wmax: np.ndarray,
                         alpha: float) -> tuple[np.ndarray, Fold]:
     spec = source.bundle.spec
     nh, nkv, hd = spec["n_heads"], spec["n_kv_heads"], spec["head_dim"]
-    if len(x) != nh * hd or v.shape[v.out_axis] != nkv * hd:
-        raise NoFold("o/v projection sizes do not match the head layout")
+    if len(x) != nh * hd or qkv.shape[qkv.out_axis] != (nh + 2 * nkv) * hd:
+        raise NoFold("o/qkv projection sizes do not match the head layout")
     # one factor per (kv head, dim): the query heads of a group share their V
     rep = nh // nkv
     xg = x.reshape(nkv, rep, hd).max(1)
     wg = wmax.reshape(nkv, rep, hd).max(1)
     sg = smooth_factors(xg.reshape(-1), wg.reshape(-1), alpha).reshape(nkv, 1, hd)
     s = np.broadcast_to(sg, (nkv, rep, hd)).reshape(-1).copy()
-    return s, Fold("v_columns", v.param, sg.reshape(-1))
+    return s, Fold("v_columns", qkv.param, sg.reshape(-1), first_column=(nh + nkv) * hd)
 
 
 def smoothed_layer(source: SourceModel, smoothing: Smoothing,
@@ -142,8 +145,14 @@ def _layer_folds(source: SourceModel, smoothing: Smoothing, lins: list[Linear]) 
         if fold.kind == "gamma":
             g = source.weight(fold.tensor)
             others[fold.tensor] = (g.astype(np.float32) / s).astype(g.dtype)
-        elif fold.kind == "columns":
-            cols[fold.tensor] = 1.0 / s
-        elif fold.kind == "v_columns":
-            cols[fold.tensor] = 1.0 / fold.kv_factors
+        elif fold.kind in ("columns", "v_columns"):
+            part = 1.0 / (s if fold.kind == "columns" else fold.kv_factors)
+            cols[fold.tensor] = _part_of_columns(source.linears[fold.tensor], fold.first_column, part)
     return rows, cols, others
+
+
+def _part_of_columns(lin: Linear, first: int, factors: np.ndarray) -> np.ndarray:
+    """A factor per output column of a fused projection: `factors` on its part, 1 elsewhere."""
+    full = np.ones(lin.shape[lin.out_axis], np.float32)
+    full[first: first + len(factors)] = factors
+    return full

@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..runtime.weights_file import WeightsFile
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, load_model_tensor
 from .pieces import Piece
 
 ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
@@ -65,7 +65,7 @@ class GraphBuilder:
         """Name of a value holding `param` in `layout`, storing it in the weights file on first use."""
         weights = self.weights
         if param not in weights.layout:
-            tensor = self.ckpt.tensors[param].load()
+            tensor = load_model_tensor(self.ckpt.tensors, param)
             stored_name = param + (".T" if layout == "T" else "")
             weights.add(stored_name, tensor.t() if layout == "T" else tensor)
             weights.layout[param] = layout

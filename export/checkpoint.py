@@ -52,6 +52,41 @@ class Checkpoint:
         return {name: t.load() for name, t in self.tensors.items()}
 
 
+# Projections that read the same input are stored and run as one: q|k|v and gate|up. Loaders keep the
+# checkpoint's separate tensors; the decoder's modules (and so every graph) use the fused ones.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fused_parts(name: str) -> list[str] | None:
+    """`layers.3.self_attn.qkv_proj.weight` -> the three tensors it concatenates (None: not fused)."""
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            return [name.replace(fused, part) for part in parts]
+    return None
+
+
+def load_model_tensor(tensors: dict[str, LazyTensor], name: str) -> torch.Tensor:
+    """A tensor under the decoder's name: a checkpoint tensor, or the concatenation (along the output
+    rows) of the ones a fused projection stands for."""
+    parts = fused_parts(name)
+    if parts is None:
+        return tensors[name].load()
+    return torch.cat([tensors[part].load() for part in parts], 0)
+
+
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with separate q/k/v and gate/up tensors -> the decoder's fused names."""
+    fused, used = {}, set()
+    for name in state:
+        for whole, parts in FUSED.items():
+            if f".{parts[0]}." in name:
+                members = [name.replace(parts[0], part) for part in parts]
+                fused[name.replace(parts[0], whole)] = torch.cat([state[m] for m in members], 0)
+                used.update(members)
+    return {**{n: t for n, t in state.items() if n not in used}, **fused}
+
+
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Canonical tensor names (Hugging Face Llama layout, no `model.` prefix) and their shapes."""
     d, f, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim

@@ -6,6 +6,7 @@ mask are computed from `attention_mask` inside the graph, and the KV cache is ti
 
 Parameter names follow the Hugging Face Llama layout without the `model.` prefix
 (`embed_tokens.weight`, `layers.0.self_attn.q_proj.weight`, ...); loaders map every format onto them.
+q/k/v and gate/up run as one projection each (`qkv_proj`, `gate_up_proj`: see checkpoint.FUSED).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checkpoint import fuse_projections
 from .spec import ModelSpec
 
 
@@ -102,9 +104,9 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = spec.hidden_size, spec.head_dim
         self.n_heads, self.n_kv, self.hd = spec.n_heads, spec.n_kv_heads, hd
-        self.q_proj = nn.Linear(d, spec.n_heads * hd, bias=spec.attention_bias)
-        self.k_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.attention_bias)
-        self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.attention_bias)
+        # q, k and v read the same input: one matmul (weights stored once, fused), then a split.
+        self.qkv_split = [spec.n_heads * hd, spec.n_kv_heads * hd, spec.n_kv_heads * hd]
+        self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=spec.attention_bias)
         self.o_proj = nn.Linear(spec.n_heads * hd, d, bias=spec.attention_out_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
@@ -118,9 +120,10 @@ class Attention(nn.Module):
         """x [B,S,d]; cos/signed sin [B,S,1,hd] and mask [B,1,1,S,T] from `block_inputs`;
         past [P,B,n_kv,hd]. Returns the output and this call's K/V only, time-major [S,B,n_kv,hd]."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.hd)
-        k = self.k_proj(x).view(B, S, self.n_kv, self.hd)
-        v = self.v_proj(x).view(B, S, self.n_kv, self.hd)
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        q = q.view(B, S, self.n_heads, self.hd)
+        k = k.view(B, S, self.n_kv, self.hd)
+        v = v.view(B, S, self.n_kv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
@@ -145,12 +148,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)   # gate | up
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -238,7 +241,7 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dt
     decoder: the family's module class (export/registry.py says which; families override the prologue)."""
     with torch.device("meta"):
         model = decoder(spec)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(fuse_projections(state), strict=True, assign=True)
     return init_constants(model.to(dtype).eval())
 
 

@@ -174,7 +174,7 @@ def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src):
     assert q["scheme"] == scheme and q["format"] == "onnx-qdq" and q["kept_fp_layers"] == []
     assert q["check"]["ratio"] < 1.05
     cal_json = json.loads((out / "calibration.json").read_text())
-    assert len(cal_json["weights"]) == 7 * Bundle.load(out).n_layers          # every scale recorded
+    assert len(cal_json["weights"]) == 4 * Bundle.load(out).n_layers   # every scale: q|k|v, o, gate|up, down
     assert all(0 < w["min"] <= w["max"] for w in cal_json["weights"].values())
     assert bool(cal_json["groups"]) == (scheme == "w8a8")                     # activation statistics: w8a8 only
     b = Bundle.load(out)
@@ -196,7 +196,7 @@ def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src):
         dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
         qn = [n for n in g.node if n.op_type == "QuantizeLinear"]
         weight_dq = [n for n in dq if n.input[0].endswith(".int8")]
-        assert len(weight_dq) == 7 * b.n_layers                       # every decoder linear, not the head
+        assert len(weight_dq) == 4 * b.n_layers      # every decoder linear (q|k|v, o, gate|up, down), not the head
         for n in weight_dq:
             w, s = inits[n.input[0]], small_value(path, inits[n.input[1]])
             axis = {a.name: a.i for a in n.attribute}["axis"]
