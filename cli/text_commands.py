@@ -19,7 +19,8 @@ def cmd_export(args) -> int:
     family_options = {k: v for k, v in (("image_size", args.image_size), ("vq", args.vq)) if v is not None}
     manifest = export_path(resolve(args.path), args.out, family=args.family, family_options=family_options,
                            dtype=args.dtype, max_seq=args.max_seq, max_batch=args.max_batch,
-                           opset=args.opset, force=args.force, quiet=args.quiet, score_graph=not args.no_score)
+                           opset=args.opset, force=args.force, quiet=args.quiet, score_graph=not args.no_score,
+                           target=args.target)
     size = manifest["weights"]["bytes"] / 2**20
     print(f"exported {manifest['spec']['architecture']} ({manifest['spec']['n_layers']} layers, {manifest['dtype']}) "
           f"to {args.out}: graphs {', '.join(manifest['graphs'])}; weights {size:.1f} MiB held once; "
@@ -118,6 +119,9 @@ def _register_export(sub) -> None:
     p.add_argument("--max-batch", type=int, default=1, help="largest batch the runtime allocates for")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (21: newest that TensorRT 10.x parsers know)")
     p.add_argument("--no-score", action="store_true", help="skip the all-positions graph used by eval/calibrate")
+    p.add_argument("--target", default="ort", choices=["ort", "portable"],
+                   help="ort (default): also write the ONNX Runtime graph the runtime runs (fused attention, the "
+                        "KV cache updated in place); portable: plain ONNX only (what TensorRT builds from)")
     p.add_argument("--family", default=None,
                    help="model family when the files cannot tell (e.g. llamagen-c2i for a bare .pt state dict)")
     p.add_argument("--image-size", type=int, default=None, help="image-token models: image size in pixels")

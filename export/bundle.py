@@ -42,11 +42,16 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_seq: int = 2048, max_batch: int = 1,
-                  opset: int = DEFAULT_OPSET, force: bool = False, quiet: bool = False, score_graph: bool = True) -> dict:
-    """Write the bundle and return its manifest."""
+                  opset: int = DEFAULT_OPSET, force: bool = False, quiet: bool = False, score_graph: bool = True,
+                  target: str = "ort") -> dict:
+    """Write the bundle and return its manifest. target "ort" adds the ONNX Runtime graph the runtime
+    runs to the portable graphs (which TensorRT builds from); "portable" writes those only."""
     _check_options(dtype, max_seq, max_batch)
     out = Path(out)
-    graphs = family_of(ckpt).graphs(ckpt)
+    try:
+        graphs = family_of(ckpt).graphs(ckpt, target)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     max_seq, max_batch = graphs.limits(max_seq, max_batch)
     if max_seq > ckpt.spec.max_position_embeddings and not quiet:
         log.info(f"note: --max-seq {max_seq} exceeds the model's trained context ({ckpt.spec.max_position_embeddings})")
@@ -55,9 +60,12 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
     with atomic.folder_written_whole(out, ExportError) as folder:
         pieces = _trace(graphs, TORCH_DTYPES[dtype], opset, score_graph, quiet)
         kinds = GRAPH_KINDS if score_graph else GRAPH_KINDS[:2]
-        graph_entries, weights_entry = _write_graphs(graphs, pieces, kinds, folder, dtype, opset, quiet)
+        graph_entries, weights_entry = _write_graphs(graphs, pieces, kinds, folder, dtype, opset, max_seq, quiet)
         for entry in graph_entries.values():
-            onnx.checker.check_model(str(folder / entry["file"]))   # by path, so external data is checked too
+            # by path, so external data is checked too; the ONNX Runtime graph uses ONNX Runtime's own
+            # SimplifiedLayerNormalization, which onnx's checker does not know (the runtime loads it)
+            if entry.get("flavor") != "ort":
+                onnx.checker.check_model(str(folder / entry["file"]))
         manifest = _manifest(ckpt, dtype, max_seq, max_batch, opset, weights_entry, graph_entries,
                              _write_tokenizer(ckpt, folder))
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -85,7 +93,7 @@ def _trace(graphs: TextGraphs, dtype: torch.dtype, opset: int, score_graph: bool
 
 
 def _write_graphs(graphs: TextGraphs, pieces: dict, kinds: tuple[str, ...], folder: Path, dtype: str, opset: int,
-                  quiet: bool) -> tuple[dict, dict]:
+                  max_seq: int, quiet: bool) -> tuple[dict, dict]:
     """Each graph into `folder` and every weight once into weights.bin; their manifest entries."""
     from tqdm import tqdm
     weights = ExternalWeights(folder / "weights.bin", TORCH_DTYPES[dtype])
@@ -96,8 +104,8 @@ def _write_graphs(graphs: TextGraphs, pieces: dict, kinds: tuple[str, ...], fold
             model = graphs.build(kind, pieces, weights, value_infos(io), opset)
             onnx.save_model(model, str(folder / f"{kind}.onnx"))
             entries[kind] = {"file": f"{kind}.onnx", **describe(io)}
-        # Family graphs (an image family's VQ decoder); their weights go into the same shared file.
-        entries.update(graphs.extra_graphs(folder, weights, TORCH_DTYPES[dtype], opset))
+        # The ONNX Runtime graph, or an image family's VQ decoder: their weights go into the same file.
+        entries.update(graphs.extra_graphs(folder, weights, dtype, opset, max_seq))
     finally:
         weights.close()
     return entries, {"file": "weights.bin", "bytes": weights.offset, "tensors": len(weights.stored)}

@@ -12,7 +12,7 @@ from .spec import ModelSpec
 
 DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
-               TensorProto.BFLOAT16: "bfloat16", TensorProto.INT64: "int64"}
+               TensorProto.BFLOAT16: "bfloat16", TensorProto.INT64: "int64", TensorProto.INT32: "int32"}
 
 
 def graph_io(spec: ModelSpec, kind: str, dtype: str) -> dict[str, list[tuple[str, int, list]]]:

@@ -47,9 +47,9 @@ class Family:
     compare_by_default: bool = False                  # `verify` compares with transformers unless told
     options_from_manifest: Callable[[dict], dict] = _no_manifest_options   # `verify` re-reads the source
 
-    def graphs(self, ckpt: Checkpoint) -> TextGraphs:
-        """What the bundle writer asks about the graphs of this family's bundles."""
-        return (ImageGraphs if self.image else TextGraphs)(ckpt, self.decoder)
+    def graphs(self, ckpt: Checkpoint, target: str = "ort") -> TextGraphs:
+        """What the bundle writer asks about the graphs of this family's bundles (target: see TextGraphs)."""
+        return (ImageGraphs if self.image else TextGraphs)(ckpt, self.decoder, target)
 
     def read(self, path: Path, options: dict) -> Checkpoint:
         unknown = [k for k in options if k not in self.options]

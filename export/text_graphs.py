@@ -11,18 +11,26 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..runtime.log import log
+from . import ort_graph
 from .assemble import ExternalWeights, build_graph
 from .checkpoint import Checkpoint
-from .contract import graph_io
+from .contract import describe, graph_io
 from .model import Decoder
 from .pieces import Piece, trace_pieces
 
+TARGETS = ("ort", "portable")
+
 
 class TextGraphs:
-    """prefill, decode and score, each assembled from the pieces traced from `decoder`."""
+    """prefill, decode and score, each assembled from the pieces traced from `decoder` (the portable
+    graphs: plain ONNX, what TensorRT builds from and calibration measures), plus with target "ort"
+    the ONNX Runtime graph the runtime runs (export/ort_graph.py), reading the same weights."""
 
-    def __init__(self, ckpt: Checkpoint, decoder: type[Decoder]):
-        self.ckpt, self.spec, self.decoder = ckpt, ckpt.spec, decoder
+    def __init__(self, ckpt: Checkpoint, decoder: type[Decoder], target: str = "ort"):
+        if target not in TARGETS:
+            raise ValueError(f"unknown --target {target!r} (choose {' or '.join(TARGETS)})")
+        self.ckpt, self.spec, self.decoder, self.target = ckpt, ckpt.spec, decoder, target
 
     def limits(self, max_seq: int, max_batch: int) -> tuple[int, int]:
         """The bundle's max_seq and max_batch, given the ones asked for."""
@@ -42,9 +50,18 @@ class TextGraphs:
               opset: int) -> onnx.ModelProto:
         return build_graph(kind, pieces, self.ckpt, weights, io, opset, prologue=self.prologue(kind))
 
-    def extra_graphs(self, folder: Path, weights: ExternalWeights, dtype: torch.dtype, opset: int) -> dict:
+    def extra_graphs(self, folder: Path, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
         """Graphs beyond prefill/decode/score, written into `folder`: manifest "graphs" entries."""
-        return {}
+        if self.target != "ort":
+            return {}
+        why_not = ort_graph.supports(self.spec)
+        if why_not:
+            log.info(f"note: no ONNX Runtime graph: {why_not}; the runtime will run the portable graph")
+            return {}
+        model, io = ort_graph.build_ort_graph(self.ckpt, weights, dtype, max_seq, opset)
+        onnx.save_model(model, str(folder / f"{ort_graph.GRAPH}.onnx"))
+        return {ort_graph.GRAPH: {"file": f"{ort_graph.GRAPH}.onnx", **describe(io), "flavor": "ort",
+                                  "kv_layout": ort_graph.kv_layout(self.spec)}}
 
     def manifest_sections(self, folder: Path) -> dict:
         """Family sections added to manifest.json (files they name are written into `folder`)."""

@@ -101,6 +101,11 @@ class Bundle:
         return kind in self.manifest["graphs"]
 
     @property
+    def ort_graph(self) -> str | None:
+        """The graph of the ONNX Runtime flavor (fused attention, cache updated in place), if the bundle has one."""
+        return next((kind for kind, g in self.manifest["graphs"].items() if g.get("flavor") == "ort"), None)
+
+    @property
     def weights_path(self) -> Path:
         return self.path / self.manifest["weights"]["file"]
 

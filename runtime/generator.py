@@ -91,7 +91,9 @@ class Generator:
         prompt in one piece would leave the process 40 % larger for the rest of its life."""
         chunk = getattr(self.backend, "prefill_chunk", None)
         n_new = ids.shape[1]
-        if not chunk or n_new <= chunk:
+        # A graph that keeps rows at their own lengths takes a padded batch in one piece (gqa_inputs).
+        padded = not getattr(self.backend, "pieces_may_pad", True) and not mask.all()
+        if not chunk or n_new <= chunk or padded:
             return self.backend.step(ids, mask, arena)
         past = mask.shape[1] - n_new
         for start in range(0, n_new, chunk):

@@ -1,10 +1,15 @@
-"""The KV arena: one preallocated time-major buffer per layer and K/V, [max_seq, B, n_kv, head_dim].
+"""The KV arena: one preallocated buffer per layer and K/V, in the layout the bundle's graph wants.
 
-Because time is the outermost axis, the first P positions of every sequence in the batch are one
-contiguous block (`past`), and so are positions [P, P+S) (`present`). Backends bind those blocks
-by address: prefill writes slots [0, S), decode step reads [0, P) and writes [P, P+S). The runtime
-never copies a KV byte; `bytes_copied` counts what a backend had to copy anyway (see the TensorRT
-alignment note in docs/ARCHITECTURE.md) so benchmarks can prove it stays constant.
+Time-major, [max_seq, B, n_kv, head_dim] (the portable graphs, TensorRT): because time is the
+outermost axis, the first P positions of every sequence in the batch are one contiguous block
+(`past`), and so are positions [P, P+S) (`present`). Backends bind those blocks by address: prefill
+writes slots [0, S), decode step reads [0, P) and writes [P, P+S).
+
+Batch-major, [B, n_kv, max_seq, head_dim] (the ONNX Runtime graph): GroupQueryAttention reads and
+writes the whole buffer in place (`cache`), each row at its own length.
+
+The runtime never copies a KV byte; `bytes_copied` counts what a backend had to copy anyway (see the
+TensorRT alignment note in docs/ARCHITECTURE.md) so benchmarks can prove it stays constant.
 """
 from __future__ import annotations
 
@@ -19,8 +24,12 @@ def host_buffer(count: int, dtype) -> tuple[np.ndarray, int]:
 
 class KVArena:
     def __init__(self, n_layers: int, max_seq: int, max_batch: int, n_kv: int, head_dim: int, dtype,
-                 allocate=None):
-        """`allocate(n_elements, dtype) -> (buffer, base_address)`; default: host memory (numpy)."""
+                 allocate=None, layout: str = "time"):
+        """`allocate(n_elements, dtype) -> (buffer, base_address)`; default: host memory (numpy).
+        layout: "time" ([max_seq, B, n_kv, hd]) or "batch" ([B, n_kv, max_seq, hd])."""
+        if layout not in ("time", "batch"):
+            raise ValueError(f"unknown KV layout {layout!r} (time or batch)")
+        self.layout = layout
         self.n_layers, self.max_seq, self.max_batch = n_layers, max_seq, max_batch
         self.n_kv, self.head_dim, self.dtype = n_kv, head_dim, np.dtype(dtype)
         elements = max_seq * max_batch * n_kv * head_dim
@@ -63,16 +72,29 @@ class KVArena:
             raise ValueError(f"batch {batch} exceeds the arena's max_batch {self.max_batch}")
         self.batch, self._length = batch, 0
 
+    def cache(self, layer: int, kv: int) -> tuple[int, list[int]]:
+        """(address, shape) of a batch-major arena's whole buffer for the current batch,
+        [B, n_kv, max_seq, hd]: the rows of a smaller batch are the buffer's first ones."""
+        if self.layout != "batch":
+            raise ValueError("cache() is for batch-major arenas; time-major ones bind regions")
+        return self.buffers[layer][kv][1], [self.batch, self.n_kv, self.max_seq, self.head_dim]
+
     def region(self, layer: int, kv: int, start: int, stop: int) -> tuple[int, list[int]]:
-        """(address, shape) of positions [start, stop) of one layer's K (kv=0) or V (kv=1)."""
+        """(address, shape) of positions [start, stop) of one layer's K (kv=0) or V (kv=1)
+        (time-major arenas)."""
+        if self.layout != "time":
+            raise ValueError("region() is for time-major arenas; batch-major ones bind the whole cache")
         if not 0 <= start <= stop <= self.max_seq:
             raise IndexError(f"KV positions [{start}, {stop}) outside the arena (max_seq {self.max_seq})")
         base = self.buffers[layer][kv][1]
         return base + start * self.row_bytes, [stop - start, self.batch, self.n_kv, self.head_dim]
 
     def view(self, layer: int, kv: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Host view of positions [start, stop) (host arenas only): for tests and inspection."""
-        buf = self.buffers[layer][kv][0]
-        rows = buf[: self.max_seq * self.batch * self.n_kv * self.head_dim].reshape(
-            self.max_seq, self.batch, self.n_kv, self.head_dim)
+        """Host view of positions [start, stop), time-major [T, B, n_kv, hd] whatever the layout
+        (host arenas only): for tests and inspection."""
+        buf = self.buffers[layer][kv][0][: self.max_seq * self.batch * self.n_kv * self.head_dim]
+        if self.layout == "batch":
+            rows = buf.reshape(self.batch, self.n_kv, self.max_seq, self.head_dim).transpose(2, 0, 1, 3)
+        else:
+            rows = buf.reshape(self.max_seq, self.batch, self.n_kv, self.head_dim)
         return rows[start: self.length if stop is None else stop]

@@ -23,13 +23,14 @@ TINY_CONFIGS = {
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     "mha_untied_theta": dict(arch="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
                              rope_theta=500000.0),
-    "gqa8x2_untied_linear": dict(arch="llama", num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+    "gqa8x2_untied_linear": dict(arch="llama", num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                 tie_word_embeddings=False,
                                  rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "qwen3_qknorm": dict(arch="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                          tie_word_embeddings=True, rope_theta=1e6),
 }
 # Written out as a Meta-style folder too (Meta's params.json has no bias and no linear scaling).
-META_CONFIG = dict(arch="llama", num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+META_CONFIG = dict(arch="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                    rope_theta=50000.0)
 
 

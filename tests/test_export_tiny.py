@@ -1,5 +1,6 @@
 """FP32 export of tiny random transformers checkpoints: greedy tokens identical to `transformers`,
-logits within 1e-4 at every step, through the real runtime (KV arena, ONNX Runtime IOBinding)."""
+logits within 1e-4 at every step, through the real runtime (KV arena, ONNX Runtime IOBinding), on
+both graph flavors: the ONNX Runtime graph (fused attention, cache updated in place) and the portable one."""
 from __future__ import annotations
 
 import json
@@ -23,23 +24,26 @@ def hf_greedy(model, prompt: list[int], n: int):
     return tokens, [l[0].float().numpy() for l in out.logits]
 
 
-def ours_greedy(bundle, prompt: list[int], n: int):
+def ours_greedy(bundle, prompt: list[int], n: int, flavor: str = "ort"):
     from ardeploy.export.verify import run_bundle_greedy
     from ardeploy.runtime.backends.ort import OrtBackend
     from ardeploy.runtime.bundle import Bundle
     b = Bundle.load(bundle)
-    return run_bundle_greedy(OrtBackend(b, threads=threads()), b, prompt, n)
+    backend = OrtBackend(b, threads=threads(), flavor=flavor)
+    assert backend.flavor == flavor
+    return run_bundle_greedy(backend, b, prompt, n)
 
 
+@pytest.mark.parametrize("flavor", ["ort", "portable"])
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
-def test_tiny_matches_transformers(name, tiny_hf, export_once):
+def test_tiny_matches_transformers(name, flavor, tiny_hf, export_once):
     folder, model = tiny_hf(name)
     bundle = export_once(folder, max_seq=128)
     prompt = rng_ids(7, seed=1)
     ref_tokens, ref_logits = hf_greedy(model, prompt, N_NEW)
-    tokens, logits = ours_greedy(bundle, prompt, N_NEW)
+    tokens, logits = ours_greedy(bundle, prompt, N_NEW, flavor)
     deltas = [float(np.abs(a - b).max()) for a, b in zip(ref_logits, logits)]
-    print(f"{name}: max |dlogits| {max(deltas):.3g}")
+    print(f"{name} ({flavor}): max |dlogits| {max(deltas):.3g}")
     assert tokens == ref_tokens
     assert max(deltas) <= ATOL
 
@@ -76,16 +80,18 @@ def test_meta_folder_matches_transformers(tmp_path, export_once):
     bundle = export_once(meta_dir, max_seq=128)
     prompt = rng_ids(9, seed=2)
     ref_tokens, ref_logits = hf_greedy(model, prompt, N_NEW)
-    tokens, logits = ours_greedy(bundle, prompt, N_NEW)
-    assert tokens == ref_tokens
-    assert max(float(np.abs(a - b).max()) for a, b in zip(ref_logits, logits)) <= ATOL
+    for flavor in ("ort", "portable"):
+        tokens, logits = ours_greedy(bundle, prompt, N_NEW, flavor)
+        assert tokens == ref_tokens, flavor
+        assert max(float(np.abs(a - b).max()) for a, b in zip(ref_logits, logits)) <= ATOL, flavor
 
 
-def test_batch_left_padding_equals_alone(tiny_hf, export_once):
+@pytest.mark.parametrize("flavor", ["ort", "portable"])
+def test_batch_left_padding_equals_alone(flavor, tiny_hf, export_once):
     from ardeploy.runtime import Generator, SamplingConfig
     folder, _ = tiny_hf("gqa_tied_llama3_bias")
     bundle = export_once(folder, max_seq=128, max_batch=2)
-    gen = Generator.load(bundle, threads=threads())
+    gen = Generator.load(bundle, threads=threads(), flavor=flavor)
     cfg = SamplingConfig(greedy=True, max_new_tokens=24, ignore_eos=True)
     short, long = rng_ids(4, seed=3), rng_ids(11, seed=4)
     batch = gen.generate([short, long], cfg)
@@ -101,7 +107,8 @@ def test_bundle_layout_and_manifest(tiny_hf, export_once):
     bundle = export_once(folder, max_seq=128)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["kv_layout"]["order"] == ["time", "batch", "kv_head", "head_dim"]
-    assert set(manifest["graphs"]) == {"prefill", "decode", "score"}
+    assert set(manifest["graphs"]) == {"prefill", "decode", "score", "decode_ort"}
+    assert manifest["graphs"]["decode_ort"]["kv_layout"]["order"] == ["batch", "kv_head", "time", "head_dim"]
     n_params = sum(p.numel() for p in model.parameters())
     weights = (bundle / "weights.bin").stat().st_size
     # fp32, each parameter once (tied embedding counted once), plus alignment padding only
@@ -118,3 +125,6 @@ def test_bundle_layout_and_manifest(tiny_hf, export_once):
     assert past["shape"] == ["past_seq", "batch", 2, 16]
     present = next(x for x in dec["outputs"] if x["name"] == "present.1.value")
     assert present["shape"] == ["seq", "batch", 2, 16]
+    fused = manifest["graphs"]["decode_ort"]
+    cache = next(x for x in fused["outputs"] if x["name"] == "present.1.value")
+    assert cache["shape"] == ["batch", 2, "max_seq", 16]

@@ -38,8 +38,8 @@ class _CaptionPrologue(nn.Module):
 class ImageGraphs(TextGraphs):
     """The text graphs, plus what an image family changes (see the module docstring)."""
 
-    def __init__(self, ckpt, decoder):
-        super().__init__(ckpt, decoder)
+    def __init__(self, ckpt, decoder, target: str = "ort"):
+        super().__init__(ckpt, decoder, target)     # image families run the portable graphs (docs/IMAGE_MODELS.md)
         self.llamagen = self.spec.extra.get("llamagen")
         self.caption = bool(self.llamagen) and self.llamagen["model_type"] == "t2i"
 
@@ -78,11 +78,11 @@ class ImageGraphs(TextGraphs):
         return "prologue_caption" if self.caption and kind == "prefill" else "prologue"
 
     # -- VQ decoder and extras ----------------------------------------------------------------------
-    def extra_graphs(self, folder, weights: ExternalWeights, dtype: torch.dtype, opset: int) -> dict:
+    def extra_graphs(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
         vq = self.ckpt.vq
         if vq is None:
             return {}
-        model, io = export_vq_graph(vq, dtype, opset, weights)
+        model, io = export_vq_graph(vq, weights.dtype, opset, weights)
         onnx.save_model(model, str(folder / "vq_decoder.onnx"))
         return {"vq_decoder": {"file": "vq_decoder.onnx", **io}}
 

@@ -1,4 +1,9 @@
-"""ONNX Runtime backend: IOBinding with addresses into the KV arena, so no KV byte is copied.
+"""ONNX Runtime backend: IOBinding with addresses into the KV arena, so the runtime copies no KV byte.
+
+Two graph flavors (export --target): a bundle's ONNX Runtime graph (`decode_ort`: fused attention
+that reads and writes a batch-major cache in place, see export/ort_graph.py) when it has one, else
+the portable decode graph (time-major cache: past bound at [0, P), present at [P, P+S)).
+`flavor="portable"` picks the portable graph even when the other is there.
 
 Weights are held once: one session, on the decode graph, runs both phases. With an empty past
 (P = 0) the decode graph computes exactly what the prefill graph computes (bit-identical, tested),
@@ -52,16 +57,53 @@ class SharedWeights:
             options.add_initializer(tensor.name, self.values[tensor.name])
 
 
+def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int) -> dict[str, np.ndarray]:
+    """The ONNX Runtime graph's inputs for one step, from the runtime's contract (rows left-padded,
+    attention_mask [B, past + S]). That graph keeps each row at its own length with no padding in the
+    cache, so a padded row's real tokens move to the front of its S slots, and the graph is told each
+    row's length and where its last token is. Its attention takes a step's S tokens as the last S of
+    every row once the cache holds tokens: only a first step may carry padding."""
+    batch, n_new = input_ids.shape
+    lengths = attention_mask.sum(axis=1)
+    new = attention_mask[:, past:].sum(axis=1)
+    if past and (new != n_new).any():
+        raise ValueError("with tokens in the cache every row must take all its new tokens in this step "
+                         "(feed padded prompts in one piece)")
+    if not past and new.max() != n_new:
+        raise ValueError("a first step needs at least one row without padding")
+    ids = np.array(input_ids, dtype=np.int64)
+    for row in np.nonzero(new != n_new)[0]:
+        ids[row] = np.roll(ids[row], -(n_new - new[row]))       # real tokens first, padding after
+    return {"input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32),
+            "total_seq_len": np.array(lengths.max(), dtype=np.int32),
+            "last_token": (np.arange(batch) * n_new + new - 1).astype(np.int64)}
+
+
+def _decode_graph(bundle: Bundle, flavor: str) -> str:
+    """The graph that runs both phases for `flavor` (see the module docstring)."""
+    if flavor not in ("auto", "ort", "portable"):
+        raise ValueError(f"unknown graph flavor {flavor!r} (auto, ort or portable)")
+    if flavor == "portable" or (flavor == "auto" and bundle.ort_graph is None):
+        return "decode"
+    if bundle.ort_graph is None:
+        raise BundleError(f"{bundle.path}: the bundle has no ONNX Runtime graph (export with --target ort)")
+    return bundle.ort_graph
+
+
 class OrtBackend:
     name = "ort"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu", prepack: bool = True,
-                 graphs=("decode",), audit: bool = False, prefill_chunk: int | None = 256):
+                 flavor: str = "auto", audit: bool = False, prefill_chunk: int | None = 256):
         """audit: after each step, check that every present.* output was written at the arena address
         it was bound to, and count the bytes of any that were not (benchmarks and tests).
         prefill_chunk: the Generator feeds longer prompts in pieces of this many tokens (bounds the
-        activation memory ONNX Runtime keeps; None: whole prompts)."""
+        activation memory ONNX Runtime keeps; None: whole prompts).
+        flavor: "auto" (the ONNX Runtime graph when the bundle has one), "ort" or "portable"."""
+        self.graph = _decode_graph(bundle, flavor)
+        self.flavor = "portable" if self.graph == "decode" else "ort"
         self.prefill_chunk = prefill_chunk
+        self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
         self._c_device = None
         self.bundle, self.device, self.audit = bundle, device, audit
         self.threads, self.prepack = threads, prepack
@@ -69,8 +111,7 @@ class OrtBackend:
         # Host weights are shared through one mapping; a CUDA session copies them to the device anyway.
         self.weights = SharedWeights(bundle) if device == "cpu" and not prepack else None
         self.sessions = {}
-        for kind in graphs:
-            self.session(kind)
+        self.session(self.graph)
         self._logits = np.zeros((bundle.max_batch, bundle.vocab_size), np.float32)
         self._run_s = 0.0
 
@@ -95,13 +136,16 @@ class OrtBackend:
                 value = ort.OrtValue.ortvalue_from_shape_and_type([count], dtype, "cuda", 0)
                 return value, value.data_ptr()
         return KVArena(bundle.n_layers, bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
-                       bundle.kv_dtype, allocate)
+                       bundle.kv_dtype, allocate, layout="batch" if self.flavor == "ort" else "time")
 
     def run_seconds(self) -> float:
         return self._run_s
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
         batch, n_new = check_step(input_ids, attention_mask, arena)
+        if self.flavor == "ort":
+            inputs = gqa_inputs(input_ids, np.asarray(attention_mask), arena.length)
+            return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True)
         # The decode graph also runs the prompt: with an empty arena its past is 0 positions long.
         inputs = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                   "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
@@ -141,12 +185,19 @@ class OrtBackend:
         return logits
 
     def _bind_cache(self, io, arena: KVArena, past: int, n_new: int, bind_past: bool) -> list[int]:
-        """past.* inputs at arena [0, past), present.* outputs at [past, past + n_new); returns the
-        present addresses in binding order."""
+        """past.* inputs at arena [0, past), present.* outputs at [past, past + n_new) (time-major), or
+        both on the whole cache (batch-major: the graph updates it in place); returns the present
+        addresses in binding order."""
         bind_in, bind_out = self._binders(io)
         present = []
         for layer in range(self.bundle.n_layers):
             for kv, name in ((0, "key"), (1, "value")):
+                if arena.layout == "batch":
+                    address, shape = arena.cache(layer, kv)
+                    bind_in(f"past.{layer}.{name}", arena.dtype, shape, address)
+                    bind_out(f"present.{layer}.{name}", arena.dtype, shape, address)
+                    present.append(address)
+                    continue
                 if bind_past:
                     address, shape = arena.region(layer, kv, 0, past)
                     bind_in(f"past.{layer}.{name}", arena.dtype, shape, address)
