@@ -37,8 +37,10 @@ class SourceWeights:
 
 
 def load_graphs(bundle: Bundle) -> dict[str, onnx.ModelProto]:
+    """The portable graphs (prefill, decode, score): what calibration measures and quantizes. The ONNX
+    Runtime graph is not carried into a calibrated bundle, which runs its portable Q/DQ graphs."""
     return {kind: onnx.load(str(bundle.graph_path(kind)), load_external_data=False)
-            for kind in bundle.manifest["graphs"]}
+            for kind, graph in bundle.manifest["graphs"].items() if graph.get("flavor") != "ort"}
 
 
 def check_source(bundle: Bundle) -> None:

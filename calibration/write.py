@@ -102,6 +102,7 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile) -> di
     m = json.loads(json.dumps(bundle.manifest))
     m["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     m["weights"] = {"file": weights.path.name, "bytes": weights.offset, "tensors": len(weights.placed)}
+    m["graphs"] = {kind: m["graphs"][kind] for kind in cal.source.graphs}       # the portable ones it quantized
     m["quantization"] = {
         "scheme": cfg.scheme,
         "format": "onnx-qdq",

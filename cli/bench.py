@@ -1,6 +1,10 @@
 """`ardeploy bench`: time to first token, decode and prefill speed, per-step split into graph time and
 runtime overhead, memory, and KV bytes copied per decode step — medians and spread over repeats.
 
+KV bytes copied per step = what the graph copies inside (runtime/kv_traffic.py: Concat/Transpose of
+the cache, counted from the graph and sized at the step's context) + what the backend had to copy
+outside (audited: present outputs not written at their bound arena address).
+
 It times the real runtime path (`Generator.events`: sampling, binding, detokenization included) by
 wrapping the backend's `step`: a step's wall time minus the time inside the backend's run call is
 runtime overhead. The same command works for any backend; memory is host PSS/RSS for CPU backends
@@ -14,7 +18,8 @@ import time
 
 import numpy as np
 
-from .options import add_backend_threads, add_json, add_verbosity, comma_ints
+from ..runtime.kv_traffic import bytes_per_step, cache_copy_nodes
+from .options import add_backend_threads, add_flavor, add_json, add_verbosity, comma_ints
 
 
 def host_memory_mib() -> dict:
@@ -55,7 +60,8 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
     return rng.integers(min(1000, vocab // 4), vocab - 1, n).tolist()
 
 
-def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int, seed: int,
+             copy_nodes: int = 0) -> dict:
     from ardeploy.runtime import SamplingConfig
     prompts = [prompt_ids(gen.bundle.vocab_size, prompt_len, seed + r) for r in range(batch)]
     cfg = SamplingConfig(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
@@ -77,6 +83,8 @@ def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int
     graph = np.array([r[3] for r in records[n_prefill:]])
     n_dec = len(step_walls)
     decode_s = finished - step_ends[0]
+    in_graph = [bytes_per_step(copy_nodes, past + new, gen.arena.row_bytes) for past, new, *_ in records[n_prefill:]]
+    outside = (gen.arena.bytes_copied - copied_before) / max(1, len(records) - n_prefill)
     return {
         "ttft_s": ttft,
         "prefill_tokens_per_s": batch * prompt_len / prefill_wall,
@@ -84,7 +92,7 @@ def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int
         "step_s": float(np.median(step_walls)) if n_dec else 0.0,
         "step_graph_s": float(np.median(graph)) if n_dec else 0.0,
         "overhead_fraction": float(1 - graph.sum() / step_walls.sum()) if n_dec else 0.0,
-        "kv_bytes_copied_per_step": (gen.arena.bytes_copied - copied_before) / max(1, len(records) - n_prefill),
+        "kv_bytes_copied_per_step": float(np.median(in_graph)) + outside if in_graph else outside,
         "step_by_context": [(int(r[0]), float(r[2])) for r in records[n_prefill:]],
     }
 
@@ -109,26 +117,29 @@ def _check_fits(bundle, max_batch: int, prompt_lens, new_tokens: int) -> None:
 
 
 def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: int = 128, batches=(1,),
-          threads: int | None = None, repeat: int = 3, warmup: bool = True, progress=print) -> dict:
+          threads: int | None = None, repeat: int = 3, warmup: bool = True, progress=print, flavor: str = "auto") -> dict:
     from ardeploy.runtime import Generator
     from ardeploy.runtime.bundle import Bundle
     bundle = Bundle.load(bundle_path)
     max_batch = max(batches)
     _check_fits(bundle, max_batch, prompt_lens, new_tokens)
-    options = {"threads": threads, "audit": True} if backend == "ort" else {}
+    options = {"threads": threads, "audit": True, "flavor": flavor} if backend == "ort" else {}
     started = time.perf_counter()
     gen = Generator.load(bundle_path, backend=backend, max_batch=max_batch, **options)
     load_s = time.perf_counter() - started
+    graph = getattr(gen.backend, "graph", "decode")
+    copy_nodes = cache_copy_nodes(bundle.graph_path(graph))
     timer = StepTimer(gen.backend)
     if warmup:
         run_once(gen, timer, 1, min(prompt_lens), 4, seed=999)
     weights = bundle.manifest["weights"]["bytes"]
-    result = {"bundle": str(bundle_path), "backend": backend, "dtype": bundle.manifest["dtype"], "threads": threads,
+    result = {"bundle": str(bundle_path), "backend": backend, "graph": graph, "kv_copy_nodes_per_step": copy_nodes,
+              "dtype": bundle.manifest["dtype"], "threads": threads,
               "new_tokens": new_tokens, "repeat": repeat, "load_s": load_s, "weights_mib": weights / 2**20,
               "kv_arena_mib": gen.arena.nbytes / 2**20, "configs": []}
     for b in batches:
         for p in prompt_lens:
-            runs = [run_once(gen, timer, b, p, new_tokens, seed=r) for r in range(repeat)]
+            runs = [run_once(gen, timer, b, p, new_tokens, seed=r, copy_nodes=copy_nodes) for r in range(repeat)]
             row = {"batch": b, "prompt_len": p, **summarize(runs), "step_by_context": runs[-1]["step_by_context"]}
             result["configs"].append(row)
             if progress:
@@ -157,11 +168,12 @@ def cmd_bench(args) -> int:
         progress = log.info if args.json else (lambda line: print(line, flush=True))
     res = bench(args.bundle, backend=args.backend, prompt_lens=comma_ints(args.prompt_len, skip_empty=True),
                 new_tokens=args.new_tokens, batches=comma_ints(args.batch, skip_empty=True), threads=args.threads,
-                repeat=args.repeat, progress=progress)
+                repeat=args.repeat, progress=progress, flavor=args.flavor)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     mem = res["memory"]
+    print(f"graph {res['graph']}: {res['kv_copy_nodes_per_step']} whole-context KV copies inside the graph per step")
     print(f"weights {res['weights_mib']:.0f} MiB, KV arena {res['kv_arena_mib']:.0f} MiB; "
           f"peak RSS {mem['peak_rss_mib']:.0f} MiB, PSS {mem['pss_mib']:.0f} MiB "
           f"(one ONNX Runtime session runs prefill and decode: the weights are held once)")
@@ -178,6 +190,7 @@ def register(sub) -> None:
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--repeat", type=int, default=3)
     add_backend_threads(p)
+    add_flavor(p)
     add_json(p, "all numbers (with per-step times by context length)")
     add_verbosity(p)
     p.set_defaults(func=cmd_bench)

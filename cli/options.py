@@ -36,6 +36,12 @@ def add_backend_threads(p) -> None:
     add_threads(p)
 
 
+def add_flavor(p) -> None:
+    p.add_argument("--flavor", default="auto", choices=["auto", "ort", "portable"],
+                   help="ONNX Runtime: which graph runs (auto: the bundle's ONNX Runtime graph when it has one, "
+                        "else the portable one)")
+
+
 def add_token_filters(group, prefix: str = "--", family_defaults: bool = False) -> None:
     """--temperature / --top-k / --top-p; family_defaults: unset means the bundle family's published value."""
     unset = (lambda value: None) if family_defaults else (lambda value: value)

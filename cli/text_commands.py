@@ -7,7 +7,7 @@ import sys
 import time
 
 from .errors import UserError
-from .options import (add_backend_threads, add_json, add_out_force, add_sampling, add_threads, add_verbosity,
+from .options import (add_backend_threads, add_flavor, add_json, add_out_force, add_sampling, add_threads, add_verbosity,
                       comma_ints, sampling_config)
 
 
@@ -50,7 +50,7 @@ def cmd_verify(args) -> int:
 # -- generate / chat ------------------------------------------------------------------------------
 def load_generator(args):
     from ardeploy.runtime import Generator
-    options = {"threads": args.threads} if args.backend == "ort" else {}
+    options = {"threads": args.threads, "flavor": args.flavor} if args.backend == "ort" else {}
     return Generator.load(args.bundle, backend=args.backend, **options)
 
 
@@ -157,6 +157,7 @@ def _register_generate(sub) -> None:
     add_json(p, "the result (text, token ids, timings; nothing streamed)")
     add_sampling(p)
     add_backend_threads(p)
+    add_flavor(p)
     add_verbosity(p)
     p.set_defaults(func=cmd_generate)
 
@@ -167,5 +168,6 @@ def _register_chat(sub) -> None:
     p.add_argument("--system", help="system prompt")
     add_sampling(p)
     add_backend_threads(p)
+    add_flavor(p)
     add_verbosity(p)
     p.set_defaults(func=cmd_chat)

@@ -5,13 +5,15 @@
         [--curve-tokens 1536] [--json out.json] [--plot curve.png]
 
 Peers (each runs in its own subprocess, so its memory is its own):
-  ours          ardeploy runtime, ONNX Runtime, zero-copy KV arena
-  ours-concat   ablation: the same graphs, but past K/V kept as growing arrays concatenated every step
+  ours          ardeploy runtime, ONNX Runtime, the bundle's ONNX Runtime graph (fused attention, cache in place)
+  ours-portable the same runtime on the bundle's portable graph (time-major cache, Concat inside the graph)
+  ours-concat   ablation: the portable graphs, past K/V kept as growing arrays concatenated every step
                 (what Optimum-style past/present exports do)
   transformers  transformers generate() with its KV cache, FP32, from the same GGUF
   llamacpp-q4_1 / llamacpp-f32 / llamacpp-f16
                 llama.cpp via llama-cpp-python on the shipped Q4_1 GGUF and on F32/F16 GGUFs written
-                from the same (dequantized) weights
+                from the same (dequantized) weights. It must be built for this CPU
+                (CMAKE_ARGS=-DGGML_NATIVE=ON); its system_info is printed and recorded with its numbers.
   ort-genai     onnxruntime-genai (FP32, CPU) on a model its own builder exports from the same weights
                 (written once to the cache: GGUF -> Hugging Face folder via transformers -> builder)
 
@@ -30,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-ALL_PEERS = ["ours", "ours-concat", "transformers", "llamacpp-q4_1", "llamacpp-f32", "llamacpp-f16", "ort-genai"]
+ALL_PEERS = ["ours", "ours-portable", "ours-concat", "transformers", "llamacpp-q4_1", "llamacpp-f32", "llamacpp-f16", "ort-genai"]
 INSTALL = {
     "transformers": "pip install torch==2.13.0 transformers accelerate gguf",
-    "llamacpp": "pip install llama-cpp-python   (compiles llama.cpp; several minutes)",
+    "llamacpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python   (compiles llama.cpp for this CPU; '
+                'several minutes)',
     "ort-genai": "pip install onnxruntime-genai torch==2.13.0 transformers gguf",
 }
 
@@ -51,12 +54,12 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
 
 
 # -- workers: each returns {"ttft_s", "decode_tokens_per_s", "steps": [(context, seconds)]} per run ---------
-def worker_ours(args, concat: bool):
+def worker_ours(args, concat: bool, flavor: str = "auto"):
     from ardeploy.runtime.backends.ort import OrtBackend
     from ardeploy.runtime.bundle import Bundle
     from ardeploy.runtime.generator import Generator
     bundle = Bundle.load(args.bundle)
-    backend = OrtBackend(bundle, threads=args.threads)
+    backend = OrtBackend(bundle, threads=args.threads, flavor="portable" if concat else flavor)
     gen = Generator(bundle, backend, 1)          # its prompt feeding (in pieces), not its sampling loop
     vocab = bundle.vocab_size
 
@@ -166,6 +169,8 @@ def worker_llamacpp(args, variant: str):
     llm = Llama(model_path=str(path), n_ctx=max(max_len, args.curve_tokens + 32), n_threads=args.threads,
                 n_batch=512, verbose=False, logits_all=False)
     vocab = llm.n_vocab()
+    import llama_cpp
+    system_info = llama_cpp.llama_print_system_info().decode()
 
     def last_logits():
         # without logits_all, llama-cpp-python keeps no scores: read the context's last row directly
@@ -184,7 +189,7 @@ def worker_llamacpp(args, variant: str):
             tok = int(np.argmax(last_logits()))
             steps.append((llm.n_tokens, time.perf_counter() - step_started))
         return first_token_at - started, steps
-    return run_workload(args, vocab, generate)
+    return {**run_workload(args, vocab, generate), "system_info": system_info}
 
 
 def ort_genai_model(args) -> Path:
@@ -347,8 +352,8 @@ def parse_args(argv):
 def run_worker(args) -> dict:
     """In the worker subprocess: one peer's measurements (or the ort-genai model export)."""
     worker = args.worker
-    if worker in ("ours", "ours-concat"):
-        return worker_ours(args, concat=worker == "ours-concat")
+    if worker in ("ours", "ours-concat", "ours-portable"):
+        return worker_ours(args, concat=worker == "ours-concat", flavor="portable" if worker == "ours-portable" else "auto")
     if worker == "transformers":
         return worker_transformers(args)
     if worker == "ort-genai":
@@ -369,6 +374,8 @@ def run_peers(args, peers: list[str]) -> dict:
             continue
         print(f"running {peer} ...", file=sys.stderr, flush=True)
         results[peer] = run_peer(peer, args)
+        if "system_info" in results[peer]:
+            print(f"  {peer} system_info: {results[peer]['system_info'].strip()}", file=sys.stderr)
         for c in results[peer].get("configs", []):
             print(f"  {peer:14s} prompt {c['prompt_len']:5d}: first token {c['ttft_s'] * 1000:8.1f} ms, decode "
                   f"{c['decode_tokens_per_s']:6.1f} tok/s, peak RSS {results[peer]['peak_rss_mib']:.0f} MiB",

@@ -173,7 +173,8 @@ def test_backend_step_matches_onnx_runtime_backend(tiny_fp32, batch):
     backend runs as 4 one-token decode steps: same logits and the same arena as the ONNX Runtime backend.
     Tiny rows are 128 bytes at batch 1, so odd positions exercise the staging copy."""
     bundle = tiny_fp32
-    trt, ref = host_trt_backend(bundle), OrtBackend(bundle, threads=threads())
+    # the reference runs the graph TensorRT builds from: the portable decode graph
+    trt, ref = host_trt_backend(bundle), OrtBackend(bundle, threads=threads(), flavor="portable")
     a_trt, a_ref = trt.new_arena(batch), ref.new_arena(batch)
     for a in (a_trt, a_ref):
         a.reset(batch)

@@ -74,3 +74,31 @@ def test_verify_command_reports_agreement(smollm2_bundle, capsys):
     assert main(["verify", str(smollm2_bundle), "--steps", "8", "--atol", "1e-3", "--threads", str(threads())]) == 0
     out = capsys.readouterr().out
     assert "greedy tokens identical" in out
+
+
+# Operators the ONNX Runtime graph may use: each has a CUDA kernel in ONNX Runtime for float32/float16, and
+# none computes shapes (a shape subgraph is what ONNX Runtime's CUDA provider leaves on the CPU).
+CUDA_OPS = {"Gather", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "MatMul", "Add",
+            "Split", "GroupQueryAttention", "Sigmoid", "Mul", "Reshape", "Gemm", "Identity", "Cast"}
+
+
+def test_ort_graph_is_small_and_has_no_shape_subgraph(smollm2_bundle, tmp_path):
+    """SmolLM2's ONNX Runtime graph after ONNX Runtime's own optimizer has at most 400 nodes (the portable
+    decode graph: about 1,450); its nodes are all operators with CUDA kernels, and every Reshape takes
+    its shape from a constant."""
+    import onnx
+    import onnxruntime as ort
+    path = smollm2_bundle / "decode_ort.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    assert {n.op_type for n in model.graph.node} <= CUDA_OPS
+    constants = {t.name for t in model.graph.initializer}
+    assert all(n.input[1] in constants for n in model.graph.node if n.op_type == "Reshape")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED   # what any provider applies
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    portable = onnx.load(str(smollm2_bundle / "decode.onnx"), load_external_data=False)
+    print(f"nodes: ONNX Runtime graph {len(model.graph.node)} ({len(optimized.graph.node)} optimized), "
+          f"portable {len(portable.graph.node)}")
+    assert len(optimized.graph.node) <= 400 < len(portable.graph.node)

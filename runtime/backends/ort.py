@@ -144,12 +144,22 @@ class OrtBackend:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
         batch, n_new = check_step(input_ids, attention_mask, arena)
         if self.flavor == "ort":
-            inputs = gqa_inputs(input_ids, np.asarray(attention_mask), arena.length)
-            return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True)
+            return self._step_in_place(np.asarray(input_ids), np.asarray(attention_mask), arena)
         # The decode graph also runs the prompt: with an empty arena its past is 0 positions long.
         inputs = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                   "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         return self._run("decode", inputs, arena, batch, n_new, bind_past=True)
+
+    def _step_in_place(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
+        """The ONNX Runtime graph's step. GroupQueryAttention takes several new tokens after a past only
+        for a batch of one, so a larger batch continuing with several tokens goes one position at a time."""
+        batch, n_new = input_ids.shape
+        past = arena.length
+        if batch > 1 and past and n_new > 1:
+            for i in range(n_new):
+                logits = self._step_in_place(input_ids[:, i:i + 1], attention_mask[:, :past + i + 1], arena)
+            return logits
+        return self._run(self.graph, gqa_inputs(input_ids, attention_mask, past), arena, batch, n_new, bind_past=True)
 
     def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
         """The prefill graph on input features instead of token ids (LlamaGen t2i: `caption_features`
