@@ -77,8 +77,9 @@ def worker_ours(args, concat: bool, flavor: str = "auto"):
         tok = int(np.argmax(logits[0]))
         first_token_at = time.perf_counter()
         steps, length = [], len(ids)
-        dec = backend.session("decode")
-        names = [o.name for o in dec.get_outputs()]
+        if concat:         # a second session, on the portable decode graph, for the ablation only
+            dec = backend.session("decode")
+            names = [o.name for o in dec.get_outputs()]
         for _ in range(n - 1):
             step_started = time.perf_counter()
             x = np.array([[tok]], dtype=np.int64)

@@ -75,14 +75,16 @@ def test_public_binding_path_gives_the_same_step(tiny_bundle):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def test_long_prompts_in_chunks_match_one_piece(tiny_bundle):
+@pytest.mark.parametrize("flavor", ["ort", "portable"])
+def test_long_prompts_in_chunks_match_one_piece(tiny_bundle, flavor):
     """A prompt fed in pieces (prefill_chunk) gives the same logits and tokens as in one piece,
-    for a single prompt and for a left-padded batch whose first piece is mostly padding."""
+    for a single prompt and for a left-padded batch (on the portable graph its first piece is mostly
+    padding; the ONNX Runtime graph takes a padded batch in one piece)."""
     bundle, _ = tiny_bundle
     cfg = SamplingConfig(greedy=True, max_new_tokens=12, ignore_eos=True)
     prompts = [rng_ids(37, seed=3), rng_ids(9, seed=4)]
-    whole = Generator.load(bundle, threads=threads(), prefill_chunk=None)
-    chunked = Generator.load(bundle, threads=threads(), prefill_chunk=8)
+    whole = Generator.load(bundle, threads=threads(), prefill_chunk=None, flavor=flavor)
+    chunked = Generator.load(bundle, threads=threads(), prefill_chunk=8, flavor=flavor)
     assert chunked.generate(prompts[0], cfg).token_ids == whole.generate(prompts[0], cfg).token_ids
     assert [r.token_ids for r in chunked.generate(prompts, cfg)] == [r.token_ids for r in whole.generate(prompts, cfg)]
     x, mask = np.array([prompts[0]]), np.ones((1, 37), np.int64)
@@ -110,6 +112,25 @@ def test_prompt_longer_than_max_seq(tiny_hf, export_once, capsys):
     assert main(["generate", str(bundle), "--prompt-ids", ids]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ardeploy: error:") and "30 tokens" in err and "max_seq 24" in err and "\n" not in err
+
+
+def test_gqa_inputs_realign_padded_rows():
+    """The ONNX Runtime graph's inputs from the runtime's left-padded contract: a padded row's tokens
+    move to the front, lengths and last-token indices come from the mask, and steps the fused
+    attention cannot take are refused."""
+    from ardeploy.runtime.backends.ort import gqa_inputs
+    ids = np.array([[0, 0, 7, 8], [1, 2, 3, 4]])
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+    first = gqa_inputs(ids, mask, past=0)
+    assert first["input_ids"][0, :2].tolist() == [7, 8] and first["input_ids"][1].tolist() == [1, 2, 3, 4]
+    assert first["seqlens_k"].tolist() == [1, 3] and int(first["total_seq_len"]) == 4
+    assert first["last_token"].tolist() == [1, 7]                  # row 0: index 1; row 1: 4 + 3
+    step = gqa_inputs(np.array([[5], [6]]), np.concatenate([mask, [[1], [1]]], axis=1), past=4)
+    assert step["seqlens_k"].tolist() == [2, 4] and step["last_token"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="one piece"):
+        gqa_inputs(np.array([[5, 6], [7, 8]]), np.concatenate([mask, [[0, 1], [1, 1]]], axis=1), past=4)
+    with pytest.raises(ValueError, match="without padding"):
+        gqa_inputs(ids, np.array([[0, 0, 1, 1], [0, 1, 1, 1]]), past=0)
 
 
 def test_chat_reuses_cache_and_matches_fresh_run(smollm2_bundle):
