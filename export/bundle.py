@@ -14,6 +14,7 @@ import onnx
 import torch
 
 from ..runtime import atomic
+from ..runtime.bundle import FORMAT_VERSION
 from ..runtime.log import log, progress_enabled
 from .assemble import ExternalWeights
 from .checkpoint import Checkpoint
@@ -25,7 +26,6 @@ from .text_graphs import TextGraphs
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_KINDS = ("decode", "prefill", "score")     # decode first: it decides how shared weights are laid out
 DEFAULT_OPSET = 21
-BUNDLE_FORMAT_VERSION = 1
 
 
 def toolkit_version() -> str:
@@ -124,7 +124,7 @@ def _manifest(ckpt: Checkpoint, dtype: str, max_seq: int, max_batch: int, opset:
     spec = ckpt.spec
     return {
         "format": "ardeploy-bundle",
-        "format_version": BUNDLE_FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "toolkit_version": toolkit_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": str(Path(ckpt.source).resolve()), "format": ckpt.source_format,

@@ -15,11 +15,32 @@ import tempfile
 from pathlib import Path
 
 
+# What marks a folder as ardeploy's own: --force replaces only such a folder (or an empty one).
+OWN_FOLDER_MARKS = {"manifest.json": "ardeploy-bundle", "engines.json": "ardeploy-engines"}
+
+
+def written_by_ardeploy(folder: Path) -> bool:
+    """A bundle or an engines folder: its manifest.json / engines.json says it is ardeploy's."""
+    import json
+    for name, fmt in OWN_FOLDER_MARKS.items():
+        try:
+            if json.loads((folder / name).read_text(encoding="utf-8")).get("format") == fmt:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def check_out(out: Path, force: bool, error: type[Exception] = ValueError) -> None:
-    """Refuse an output we cannot or must not write, before any work is done."""
+    """Refuse an output we cannot or must not write, before any work is done. --force replaces a
+    folder ardeploy wrote (a bundle, an engines folder) or an empty one, nothing else."""
     out = Path(out).resolve()
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise error(f"{out}: already exists and is not empty (use --force to replace it)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise error(f"{out}: already exists and is not empty (use --force to replace it)")
+        if not out.is_dir() or not written_by_ardeploy(out):
+            raise error(f"{out}: not a folder ardeploy wrote (no bundle manifest.json or engines.json): "
+                        f"--force replaces only those, so it was left as it is")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():

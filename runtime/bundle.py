@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 
 
+FORMAT_VERSION = 1          # the newest bundle format this runtime reads (export writes it)
+
+
 class BundleError(ValueError):
     """A bundle we cannot use; the message names the file or field at fault."""
 
@@ -36,8 +39,12 @@ class Bundle:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise BundleError(f"{mpath}: not valid JSON ({e})") from None
-        if manifest.get("format") != "ardeploy-bundle":
+        if not isinstance(manifest, dict) or manifest.get("format") != "ardeploy-bundle":
             raise BundleError(f"{mpath}: not an ardeploy bundle manifest")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BundleError(f"{mpath}: bundle format version {version!r}, this ardeploy reads up to "
+                              f"{FORMAT_VERSION}: upgrade ardeploy or re-export the bundle")
         bundle = cls(path, manifest)
         missing = [name for name in bundle.required_files() if not (path / name).exists()]
         if missing:

@@ -168,9 +168,13 @@ class Generator:
         self._check_prompts(prompt_ids)
         started, graph_before = time.perf_counter(), self.backend.run_seconds()
         reuse = continue_cache and len(prompt_ids) == 1 and self.cached and self.arena.batch == 1
-        # Forget the cached tokens until this run ends: a run abandoned half way leaves other K/V.
+        # `cached` names exactly the tokens whose K/V the arena holds: emptied before the arena is
+        # touched, then grown only after a step has written them (a run abandoned half way, or one
+        # that raised, leaves it true).
         cached, self.cached = self.cached, []
         logits, mask = self._prefill(prompt_ids, cached if reuse else None)
+        if len(prompt_ids) == 1:
+            self.cached = list(prompt_ids[0])
         rows = [RowProgress(ids, self.tokenizer, cfg.stop) for ids in prompt_ids]
         sampler = Sampler(cfg, len(rows), processors)
         eos = self._eos_ids(cfg)
@@ -184,8 +188,6 @@ class Generator:
                 break
             logits, mask = self._decode_step(tokens, rows, mask)
         finished = time.perf_counter()
-        if len(rows) == 1:
-            self.cached = rows[0].prompt_ids + rows[0].token_ids[:-1]      # the last token was never run
         timings = RunTimings(started, first_token_at, finished, self.backend.run_seconds() - graph_before)
         return [row.result(timings, has_text=self.tokenizer is not None) for row in rows]
 
@@ -242,7 +244,10 @@ class Generator:
         running = [row.stop_reason is None for row in rows]
         ids = np.where(running, tokens, self.bundle.pad_id).astype(np.int64)[:, None]
         mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-        return self.backend.step(ids, mask, self.arena), mask
+        logits = self.backend.step(ids, mask, self.arena)
+        if len(rows) == 1:
+            self.cached.append(int(ids[0, 0]))
+        return logits, mask
 
 
 # -- per-row stop tracking ------------------------------------------------------------------------

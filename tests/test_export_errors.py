@@ -102,6 +102,28 @@ def test_existing_out_needs_force(hf_copy, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "precious"
 
 
+def test_force_replaces_only_what_ardeploy_wrote(hf_copy, tmp_path, capsys):
+    """--force never deletes a folder ardeploy did not write (or a file); it replaces a bundle, and the old
+    bundle stays until the new one is complete."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("years of work")
+    code, err = run_cli(["export", hf_copy, "--out", work, "--force"], capsys)
+    assert_one_line_error(code, err, str(work), "not a folder ardeploy wrote")
+    assert (work / "thesis.tex").read_text() == "years of work"
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    code, err = run_cli(["export", hf_copy, "--out", afile, "--force"], capsys)
+    assert_one_line_error(code, err, "not a folder ardeploy wrote")
+    bundle = tmp_path / "bundle"
+    assert run_cli(["export", hf_copy, "--out", bundle, "--no-score"], capsys)[0] == 0
+    first = json.loads((bundle / "manifest.json").read_text())["created"]
+    (bundle / "stale.txt").write_text("from the old bundle")
+    assert run_cli(["export", hf_copy, "--out", bundle, "--force"], capsys)[0] == 0
+    assert not (bundle / "stale.txt").exists() and (bundle / "score.onnx").exists()
+    assert json.loads((bundle / "manifest.json").read_text())["created"] >= first
+
+
 def test_failure_midway_leaves_nothing(hf_copy, tmp_path, monkeypatch):
     from ardeploy.export import assemble, bundle
     from ardeploy.export.registry import load_checkpoint

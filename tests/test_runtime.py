@@ -114,6 +114,88 @@ def test_prompt_longer_than_max_seq(tiny_hf, export_once, capsys):
     assert err.startswith("ardeploy: error:") and "30 tokens" in err and "max_seq 24" in err and "\n" not in err
 
 
+def _continued_vs_fresh(gen, bundle, prompt, cfg):
+    """Run `prompt` continuing the generator's cache; (its tokens, a fresh generator's tokens, the
+    number of cached positions the continued run started from)."""
+    from ardeploy.runtime.generator import Run
+    starts = []
+    real_step = gen.backend.step
+    gen.backend.step = lambda ids, mask, arena: (starts.append(arena.length), real_step(ids, mask, arena))[1]
+    run = Run(gen.events([prompt], cfg, continue_cache=True))
+    for _ in run:
+        pass
+    gen.backend.step = real_step
+    fresh = Generator.load(bundle, threads=threads()).generate(prompt, cfg)
+    return run.results[0].token_ids, fresh.token_ids, starts[0]
+
+
+def _interrupt(gen, prompt, cfg, how: str, k: int) -> list[int]:
+    """Start a continued turn and stop it after its k-th token: the caller stops reading the stream,
+    or a logits processor raises at the next sampling step. Returns the tokens it gave."""
+    def raising(logits, history):
+        if len(history[0]) >= len(prompt) + k:
+            raise RuntimeError("processor failed")
+        return logits
+    taken = []
+    events = gen.events([prompt], cfg, continue_cache=True, processors=[raising] if how == "raised" else None)
+    try:
+        for event in events:
+            taken.append(event.token)
+            if how == "abandoned" and len(taken) == k:
+                break
+    except RuntimeError:
+        assert how == "raised"
+    events.close()
+    assert len(taken) == k
+    return taken
+
+
+@pytest.mark.parametrize("how", ["abandoned", "raised"])
+def test_chat_cache_after_an_interrupted_turn(tiny_bundle, how):
+    """A turn stopped half way (the caller stops reading the stream, or a logits processor raises)
+    leaves the cache naming only the tokens whose K/V the arena holds: the next turn reuses exactly
+    those and equals a fresh run."""
+    bundle, _ = tiny_bundle
+    cfg = SamplingConfig(greedy=True, max_new_tokens=10, ignore_eos=True)
+    gen = Generator.load(bundle, threads=threads())
+    first, second, k = rng_ids(9, seed=11), rng_ids(7, seed=12), 4
+    done = gen.generate(first, cfg).token_ids                 # a finished turn: cache = first + its reply
+    _interrupt(gen, second, cfg, how, k)                       # another conversation, interrupted
+    # continuing the first conversation must not reuse its K/V: the arena now holds the second one
+    tokens, fresh, start = _continued_vs_fresh(gen, bundle, first + done + rng_ids(3, seed=13), cfg)
+    assert tokens == fresh and start == 0
+    # continuing the interrupted one reuses what ran: its prompt and the tokens fed back before it stopped
+    gen = Generator.load(bundle, threads=threads())
+    taken = _interrupt(gen, second, cfg, how, k)
+    tokens, fresh, start = _continued_vs_fresh(gen, bundle, second + taken + rng_ids(3, seed=14), cfg)
+    assert tokens == fresh
+    # abandoned: the k-th token was sampled but never run; raised: it ran before the next sampling failed
+    assert start == len(second) + k - (1 if how == "abandoned" else 0)
+
+
+def test_bundle_from_a_newer_format_is_refused(tiny_bundle, tmp_path, capsys):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle[0], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    code = main(["generate", str(bundle), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "format version 99" in err and "up to 1" in err and "Traceback" not in err
+
+
+def test_default_model_is_checked_against_its_pinned_sha256(tmp_path, monkeypatch):
+    """A cached default-model file whose bytes are not the pinned ones is refused and removed."""
+    from ardeploy.export.errors import CheckpointError
+    from ardeploy.export.named_models import resolve
+    monkeypatch.setenv("ARDEPLOY_CACHE", str(tmp_path))
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(CheckpointError, match="pinned"):
+        resolve("smollm2")
+    assert not fake.exists()
+
+
 def test_gqa_inputs_realign_padded_rows():
     """The ONNX Runtime graph's inputs from the runtime's left-padded contract: a padded row's tokens
     move to the front, lengths and last-token indices come from the mask, and steps the fused
