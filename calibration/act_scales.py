@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .stats import METHODS, QMAX, AbsHistogram, threshold
+from ..runtime.errors import UserError
 
 
 def thresholds_of(chmax: np.ndarray, hist: AbsHistogram | None, method: str, percentile: float) -> dict[str, float]:
@@ -23,7 +24,7 @@ def scale_of(group: str, t: float, float_np) -> float:
     """The INT8 scale of threshold `t`, rounded to the activations' dtype."""
     scale = float(float_np(t / QMAX))
     if scale == 0.0 or not math.isfinite(scale):
-        raise ValueError(f"{group}: activation scale {t / QMAX} does not fit {float_np.__name__}")
+        raise UserError(f"{group}: activation scale {t / QMAX} does not fit {float_np.__name__}")
     return scale
 
 

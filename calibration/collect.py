@@ -12,6 +12,7 @@ from . import evaluate as ev
 from .graphs import group_inputs, stats_model
 from .source import SourceModel
 from .stats import AbsHistogram
+from ..runtime.errors import UserError
 
 
 class StatsRun:
@@ -75,19 +76,19 @@ def reuse_statistics(path: str, groups, alpha: float | None, method: str) -> tup
     try:
         old = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read calibration statistics ({e})") from None
+        raise UserError(f"{path}: cannot read calibration statistics ({e})") from None
     old_alpha = old.get("config", {}).get("smoothquant_alpha")
     if old.get("scheme") != "w8a8" or old_alpha != alpha:
-        raise ValueError(f"{path}: statistics are for scheme {old.get('scheme')} with SmoothQuant alpha {old_alpha}; "
-                         f"re-use needs w8a8 and the same --smoothquant-alpha")
+        raise UserError(f"{path}: statistics are for scheme {old.get('scheme')} with SmoothQuant alpha {old_alpha}; "
+                        f"re-use needs w8a8 and the same --smoothquant-alpha")
     saved = old["groups"]
     missing = [g for g in groups if g not in saved]
     if missing:
-        raise ValueError(f"{path}: no statistics for {missing[0]} (calibrated on another bundle?)")
+        raise UserError(f"{path}: no statistics for {missing[0]} (calibrated on another bundle?)")
     chmax = {g: np.asarray(saved[g]["channel_absmax"], np.float32) for g in groups}
     hists = None
     if all("histogram" in saved[g] for g in groups):
         hists = {g: AbsHistogram.from_json(saved[g]["histogram"]) for g in groups}
     elif method != "max":
-        raise ValueError(f"{path}: has no histograms (it was made with --method max); use --method max")
+        raise UserError(f"{path}: has no histograms (it was made with --method max); use --method max")
     return chmax, hists, dict(old.get("data", {}), reused_from=str(Path(path).resolve()))

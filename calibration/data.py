@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.files import sha256_file
+from ..runtime.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -23,13 +24,13 @@ def read_documents(path: str | Path) -> list[str]:
     """Documents of a text or JSONL file; raises ValueError with a one-line message on bad input."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder, not a text or JSONL file")
+        raise UserError(f"{path}: is a folder, not a text or JSONL file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix.lower() in JSONL_SUFFIXES:
         docs = []
         for no, line in enumerate(text.splitlines(), 1):
@@ -38,22 +39,22 @@ def read_documents(path: str | Path) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{no}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{no}: expected a JSON object with a string field 'text'")
+                raise UserError(f"{path}:{no}: expected a JSON object with a string field 'text'")
             if obj["text"].strip():
                 docs.append(obj["text"])
     else:
         docs = [d.strip() for d in re.split(r"\n(?:[ \t\r\f\v]*\n)+", text) if d.strip()]
     if not docs:
-        raise ValueError(f"{path}: no text in it (empty calibration/evaluation file)")
+        raise UserError(f"{path}: no text in it (empty calibration/evaluation file)")
     return docs
 
 
 def tokenize_documents(tokenizer, docs: list[str], separator: int | None) -> np.ndarray:
     """One int64 token stream: each document's tokens, then `separator` (if any)."""
     if tokenizer is None:
-        raise ValueError("the bundle has no tokenizer, so text cannot be tokenized")
+        raise UserError("the bundle has no tokenizer, so text cannot be tokenized")
     parts = []
     for enc in tokenizer.encode_batch(docs, add_special_tokens=False):
         parts.append(enc.ids)
@@ -83,12 +84,12 @@ def make_windows(stream: np.ndarray, seq_len: int, samples: int, source: str = "
     """Cut the stream into non-overlapping windows; take `samples` of them spread over the whole
     file for calibration and keep the others as held-out windows."""
     if seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2 (got {seq_len})")
+        raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
     if samples < 1:
-        raise ValueError(f"--samples must be at least 1 (got {samples})")
+        raise UserError(f"--samples must be at least 1 (got {samples})")
     n = len(stream) // seq_len
     if n == 0:
-        raise ValueError(f"{source}: {len(stream)} tokens is shorter than one window of --seq-len {seq_len}")
+        raise UserError(f"{source}: {len(stream)} tokens is shorter than one window of --seq-len {seq_len}")
     all_windows = stream[: n * seq_len].reshape(n, seq_len)
     take = min(samples, n)
     chosen = np.unique(np.linspace(0, n - 1, take).round().astype(int))
@@ -114,7 +115,7 @@ def token_stream(bundle, data) -> tuple[np.ndarray, int]:
         return load_stream(bundle, data)
     stream = np.asarray(data, np.int64).reshape(-1)
     if len(stream) and not (0 <= stream.min() and stream.max() < bundle.vocab_size):
-        raise ValueError(f"token ids must be in [0, {bundle.vocab_size})")
+        raise UserError(f"token ids must be in [0, {bundle.vocab_size})")
     return stream, 1
 
 
@@ -124,7 +125,7 @@ def check_windows(bundle, heldout: np.ndarray, seq_len: int, count: int, check_d
         stream, _ = load_stream(bundle, check_data)
         n = len(stream) // seq_len
         if n == 0:
-            raise ValueError(f"{check_data}: shorter than one window of --seq-len {seq_len}")
+            raise UserError(f"{check_data}: shorter than one window of --seq-len {seq_len}")
         heldout = stream[: n * seq_len].reshape(n, seq_len)
     if not count or not len(heldout):
         return np.zeros((0, seq_len), np.int64)

@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto
 
 from ..runtime.sessions import open_session, session_options
+from ..runtime.errors import UserError
 
 IN_MEMORY = "__in_memory__"      # external-data location of tensors handed to ONNX Runtime from memory
 
@@ -70,11 +71,11 @@ def score_fn(sess):
 def scoring_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window."""
     if seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2 (got {seq_len})")
+        raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
     if not 1 <= stride <= seq_len:
-        raise ValueError(f"--stride must be between 1 and --seq-len {seq_len} (got {stride})")
+        raise UserError(f"--stride must be between 1 and --seq-len {seq_len} (got {stride})")
     if n_tokens < 2:
-        raise ValueError(f"the text has {n_tokens} token(s); perplexity needs at least 2")
+        raise UserError(f"the text has {n_tokens} token(s); perplexity needs at least 2")
     windows, begin, prev_end = [], 0, 0
     while True:
         end = min(begin + seq_len, n_tokens)
@@ -117,6 +118,6 @@ def perplexity(run, stream: np.ndarray, seq_len: int = 512, stride: int | None =
 def bundle_perplexity(bundle, stream: np.ndarray, seq_len: int, stride: int | None = None,
                       threads: int | None = None, progress: bool = True) -> dict:
     if not bundle.has_graph("score"):
-        raise ValueError(f"{bundle.path}: bundle has no score graph (re-export without --no-score)")
+        raise UserError(f"{bundle.path}: bundle has no score graph (re-export without --no-score)")
     sess = session(bundle.graph_path("score"), threads=threads)
     return perplexity(score_fn(sess), stream, seq_len, stride, progress, desc=f"eval {Path(bundle.path).name}")

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.errors import UserError
+
 LAYER_WEIGHT = re.compile(r"^layers\.(\d+)\.(.+)\.weight(\.T)?$")
 HEAD_WEIGHTS = ("lm_head.weight", "embed_tokens.weight")
 # Modules whose linears read the same activation; the group names the activation.
@@ -183,11 +185,11 @@ def activation_dtype(model: onnx.ModelProto, linears: dict[str, Linear]) -> int:
     inits = initializer_map(model)
     dts = {inits[p].data_type for p in linears if p in inits}
     if len(dts) != 1:
-        raise ValueError(f"linear weights have mixed dtypes {sorted(dts)}")
+        raise UserError(f"linear weights have mixed dtypes {sorted(dts)}")
     dt = dts.pop()
     if dt not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
-        raise ValueError(f"linear weights have dtype {TensorProto.DataType.Name(dt)}; expected a float type "
-                         f"(is this bundle already quantized?)")
+        raise UserError(f"linear weights have dtype {TensorProto.DataType.Name(dt)}; expected a float type "
+                        f"(is this bundle already quantized?)")
     return dt
 
 
@@ -265,8 +267,8 @@ def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear]
     m = copy.deepcopy(model)
     act_np = NP_OF_ONNX.get(plan.float_dtype)
     if plan.act_scales and act_np is None:
-        raise ValueError(f"activation quantization needs float32 or float16 activations "
-                         f"(not {TensorProto.DataType.Name(plan.float_dtype)})")
+        raise UserError(f"activation quantization needs float32 or float16 activations "
+                        f"(not {TensorProto.DataType.Name(plan.float_dtype)})")
     quantized = {p for p in plan.weight_scales if p in linears}
     dq_nodes = _swap_weights(m.graph, linears, plan, quantized, make_initializer)
     _insert_activation_qdq(m.graph, kind, linears, plan, quantized, act_np, dq_nodes)

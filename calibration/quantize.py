@@ -36,6 +36,7 @@ from .source import SourceModel, check_source
 from .stats import METHODS, AbsHistogram
 from .weights import WeightQuantizer, quant_plan, smoothed_float_plan
 from .write import write_calibrated_bundle
+from ..runtime.errors import UserError
 
 SCHEMES = ("w8a16", "w8a8")
 WEIGHT_METHODS = ("max", "mse", "gptq")
@@ -65,22 +66,22 @@ class CalibConfig:
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown --scheme {self.scheme!r} (choose {' or '.join(SCHEMES)})")
+            raise UserError(f"unknown --scheme {self.scheme!r} (choose {' or '.join(SCHEMES)})")
         if self.method not in METHODS:
-            raise ValueError(f"unknown --method {self.method!r} (choose {', '.join(METHODS)})")
+            raise UserError(f"unknown --method {self.method!r} (choose {', '.join(METHODS)})")
         if self.weight_method not in WEIGHT_METHODS:
-            raise ValueError(f"unknown --weight-method {self.weight_method!r} (choose {', '.join(WEIGHT_METHODS)})")
+            raise UserError(f"unknown --weight-method {self.weight_method!r} (choose {', '.join(WEIGHT_METHODS)})")
         if self.weight_method == "gptq" and self.reuse_stats:
-            raise ValueError("--weight-method gptq needs the data's Hessians, which calibration.json does not keep: "
-                             "drop --reuse-stats")
+            raise UserError("--weight-method gptq needs the data's Hessians, which calibration.json does not keep: "
+                            "drop --reuse-stats")
         if not 0 < self.percentile <= 100:
-            raise ValueError(f"--percentile must be in (0, 100] (got {self.percentile})")
+            raise UserError(f"--percentile must be in (0, 100] (got {self.percentile})")
         if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
-            raise ValueError(f"--smoothquant-alpha must be in [0, 1] (got {self.smoothquant_alpha})")
+            raise UserError(f"--smoothquant-alpha must be in [0, 1] (got {self.smoothquant_alpha})")
         if self.samples < 1 or self.seq_len < 2:
-            raise ValueError("--samples must be >= 1 and --seq-len >= 2")
+            raise UserError("--samples must be >= 1 and --seq-len >= 2")
         if self.target not in (None, "trt-rtx"):
-            raise ValueError(f"unknown --target {self.target!r} (trt-rtx)")
+            raise UserError(f"unknown --target {self.target!r} (trt-rtx)")
 
     @property
     def bound(self) -> float:
@@ -237,7 +238,7 @@ class Calibrator:
         keep = [] if self.cfg.keep_fp in (None, "auto") else sorted(set(self.cfg.keep_fp))
         bad = [k for k in keep if k not in self.source.layers]
         if bad:
-            raise ValueError(f"--keep-fp {bad[0]}: the model has layers 0..{self.source.layers[-1]}")
+            raise UserError(f"--keep-fp {bad[0]}: the model has layers 0..{self.source.layers[-1]}")
         return keep
 
     def _check(self, plan: QuantPlan, keep: list[int]) -> tuple[QuantPlan, list[int]]:
@@ -278,7 +279,7 @@ def _check_request(bundle: Bundle, out: Path, cfg: CalibConfig) -> None:
     check_source(bundle)
     atomic.check_out(out, cfg.force)
     if out.resolve() == Path(bundle.path).resolve():
-        raise ValueError(f"{out}: the output must be a new folder, not the source bundle")
+        raise UserError(f"{out}: the output must be a new folder, not the source bundle")
     if cfg.target == "trt-rtx":
         from .trt_check import check_scheme_supported
         check_scheme_supported(cfg.scheme, bundle.manifest.get("dtype"), cfg.compute_capabilities)

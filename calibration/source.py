@@ -10,6 +10,7 @@ from onnx import TensorProto
 
 from ..runtime.bundle import Bundle, BundleError, numpy_dtype
 from .graphs import NP_OF_ONNX, Linear, activation_dtype, find_linears, initializer_map
+from ..runtime.errors import UserError
 
 
 class SourceWeights:
@@ -63,8 +64,8 @@ class SourceModel:
             raise BundleError(f"{bundle.path}: no linear layers found in the graphs")
         self.float_dtype = activation_dtype(next(iter(self.graphs.values())), self.linears)
         if self.float_dtype not in NP_OF_ONNX:
-            raise ValueError(f"{bundle.path}: {bundle.manifest.get('dtype')} bundles are not supported by "
-                             f"calibrate (fp32 or fp16; TensorRT has no bf16 Q/DQ scales on RTX GPUs before SM89)")
+            raise UserError(f"{bundle.path}: {bundle.manifest.get('dtype')} bundles are not supported by "
+                            f"calibrate (fp32 or fp16; TensorRT has no bf16 Q/DQ scales on RTX GPUs before SM89)")
         self.float_np = NP_OF_ONNX[self.float_dtype]     # activations' numpy type; scales are stored in it
         self.inits = {k: initializer_map(m) for k, m in self.graphs.items()}
         self.weights = SourceWeights(bundle)

@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from ..runtime.errors import UserError
+
 QMAX = 127
 METHODS = ("max", "percentile", "entropy", "mse")
 DEFAULT_BINS = 4096
@@ -41,7 +43,7 @@ class AbsHistogram:
             return
         m = float(flat.max())
         if not math.isfinite(m):
-            raise ValueError("non-finite activation seen during calibration")
+            raise UserError("non-finite activation seen during calibration")
         self.total += flat.size
         self.amax = max(self.amax, m)
         if m == 0.0:
@@ -98,7 +100,7 @@ def threshold_max(h: AbsHistogram) -> float:
 
 def threshold_percentile(h: AbsHistogram, percentile: float = 99.99) -> float:
     if not 0 < percentile <= 100:
-        raise ValueError(f"--percentile must be in (0, 100] (got {percentile})")
+        raise UserError(f"--percentile must be in (0, 100] (got {percentile})")
     counts, w = _trimmed(h)
     if percentile == 100 or counts.sum() == 0:
         return h.amax
@@ -196,7 +198,7 @@ def threshold(h: AbsHistogram, method: str, percentile: float = 99.99) -> float:
         return threshold_entropy(h)
     if method == "mse":
         return threshold_mse(h)
-    raise ValueError(f"unknown --method {method!r} (choose {', '.join(METHODS)})")
+    raise UserError(f"unknown --method {method!r} (choose {', '.join(METHODS)})")
 
 
 # -- SmoothQuant ------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def quantize_weight(w: np.ndarray, axis: int, scale_dtype, method: str = "max") 
             best = np.where(better, err, best)
             scale = np.where(better, s, scale)
     else:
-        raise ValueError(f"unknown --weight-method {method!r} (choose max, mse or gptq)")
+        raise UserError(f"unknown --weight-method {method!r} (choose max, mse or gptq)")
     scale = np.where(scale > 0, scale, 1.0).astype(scale_dtype)
     sb = np.expand_dims(scale.astype(np.float32), red)
     q = np.clip(np.round(w / sb), -QMAX, QMAX).astype(np.int8)

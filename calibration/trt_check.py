@@ -11,13 +11,14 @@ from pathlib import Path
 
 from ..runtime import trt_compat as compat
 from ..runtime.log import log
+from ..runtime.errors import UserError
 
 
 def _rtx() -> compat.TensorRT:
     try:
         return compat.load("tensorrt_rtx")
     except ValueError as e:
-        raise ValueError(f"--target trt-rtx needs TensorRT-RTX (pip install -e '.[trt-rtx]'): {e}") from None
+        raise UserError(f"--target trt-rtx needs TensorRT-RTX (pip install -e '.[trt-rtx]'): {e}") from None
 
 
 # Combinations the TensorRT-RTX 1.7 builder refuses, found by AOT builds of our quantized graphs
@@ -25,8 +26,8 @@ def _rtx() -> compat.TensorRT:
 def check_scheme_supported(scheme: str, dtype: str | None, ccs) -> None:
     ccs = [c.lower().replace("sm", "").replace(".", "").strip() for c in ccs]     # SM75, sm75, 7.5 -> 75
     if "75" in ccs and dtype == "fp32":
-        raise ValueError(f"TensorRT-RTX cannot build {scheme} from an fp32 bundle for SM75 (Turing has no FP32 "
-                         f"GEMM in TensorRT-RTX); export with --dtype fp16 or drop SM75")
+        raise UserError(f"TensorRT-RTX cannot build {scheme} from an fp32 bundle for SM75 (Turing has no FP32 "
+                        f"GEMM in TensorRT-RTX); export with --dtype fp16 or drop SM75")
 
 
 def profile_shapes(manifest: dict, kind: str, max_tokens: int = 256) -> dict:
@@ -60,12 +61,12 @@ def build_graph(path: str | Path, shapes: dict, ccs=("SM89",)) -> dict:
     t0 = time.perf_counter()
     parser, problems = compat.parse_onnx(tensorrt, network, trt_logger, path)     # keep `parser`: it owns the weights
     if problems:
-        raise ValueError(f"TensorRT-RTX cannot parse {Path(path).name}: {problems[0]}")
+        raise UserError(f"TensorRT-RTX cannot parse {Path(path).name}: {problems[0]}")
     compat.configure(tensorrt, config, workspace=None, opt_level=None, ccs=targets)
     compat.add_profile(tensorrt, builder, config, shapes)
     serialized = compat.build(tensorrt, builder, network, config)
     if serialized is None:
-        raise ValueError(f"TensorRT-RTX cannot build {Path(path).name} for {', '.join(ccs)}: {compat.last_error(tensorrt)}")
+        raise UserError(f"TensorRT-RTX cannot build {Path(path).name} for {', '.join(ccs)}: {compat.last_error(tensorrt)}")
     return {"ok": True, "compute_capabilities": list(ccs), "layers": network.num_layers, "plan_bytes": serialized.nbytes,
             "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..runtime.kv_traffic import bytes_per_step, cache_copy_nodes
 from .options import add_backend_threads, add_flavor, add_json, add_verbosity, comma_ints
+from .errors import UserError
 
 
 def host_memory_mib() -> dict:
@@ -110,10 +111,10 @@ def summarize(runs: list[dict]) -> dict:
 def _check_fits(bundle, max_batch: int, prompt_lens, new_tokens: int) -> None:
     """Refuse configurations the bundle's KV arena cannot hold."""
     if max_batch > bundle.max_batch:
-        raise ValueError(f"--batch {max_batch} exceeds the bundle's max_batch {bundle.max_batch} (re-export with --max-batch)")
+        raise UserError(f"--batch {max_batch} exceeds the bundle's max_batch {bundle.max_batch} (re-export with --max-batch)")
     too_long = [p for p in prompt_lens if p + new_tokens > bundle.max_seq]
     if too_long:
-        raise ValueError(f"--prompt-len {too_long[0]} + --new-tokens {new_tokens} exceeds the bundle's max_seq {bundle.max_seq}")
+        raise UserError(f"--prompt-len {too_long[0]} + --new-tokens {new_tokens} exceeds the bundle's max_seq {bundle.max_seq}")
 
 
 def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: int = 128, batches=(1,),

@@ -5,6 +5,7 @@ import json
 import time
 
 from .options import add_json, add_out_force, add_threads, add_verbosity
+from .errors import UserError
 
 
 def _keep_fp(value: str):
@@ -16,7 +17,7 @@ def _keep_fp(value: str):
     try:
         return sorted({int(x) for x in v.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"--keep-fp {value!r}: give auto, none, or comma-separated layer numbers") from None
+        raise UserError(f"--keep-fp {value!r}: give auto, none, or comma-separated layer numbers") from None
 
 
 def _alpha(value: str):
@@ -25,7 +26,7 @@ def _alpha(value: str):
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"--smoothquant-alpha {value!r}: give a number in [0, 1] or 'off'") from None
+        raise UserError(f"--smoothquant-alpha {value!r}: give a number in [0, 1] or 'off'") from None
 
 
 def calib_config(args):
@@ -89,7 +90,7 @@ def cmd_eval(args) -> int:
     if args.reference:
         ref = Bundle.load(args.reference)
         if ref.vocab_size != bundle.vocab_size:
-            raise ValueError(f"{args.reference}: vocabulary differs from {args.bundle}'s")
+            raise UserError(f"{args.reference}: vocabulary differs from {args.bundle}'s")
         ref_res = bundle_perplexity(ref, stream, args.seq_len, stride, args.threads, progress=not args.quiet)
         res["reference"] = {"bundle": str(args.reference), "ppl": ref_res["ppl"], "seconds": ref_res["seconds"]}
         res["ratio"] = res["ppl"] / ref_res["ppl"]

@@ -1,14 +1,32 @@
-"""Which exceptions the CLI reports as one line (exit status 2) rather than as a bug."""
+"""Which exceptions the CLI reports as the user's to fix (one line, exit status 2) rather than as a bug."""
 from __future__ import annotations
 
+from ardeploy.runtime.errors import UserError as RuntimeUserError
 
-class UserError(Exception):
+
+class UserError(RuntimeUserError):
     """Bad input found by the command line itself (options that do not go together)."""
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exception types that describe bad input rather than a bug."""
-    from ardeploy.export.errors import CheckpointError, ExportError
-    from ardeploy.runtime.bundle import BundleError
-    return (UserError, ValueError, IndexError, FileNotFoundError, PermissionError, BundleError, CheckpointError,
-            ExportError)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that describe input the user can fix: every stage's UserError (BundleError,
+    CheckpointError, ExportError, EngineError are subclasses) and the OS errors that name a path."""
+    return (RuntimeUserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def describe_user_error(e: BaseException) -> str:
+    """One line: OS errors name the path (`PATH: No such file or directory`)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e)
+    return " ".join(text.split())
+
+
+def describe_bug(e: BaseException) -> str:
+    """One line for an error that is not the user's: what it was and how to see more."""
+    message = " ".join(str(e).split())
+    if len(message) > 300:
+        message = message[:300] + " ..."
+    return (f"ardeploy: internal error (a bug in ardeploy): {type(e).__name__}: {message} "
+            f"(run again with --debug for the traceback)")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .options import add_backend_threads, add_token_filters, add_verbosity
+from .errors import UserError
 
 
 def _size(text: str | None):
@@ -19,7 +20,7 @@ def _size(text: str | None):
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 256x256") from None
+        raise UserError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 256x256") from None
     return w, h
 
 
@@ -36,13 +37,13 @@ def _check_condition(args, gen) -> None:
                                   ("--prompt-ids", args.prompt_ids), ("--caption-features", args.caption_features))
              if v is not None]
     if len(given) != 1:
-        raise ValueError("give exactly one of --class-id, --prompt, --prompt-ids or --caption-features")
+        raise UserError("give exactly one of --class-id, --prompt, --prompt-ids or --caption-features")
     from ardeploy.runtime.image import CONDITION_HELP
     wanted = {"class": "--class-id", "caption": "--caption-features"}.get(gen.condition)
     if (wanted or "--prompt") != given[0] and not (wanted is None and given[0] == "--prompt-ids"):
-        raise ValueError(CONDITION_HELP[gen.condition])
+        raise UserError(CONDITION_HELP[gen.condition])
     if args.num_images < 1:
-        raise ValueError(f"-n must be at least 1 (got {args.num_images})")
+        raise UserError(f"-n must be at least 1 (got {args.num_images})")
 
 
 def _requests(args, gen):
@@ -58,7 +59,7 @@ def _requests(args, gen):
             try:
                 conds.append(ImageRequest(caption=np.load(f)))
             except (OSError, ValueError) as e:
-                raise ValueError(f"{f}: cannot read caption features ({e})") from None
+                raise UserError(f"{f}: cannot read caption features ({e})") from None
     else:
         ids = gen.encode_prompt(args.prompt) if args.prompt is not None else _ids(args.prompt_ids)
         conds = [ImageRequest(prompt_ids=ids)]
@@ -69,7 +70,7 @@ def _ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+        raise UserError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
 
 
 def _settings(args, gen, size):
@@ -114,11 +115,11 @@ def cmd_generate_image(args) -> int:
     gen = ImageGenerator.load(args.bundle, backend=args.backend, threads=args.threads, prepack=not args.no_prepack)
     requests = _requests(args, gen)
     if out.suffix.lower() == ".png" and len(requests) > 1:
-        raise ValueError(f"--out {out}: {len(requests)} images need a folder, not one .png file")
+        raise UserError(f"--out {out}: {len(requests)} images need a folder, not one .png file")
     settings = _settings(args, gen, size)
     decode = not args.no_decode
     if not decode and not args.save_tokens:
-        raise ValueError("--no-decode needs --save-tokens (otherwise nothing would be written)")
+        raise UserError("--no-decode needs --save-tokens (otherwise nothing would be written)")
     w, h = size or gen.default_size
     factor = gen.layout.downsample
     bar = _TokenBar(len(requests) * (w // factor) * (h // factor))

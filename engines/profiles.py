@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..runtime.engine_record import DECODE, PREFILL
+from ..runtime.errors import EngineError
 
 Range = tuple[int, int, int]        # (min, opt, max)
 
@@ -45,11 +46,11 @@ class Profile:
 def optimization_profiles(max_seq: int, max_batch: int, opt_seq: int) -> list[Profile]:
     """The prefill and decode profiles (in that order) of an engine for these limits."""
     if max_seq < 2:
-        raise ValueError(f"max_seq must be at least 2 (got {max_seq})")
+        raise EngineError(f"max_seq must be at least 2 (got {max_seq})")
     if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
+        raise EngineError(f"max_batch must be at least 1 (got {max_batch})")
     if not 1 <= opt_seq <= max_seq:
-        raise ValueError(f"--opt-seq must be between 1 and the engine's max_seq {max_seq} (got {opt_seq})")
+        raise EngineError(f"--opt-seq must be between 1 and the engine's max_seq {max_seq} (got {opt_seq})")
     batch = (1, 1, max_batch)
     p_opt = min(opt_seq, max_seq - 1)
     return [Profile(PREFILL, {"batch": batch, "seq": (1, opt_seq, max_seq), "past_seq": (0, 0, 0),

@@ -2,11 +2,12 @@
 
 Kept free of torch so the command line can catch them without importing the exporter.
 """
+from ..runtime.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint we cannot read: the message names the file or tensor at fault."""
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """An export that cannot proceed (bad option, unwritable output)."""

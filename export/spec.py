@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import CheckpointError
+
 
 @dataclass
 class ModelSpec:
@@ -42,7 +44,7 @@ class ModelSpec:
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("linear", "llama3"):
             problems.append(f"unsupported rope_scaling type {self.rope_scaling.get('type')!r} (supported: linear, llama3)")
         if problems:
-            raise ValueError("invalid model spec: " + "; ".join(problems))
+            raise CheckpointError("invalid model spec: " + "; ".join(problems))
 
     @property
     def q_per_kv(self) -> int:

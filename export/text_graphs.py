@@ -18,6 +18,7 @@ from .checkpoint import Checkpoint
 from .contract import describe, graph_io
 from .model import Decoder
 from .pieces import Piece, trace_pieces
+from .errors import ExportError
 
 TARGETS = ("ort", "portable")
 
@@ -29,7 +30,7 @@ class TextGraphs:
 
     def __init__(self, ckpt: Checkpoint, decoder: type[Decoder], target: str = "ort"):
         if target not in TARGETS:
-            raise ValueError(f"unknown --target {target!r} (choose {' or '.join(TARGETS)})")
+            raise ExportError(f"unknown --target {target!r} (choose {' or '.join(TARGETS)})")
         self.ckpt, self.spec, self.decoder, self.target = ckpt, ckpt.spec, decoder, target
 
     def limits(self, max_seq: int, max_batch: int) -> tuple[int, int]:

@@ -31,6 +31,18 @@ def load_torch_file(path: Path, allowed_globals: tuple[type, ...] = (), legacy_f
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {first})") from None
 
 
+def load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A file holding one flat dict of named tensors (a Meta shard), mapped: no tensor's bytes are
+    read until it is used."""
+    obj = load_torch_file(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a state dict (a {type(obj).__name__})")
+    for name, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: {name!r} is a {type(value).__name__}, not a tensor")
+    return obj
+
+
 def _load(path: Path, legacy_format: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

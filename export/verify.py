@@ -17,6 +17,7 @@ from ..runtime.backends.ort import OrtBackend
 from ..runtime.bundle import Bundle
 from .model import build_model
 from .registry import family_of, load_checkpoint, reread_options
+from ..runtime.errors import UserError
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
 
@@ -94,11 +95,11 @@ def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, wi
     bundle = Bundle.load(bundle_path)
     src = Path(source or bundle.manifest["source"]["path"])
     if bundle.manifest["dtype"] == "bf16":
-        raise RuntimeError("ONNX Runtime's CPU provider does not run bfloat16 graphs; "
-                           "verify an fp32 or fp16 export, or build the bf16 bundle with TensorRT")
+        raise UserError(f"{bundle.path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 graphs: "
+                        f"verify an fp32 or fp16 export, or build the bf16 bundle with TensorRT")
     prompt_ids = list(prompt_ids or default_prompt_ids(bundle))
     if len(prompt_ids) >= bundle.max_seq:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the bundle's max_seq {bundle.max_seq}")
+        raise UserError(f"prompt of {len(prompt_ids)} tokens does not fit the bundle's max_seq {bundle.max_seq}")
     steps = min(steps, bundle.max_seq - len(prompt_ids))
     report = {"bundle": str(bundle_path), "source": str(src), "dtype": bundle.manifest["dtype"],
               "prompt_tokens": len(prompt_ids), "steps": steps}

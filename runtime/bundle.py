@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 
 FORMAT_VERSION = 1          # the newest bundle format this runtime reads (export writes it)
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     """A bundle we cannot use; the message names the file or field at fault."""
 
 

@@ -1,6 +1,15 @@
-"""The error the engine commands raise for bad input or an impossible build (one line, exit status 2)."""
+"""The errors that describe input the user can fix (one line, exit status 2 at the command line).
+
+Every stage raises `UserError` (or its own subclass of it) for bad options, prompts, files, bundles
+and sizes, with a message naming the file or value at fault. Anything else reaching the command
+line is a bug in ardeploy: one line saying so (exit status 3), the traceback behind `--debug`.
+"""
 from __future__ import annotations
 
 
-class EngineError(ValueError):
+class UserError(ValueError):
+    """Bad input the user can fix: the message names the file, option or value at fault."""
+
+
+class EngineError(UserError):
     """Something the user can fix: a missing TensorRT, a bundle of the wrong precision, a bad option."""

@@ -26,6 +26,7 @@ from .kv_arena import KVArena
 from .padding import left_pad
 from .sampling import LogitsProcessor, Sampler, SamplingConfig
 from .text import Detokenizer, StopStrings, render_chat
+from .errors import UserError
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Generator:
         ids = [int(token) for token in prompt]
         bad = [token for token in ids if not 0 <= token < self.bundle.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.bundle.vocab_size})")
+            raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.bundle.vocab_size})")
         return ids
 
     # -- public API ---------------------------------------------------------------------------
@@ -193,15 +194,15 @@ class Generator:
 
     def _check_prompts(self, prompt_ids: list[list[int]]) -> None:
         if not prompt_ids:
-            raise ValueError("no prompts given")
+            raise UserError("no prompts given")
         if len(prompt_ids) > self.arena.max_batch:
-            raise ValueError(f"{len(prompt_ids)} prompts exceed the bundle's max_batch {self.arena.max_batch}")
+            raise UserError(f"{len(prompt_ids)} prompts exceed the bundle's max_batch {self.arena.max_batch}")
         for ids in prompt_ids:
             if not ids:
-                raise ValueError("empty prompt: give at least one token")
+                raise UserError("empty prompt: give at least one token")
             if len(ids) >= self.bundle.max_seq:
-                raise ValueError(f"prompt of {len(ids)} tokens does not fit max_seq {self.bundle.max_seq} "
-                                 f"(re-export with a larger --max-seq)")
+                raise UserError(f"prompt of {len(ids)} tokens does not fit max_seq {self.bundle.max_seq} "
+                                f"(re-export with a larger --max-seq)")
 
     def _eos_ids(self, cfg: SamplingConfig) -> set[int]:
         if cfg.ignore_eos:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .sampling import Sampler, SamplingConfig
+from .errors import UserError
 
 SCHEDULES = ("constant", "linear")
 
@@ -26,11 +27,11 @@ class Guidance:
 
     def __post_init__(self):
         if self.scale < 0:
-            raise ValueError(f"cfg scale must be >= 0 (got {self.scale})")
+            raise UserError(f"cfg scale must be >= 0 (got {self.scale})")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown cfg schedule {self.schedule!r} (choose {', '.join(SCHEDULES)})")
+            raise UserError(f"unknown cfg schedule {self.schedule!r} (choose {', '.join(SCHEDULES)})")
         if self.interval < -1:
-            raise ValueError(f"cfg interval must be -1 (always) or >= 0 (got {self.interval})")
+            raise UserError(f"cfg interval must be -1 (always) or >= 0 (got {self.interval})")
 
     @property
     def active(self) -> bool:

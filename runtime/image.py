@@ -35,6 +35,7 @@ from .image_layout import ImageLayout
 from .padding import left_pad
 from .sampling import SamplingConfig
 from .sessions import open_session, session_options
+from .errors import UserError
 
 
 @dataclass
@@ -186,22 +187,22 @@ class ImageGenerator:
         given = [kind for kind, value in (("class", req.class_id), ("caption", req.caption),
                                           ("prompt", req.prompt_ids)) if value is not None]
         if given != [self.condition]:
-            raise ValueError(CONDITION_HELP[self.condition])
+            raise UserError(CONDITION_HELP[self.condition])
         classes = self.image.get("class_conditional")
         if classes:
             if not 0 <= req.class_id < classes["num_classes"]:
-                raise ValueError(f"class id {req.class_id} is out of range [0, {classes['num_classes']})")
+                raise UserError(f"class id {req.class_id} is out of range [0, {classes['num_classes']})")
         elif "caption" in self.image:
             caption = self.image["caption"]
             features = np.asarray(req.caption)
             if features.ndim != 2 or features.shape[1] != caption["dim"] or \
                     not 1 <= features.shape[0] <= caption["tokens"]:
-                raise ValueError(f"caption features must be [L, {caption['dim']}] with 1 <= L <= "
-                                 f"{caption['tokens']}, got {list(features.shape)}")
+                raise UserError(f"caption features must be [L, {caption['dim']}] with 1 <= L <= "
+                                f"{caption['tokens']}, got {list(features.shape)}")
         else:
             bad = [token for token in req.prompt_ids if not 0 <= token < self.bundle.vocab_size]
             if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.bundle.vocab_size})")
+                raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.bundle.vocab_size})")
             self.layout.check_prompt(req.prompt_ids)
 
     # -- generation ---------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ class ImageGenerator:
         """
         settings = settings or ImageSettings()
         if not requests:
-            raise ValueError("no images requested")
+            raise UserError("no images requested")
         for request in requests:
             self._check(request)
         width, height = settings.size or self.default_size
@@ -224,7 +225,7 @@ class ImageGenerator:
             raise BundleError(f"{self.bundle.path}: the bundle has no VQ decoder graph (export with --vq), "
                               f"so it can produce tokens but not pixels")
         if settings.max_text_tokens and self.layout.kind == "grid":
-            raise ValueError("free text before the image needs a unified model (Emu3 / Emu3.5)")
+            raise UserError("free text before the image needs a unified model (Emu3 / Emu3.5)")
         negative = self._negative(settings)
         self._check_length(requests, negative, settings, h, w)
         seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (1 << 31))
@@ -265,8 +266,8 @@ class ImageGenerator:
             longest = max(longest, len(negative))
         need = longest + settings.max_text_tokens + len(self.layout.header(h, w)) + len(self.layout.region(h, w))
         if need > self.bundle.max_seq:
-            raise ValueError(f"the prompt and a {h}x{w}-token image need {need} positions; the bundle's max_seq is "
-                             f"{self.bundle.max_seq} (re-export with a larger --max-seq)")
+            raise UserError(f"the prompt and a {h}x{w}-token image need {need} positions; the bundle's max_seq is "
+                            f"{self.bundle.max_seq} (re-export with a larger --max-seq)")
 
     def _prompts(self, chunk: list[ImageRequest], guided: bool, negative: list[int] | None, h: int, w: int,
                  unified: bool):
@@ -393,7 +394,7 @@ class ImageGenerator:
         codes = np.ascontiguousarray(codes, np.int64)
         codebook = self.image["vq"]["codebook_size"]
         if codes.ndim != 3 or codes.min() < 0 or codes.max() >= codebook:
-            raise ValueError(f"VQ codes must be [B, h, w] in [0, {codebook})")
+            raise UserError(f"VQ codes must be [B, h, w] in [0, {codebook})")
         if self._vq is None:
             self._vq = open_session(self.bundle.graph_path("vq_decoder"), session_options(self.threads))
         return self._vq.run(["pixels"], {"tokens": codes})[0]
@@ -406,7 +407,7 @@ def save_images(results: list[ImageResult], out: str | Path, names: list[str] | 
     images = [result for result in results if result.image is not None]
     if out.suffix.lower() == ".png":
         if len(images) != 1:
-            raise ValueError(f"{out}: one file name for {len(images)} images; give a folder")
+            raise UserError(f"{out}: one file name for {len(images)} images; give a folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         return [write_png(out, images[0].image)]
     out.mkdir(parents=True, exist_ok=True)

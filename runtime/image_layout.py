@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bundle import BundleError
+from .errors import UserError
 
 
 @dataclass
@@ -44,13 +45,13 @@ class ImageLayout:
         """Pixel size -> (h, w) in tokens, or ValueError when the VQ decoder cannot produce it."""
         per_token = self.downsample
         if width <= 0 or height <= 0 or width % per_token or height % per_token:
-            raise ValueError(f"image size {width}x{height} is not a multiple of the VQ decoder's {per_token} pixels "
-                             f"per token")
+            raise UserError(f"image size {width}x{height} is not a multiple of the VQ decoder's {per_token} pixels "
+                            f"per token")
         h, w = height // per_token, width // per_token
         if self.grid is not None and (h, w) != tuple(self.grid):
             grid_h, grid_w = self.grid
-            raise ValueError(f"this bundle makes {grid_w * per_token}x{grid_h * per_token} images only (its 2D rotary "
-                             f"table is {grid_h}x{grid_w} tokens); got {width}x{height}")
+            raise UserError(f"this bundle makes {grid_w * per_token}x{grid_h * per_token} images only (its 2D rotary "
+                            f"table is {grid_h}x{grid_w} tokens); got {width}x{height}")
         return h, w
 
     def header(self, h: int, w: int) -> list[int]:
@@ -78,5 +79,5 @@ class ImageLayout:
         for token in ids:
             if self.lo <= token < self.hi or token in banned:
                 kind = "a visual token" if self.lo <= token < self.hi else "an image layout token"
-                raise ValueError(f"{what} contains {kind} (id {token}); image tokens are only allowed inside the "
-                                 f"generated image")
+                raise UserError(f"{what} contains {kind} (id {token}); image tokens are only allowed inside the "
+                                f"generated image")

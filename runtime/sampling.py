@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import UserError
+
 NEG_INF = -np.inf
 
 
@@ -34,17 +36,17 @@ class SamplingConfig:
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+            raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+            raise UserError(f"temperature must be >= 0 (got {self.temperature})")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
+            raise UserError(f"top_k must be >= 0 (got {self.top_k})")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+            raise UserError(f"top_p must be in (0, 1] (got {self.top_p})")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (got {self.min_p})")
+            raise UserError(f"min_p must be in [0, 1] (got {self.min_p})")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+            raise UserError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
 
     @property
     def is_greedy(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bundle import BundleError
+from .errors import UserError
 
 
 def providers(device: str) -> list[str]:
@@ -16,7 +17,7 @@ def providers(device: str) -> list[str]:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BundleError("device 'cuda' needs onnxruntime-gpu (pip install onnxruntime-gpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ValueError(f"unknown device {device!r} (cpu or cuda)")
+    raise UserError(f"unknown device {device!r} (cpu or cuda)")
 
 
 def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True):

@@ -1,6 +1,8 @@
-"""Loader details that need no export: sharded safetensors, the RoPE row permutation, and the
-SentencePiece -> tokenizers conversion (against sentencepiece itself)."""
+"""Loader details: sharded safetensors, Meta model-parallel shards (merged lazily), the RoPE row
+permutation, and the SentencePiece -> tokenizers conversion (against sentencepiece itself)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -76,3 +78,110 @@ def test_sentencepiece_with_normalization_is_refused(tmp_path):
                                    model_type="bpe")     # default nmt_nfkc normalization
     with pytest.raises(CheckpointError, match="normalization"):
         from_tokenizer_model(tmp_path / "sp.model")
+
+
+# -- Meta folders over several model-parallel shards ---------------------------------------------
+def meta_state_dict(model) -> dict[str, torch.Tensor]:
+    """A transformers Llama's weights under Meta's names, q/k rows in Meta's interleaved-pair order."""
+    sd = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
+    cfg = model.config
+    meta = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"],
+            "output.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        meta.update({
+            p + "attention.wq.weight": permute_to_interleaved(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
+            p + "attention.wk.weight": permute_to_interleaved(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
+            p + "attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+            p + "attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+            p + "feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+            p + "feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+            p + "feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+            p + "attention_norm.weight": sd[p + "input_layernorm.weight"],
+            p + "ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+        })
+    return meta
+
+
+# Meta's model-parallel layout, written out independently of the loader's table.
+SPLIT_ON = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 1, "output": 0}
+
+
+def write_meta_folder(folder, meta: dict[str, torch.Tensor], cfg, n_shards: int):
+    """consolidated.{00..}.pth: each split tensor cut into n_shards slices, norms (and rope.freqs)
+    copied into every shard, as Meta's model-parallel checkpoints are."""
+    folder.mkdir()
+    shards = [{"rope.freqs": torch.ones(cfg.head_dim // 2)} for _ in range(n_shards)]
+    for name, tensor in meta.items():
+        axis = next((SPLIT_ON[part] for part in name.split(".") if part in SPLIT_ON), None)
+        pieces = tensor.chunk(n_shards, dim=axis) if axis is not None else [tensor] * n_shards
+        assert len(pieces) == n_shards
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone()
+    for k, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{k:02d}.pth")
+    (folder / "params.json").write_text(json.dumps({
+        "dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
+        "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
+        "rope_theta": 50000.0, "max_seq_len": 256, "multiple_of": 32}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def meta_folders(tmp_path_factory):
+    """The tiny Meta model (conftest.META_CONFIG) in one shard and in two."""
+    from conftest import make_hf_model
+    model = make_hf_model("meta")
+    meta, root = meta_state_dict(model), tmp_path_factory.mktemp("meta")
+    return write_meta_folder(root / "one", meta, model.config, 1), write_meta_folder(root / "two", meta, model.config, 2)
+
+
+def test_meta_two_shards_load_the_same_tensors_lazily(meta_folders, monkeypatch):
+    """Two shards give the one-shard tensors bit for bit; opening them maps the files (torch.load with
+    mmap and weights_only, once per shard) and concatenates nothing until a tensor is loaded, and a
+    tensor's load concatenates exactly its slices, one per shard."""
+    one, two = meta_folders
+    loads, cats = [], []
+    real_load, real_cat = torch.load, torch.cat
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw) or real_load(*a, **kw))
+    monkeypatch.setattr(torch, "cat", lambda parts, *a, **kw: cats.append(len(parts)) or real_cat(parts, *a, **kw))
+    b = load_checkpoint(two)
+    assert len(loads) == 2 and all(kw.get("mmap") and kw.get("weights_only") for kw in loads)
+    assert cats == []                       # nothing merged (nor read) up front
+    b.tensors["layers.1.mlp.down_proj.weight"].load()
+    assert cats == [2]
+    monkeypatch.undo()
+    a = load_checkpoint(one)
+    assert a.spec == b.spec and set(a.tensors) == set(b.tensors)
+    for name in a.tensors:
+        assert a.tensors[name].shape == b.tensors[name].shape, name
+        tensor = b.tensors[name].load()
+        assert tensor.shape == b.tensors[name].shape and torch.equal(a.tensors[name].load(), tensor), name
+
+
+def test_meta_two_shards_export_the_same_weights(meta_folders, tmp_path):
+    from ardeploy.export.bundle import export_path
+    one, two = meta_folders
+    for folder in meta_folders:
+        export_path(folder, tmp_path / folder.name, quiet=True, max_seq=64)
+    assert (tmp_path / "one" / "weights.bin").read_bytes() == (tmp_path / "two" / "weights.bin").read_bytes()
+    manifests = [json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("one", "two")]
+    assert manifests[0]["spec"] == manifests[1]["spec"]
+    assert len(manifests[1]["source"]["files"]) == 2
+
+
+def test_meta_shards_that_disagree_are_refused(meta_folders, tmp_path):
+    from ardeploy.export.checkpoint import CheckpointError
+    _, two = meta_folders
+    shard = torch.load(two / "consolidated.01.pth", weights_only=True)
+    for case, change in {"missing": lambda sd: sd.pop("layers.0.attention.wv.weight"),
+                         "shape": lambda sd: sd.update({"layers.0.attention.wo.weight": torch.zeros(3, 3)})}.items():
+        bad = tmp_path / case
+        bad.mkdir()
+        (bad / "params.json").write_bytes((two / "params.json").read_bytes())
+        (bad / "consolidated.00.pth").write_bytes((two / "consolidated.00.pth").read_bytes())
+        changed = dict(shard)
+        change(changed)
+        torch.save(changed, bad / "consolidated.01.pth")
+        with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth.*layers\.0\.attention\.w"):
+            load_checkpoint(bad)

@@ -2,8 +2,10 @@
 
 Meta's code rotates interleaved (real, imaginary) pairs; our modules rotate halves like Hugging Face,
 so wq/wk rows are permuted per head on load (an exact re-ordering, see `unpermute_interleaved`).
-Model-parallel shards (consolidated.00.pth, .01.pth, ...) are concatenated along the axis each
-tensor was split on.
+Model-parallel shards (consolidated.00.pth, .01.pth, ...) are merged lazily: every shard is mapped
+(torch.load with mmap, nothing read), and each tensor's load reads its slices from the shards and
+concatenates them along the axis it was split on, so an export holds one tensor at a time in its own
+memory (plus the mapped pages of the slices being copied, which the kernel may drop).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from ..checkpoint import Checkpoint, LazyTensor, check_tensors, unpermute_interleaved
 from ..errors import CheckpointError
 from ..spec import ModelSpec
-from ..torch_files import load_torch_file
+from ..torch_files import load_tensor_dict
 
 # Meta name -> canonical name; {i} is the layer index.
 NAMES = {
@@ -60,7 +62,7 @@ def load_meta(folder: Path) -> Checkpoint:
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{folder}: no weights found (expected consolidated.*.pth beside params.json)")
-    raw = _merge_shards([load_torch_file(f) for f in files])
+    raw = merge_shards([load_tensor_dict(f) for f in files], files)
     spec = _spec_from_params(params, raw, params_path)
     tensors, meta_name_of = _canonical_tensors(raw, spec)
     check_tensors(spec, tensors, str(folder), name_of=lambda canon: meta_name_of.get(canon) or _meta_name(canon))
@@ -70,19 +72,50 @@ def load_meta(folder: Path) -> Checkpoint:
     return ckpt
 
 
-def _merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Model-parallel shards -> whole tensors (concatenated along the axis each was split on)."""
-    merged: dict[str, torch.Tensor] = {}
-    for name in shards[0]:
-        if name.endswith("rope.freqs"):
-            continue
+def merge_shards(shards: list[dict[str, torch.Tensor]], files: list[Path]) -> dict[str, LazyTensor]:
+    """Model-parallel shards (mapped, unread) -> one LazyTensor per Meta name whose load concatenates
+    that tensor's slices along the axis it was split on (replicated tensors: the first shard's)."""
+    names = [name for name in shards[0] if not name.endswith("rope.freqs")]
+    for shard, path in zip(shards[1:], files[1:]):
+        missing = [name for name in names if name not in shard]
+        extra = [name for name in shard if name not in shards[0] and not name.endswith("rope.freqs")]
+        if missing or extra:
+            what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which {files[0].name} has not"
+            raise CheckpointError(f"{path}: {what} (every model-parallel shard holds a slice of the same tensors)")
+    merged = {}
+    for name in names:
         parts = [shard[name] for shard in shards]
         axis = _axis(name) if len(parts) > 1 else None
-        merged[name] = torch.cat(parts, dim=axis) if axis is not None else parts[0]
+        merged[name] = LazyTensor(_merged_shape(name, parts, axis, files), _concatenation(parts, axis))
     return merged
 
 
-def _spec_from_params(params: dict, raw: dict[str, torch.Tensor], params_path: Path) -> ModelSpec:
+def _merged_shape(name: str, parts: list[torch.Tensor], axis: int | None, files: list[Path]) -> tuple[int, ...]:
+    """The shape of the whole tensor; every shard's slice must agree on the other axes (and dtype)."""
+    first = parts[0]
+    for part, path in zip(parts[1:], files[1:]):
+        same = part.dim() == first.dim() and all(
+            a == b for k, (a, b) in enumerate(zip(part.shape, first.shape)) if k != axis)
+        if not same or part.dtype != first.dtype:
+            how = "split on axis " + str(axis) if axis is not None else "replicated"
+            raise CheckpointError(f"{path}: {name} is {list(part.shape)} {part.dtype}, but {files[0].name} has "
+                                  f"{list(first.shape)} {first.dtype} ({how} across shards)")
+    if axis is None:
+        return tuple(first.shape)
+    if first.dim() <= axis:
+        raise CheckpointError(f"{files[0]}: {name} has shape {list(first.shape)}, expected a split axis {axis}")
+    shape = list(first.shape)
+    shape[axis] = sum(part.shape[axis] for part in parts)
+    return tuple(shape)
+
+
+def _concatenation(parts: list[torch.Tensor], axis: int | None):
+    if axis is None:
+        return lambda: parts[0]
+    return lambda: torch.cat(parts, dim=axis)
+
+
+def _spec_from_params(params: dict, raw: dict[str, LazyTensor], params_path: Path) -> ModelSpec:
     try:
         dim, n_heads = int(params["dim"]), int(params["n_heads"])
         n_kv = int(params.get("n_kv_heads") or n_heads)
@@ -104,7 +137,7 @@ def _spec_from_params(params: dict, raw: dict[str, torch.Tensor], params_path: P
         raise CheckpointError(f"{params_path}: lacks {e.args[0]!r}") from None
 
 
-def _canonical_tensors(raw: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+def _canonical_tensors(raw: dict[str, LazyTensor], spec: ModelSpec) -> tuple[dict[str, LazyTensor], dict[str, str]]:
     """Meta tensors under canonical names (wq/wk rows permuted onto the half-split rotation), and
     canonical name -> Meta name for error messages."""
     tensors: dict[str, LazyTensor] = {}
@@ -116,9 +149,9 @@ def _canonical_tensors(raw: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[d
         meta_name_of[canon] = name
         if name.endswith("attention.wq.weight") or name.endswith("attention.wk.weight"):
             heads = spec.n_heads if ".wq." in name else spec.n_kv_heads
-            tensors[canon] = LazyTensor(tuple(tensor.shape), lambda t=tensor, h=heads: unpermute_interleaved(t, h))
+            tensors[canon] = LazyTensor(tensor.shape, lambda t=tensor, h=heads: unpermute_interleaved(t.load(), h))
         else:
-            tensors[canon] = LazyTensor(tuple(tensor.shape), lambda t=tensor: t)
+            tensors[canon] = tensor
     return tensors, meta_name_of
 
 

@@ -27,6 +27,7 @@ from ..bundle import Bundle, BundleError
 from ..kv_arena import KVArena
 from ..sessions import open_session, providers, session_options
 from .base import check_step
+from ..errors import UserError
 
 
 class SharedWeights:
@@ -82,7 +83,7 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int) -> 
 def _decode_graph(bundle: Bundle, flavor: str) -> str:
     """The graph that runs both phases for `flavor` (see the module docstring)."""
     if flavor not in ("auto", "ort", "portable"):
-        raise ValueError(f"unknown graph flavor {flavor!r} (auto, ort or portable)")
+        raise UserError(f"unknown graph flavor {flavor!r} (auto, ort or portable)")
     if flavor == "portable" or (flavor == "auto" and bundle.ort_graph is None):
         return "decode"
     if bundle.ort_graph is None:

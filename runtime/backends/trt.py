@@ -35,6 +35,7 @@ from ..bundle import Bundle, BundleError
 from ..cuda import Cuda, DeviceArray, query_gpu
 from ..kv_arena import KVArena
 from .base import check_step
+from ..errors import UserError
 
 ALIGN = 256
 RUNTIME_CACHE = "runtime.cache"     # TensorRT-RTX's JIT-compiled kernels, kept beside the plan
@@ -175,7 +176,7 @@ class TrtBackend:
     def new_arena(self, max_batch: int | None = None) -> KVArena:
         bundle = self.bundle
         if max_batch is not None and max_batch > self.max_batch:
-            raise ValueError(f"the engines were built for batch up to {self.max_batch} (asked for {max_batch})")
+            raise UserError(f"the engines were built for batch up to {self.max_batch} (asked for {max_batch})")
         n_kv, hd = bundle.kv_shape
 
         def allocate(count, dtype):
@@ -199,7 +200,7 @@ class TrtBackend:
         ctx = self.contexts[profile]
         for name, shape in binding.shapes.items():
             if not ctx.set_input_shape(name, shape):
-                raise ValueError(f"the engine does not accept {name} of shape {list(shape)}")
+                raise UserError(f"the engine does not accept {name} of shape {list(shape)}")
         for name, addr in binding.addresses.items():
             ctx.set_tensor_address(name, addr)
         if not ctx.execute_async_v3(self.cuda.stream_handle):
