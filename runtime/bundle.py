@@ -23,6 +23,53 @@ def numpy_dtype(name: str):
     return np.dtype(name)
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _graph_problem(kind, graph) -> str | None:
+    if not isinstance(graph, dict) or not isinstance(graph.get("file"), str) or not graph["file"]:
+        return f"graphs.{kind} must be an object with a file name"
+    for side in ("inputs", "outputs"):
+        io = graph.get(side, [])
+        if not isinstance(io, list) or not all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in io):
+            return f"graphs.{kind}.{side} must be a list of objects with a name"
+    return None
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest unusable (a missing key, a value of the wrong type), or None."""
+    graphs, weights, spec = manifest.get("graphs"), manifest.get("weights"), manifest.get("spec")
+    if not isinstance(graphs, dict) or not graphs:
+        return "'graphs' is missing or not an object of graphs"
+    for kind, graph in graphs.items():
+        if problem := _graph_problem(kind, graph):
+            return problem
+    if not isinstance(weights, dict) or not isinstance(weights.get("file"), str) or not weights["file"]:
+        return "'weights' is missing or has no file name"
+    if "bytes" in weights and not (isinstance(weights["bytes"], int) and weights["bytes"] >= 0):
+        return f"weights.bytes must be a byte count (got {weights['bytes']!r})"
+    if not isinstance(spec, dict):
+        return "'spec' is missing or not an object"
+    bad = [k for k in ("n_layers", "vocab_size", "n_kv_heads", "head_dim") if not _positive_int(spec.get(k))]
+    if bad:
+        return f"spec.{bad[0]} must be a positive integer (got {spec.get(bad[0])!r})"
+    bad = [k for k in ("max_seq", "max_batch") if not _positive_int(manifest.get(k))]
+    if bad:
+        return f"{bad[0]} must be a positive integer (got {manifest.get(bad[0])!r})"
+    try:
+        if not isinstance(manifest.get("kv_dtype"), str):
+            raise TypeError
+        numpy_dtype(manifest["kv_dtype"])
+    except (TypeError, ValueError):
+        return f"kv_dtype {manifest.get('kv_dtype')!r} is not a known dtype"
+    if manifest.get("tokenizer") is not None and not isinstance(manifest["tokenizer"], str):
+        return f"tokenizer must be a file name or null (got {manifest['tokenizer']!r})"
+    if not isinstance(manifest.get("special_tokens", {}), dict):
+        return "special_tokens must be an object"
+    return None
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -38,7 +85,7 @@ class Bundle:
             raise BundleError(f"{path}: not a bundle (no manifest.json)")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath}: not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != "ardeploy-bundle":
             raise BundleError(f"{mpath}: not an ardeploy bundle manifest")
@@ -46,11 +93,23 @@ class Bundle:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise BundleError(f"{mpath}: bundle format version {version!r}, this ardeploy reads up to "
                               f"{FORMAT_VERSION}: upgrade ardeploy or re-export the bundle")
+        problem = manifest_problem(manifest)
+        if problem:
+            raise BundleError(f"{mpath}: {problem}")
         bundle = cls(path, manifest)
         missing = [name for name in bundle.required_files() if not (path / name).exists()]
         if missing:
             raise BundleError(f"{path}: missing file(s) named in manifest.json: {', '.join(missing)}")
+        bundle.check_weights_size()
         return bundle
+
+    def check_weights_size(self) -> None:
+        """weights.bin must be exactly as long as the manifest says: a short file would be read past its end."""
+        expected = self.manifest["weights"].get("bytes")
+        size = self.weights_path.stat().st_size
+        if expected is not None and size != expected:
+            raise BundleError(f"{self.weights_path}: {size} bytes, but manifest.json says {expected} bytes "
+                              f"({'truncated' if size < expected else 'extra data'}; re-export or copy the bundle again)")
 
     def required_files(self) -> list[str]:
         manifest = self.manifest
@@ -108,6 +167,12 @@ class Bundle:
     def has_graph(self, kind: str) -> bool:
         return kind in self.manifest["graphs"]
 
+    def kv_layout(self, graph: str) -> str:
+        """"time" ([T, B, n_kv, hd]) or "batch" ([B, n_kv, T, hd]): the cache layout `graph` reads,
+        from its manifest entry (or the bundle's, for the portable graphs)."""
+        entry = self.manifest["graphs"].get(graph, {}).get("kv_layout") or self.manifest.get("kv_layout") or {}
+        return "batch" if (entry.get("order") or ["time"])[0] == "batch" else "time"
+
     @property
     def ort_graph(self) -> str | None:
         """The graph of the ONNX Runtime flavor (fused attention, cache updated in place), if the bundle has one."""
@@ -122,4 +187,8 @@ class Bundle:
         if not self.manifest.get("tokenizer"):
             return None
         from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
+        path = self.path / self.manifest["tokenizer"]
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:                       # tokenizers raises plain Exception for a bad file
+            raise BundleError(f"{path}: not a tokenizers file ({' '.join(str(e).split())[:200]})") from None

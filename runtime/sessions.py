@@ -25,6 +25,8 @@ def session_options(threads: int | None = None, prepack: bool = True, warnings: 
     prepack=False keeps ONNX Runtime from making packed copies of the weights;
     warnings=False hides ONNX Runtime's warnings (used when running graphs held in memory)."""
     import onnxruntime as ort
+    if threads is not None and threads < 0:
+        raise UserError(f"--threads must be at least 1 (got {threads})")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not warnings:
@@ -48,3 +50,15 @@ def open_session(model: str | Path | bytes, options, device: str = "cpu", name: 
         raise
     except Exception as e:
         raise BundleError(f"{name or model}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+
+
+def check_io(session, graph: dict, path: str | Path) -> None:
+    """The graph file's inputs and outputs must be the ones manifest.json describes (a graph swapped
+    for another, or an edited manifest, would otherwise fail deep inside a run)."""
+    for side, got in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        want = {x["name"] for x in graph.get(side, [])}
+        have = {x.name for x in got}
+        if want and have != want:
+            odd = sorted(have - want) or sorted(want - have)
+            raise BundleError(f"{path}: the graph's {side} disagree with manifest.json "
+                              f"({'unexpected' if have - want else 'missing'}: {', '.join(odd[:4])})")

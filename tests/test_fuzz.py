@@ -45,10 +45,26 @@ def refused(argv, capsys, root: Path, *needles: str) -> str:
     return lines[0]
 
 
+def _byte_tokenizer_json() -> str:
+    """A byte-level tokenizer over the tiny model's 256 ids (the tiny checkpoints come without one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok.to_str()
+
+
 @pytest.fixture(scope="module")
-def tiny_bundle(tiny_hf, export_once):
+def tiny_bundle(tiny_hf, export_once, tmp_path_factory) -> Path:
+    """The tiny bundle, given a tokenizer (so text prompts, calibration and evaluation text work)."""
     folder, _ = tiny_hf(NAME)
-    return export_once(folder, max_seq=64, max_batch=2)
+    out = Path(shutil.copytree(export_once(folder, max_seq=64, max_batch=2), tmp_path_factory.mktemp("fuzz") / "b"))
+    (out / "tokenizer.json").write_text(_byte_tokenizer_json())
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"] = "tokenizer.json"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
 
 
 @pytest.fixture

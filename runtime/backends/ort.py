@@ -25,7 +25,7 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 from ..kv_arena import KVArena
-from ..sessions import open_session, providers, session_options
+from ..sessions import check_io, open_session, providers, session_options
 from .base import check_step
 from ..errors import UserError
 
@@ -125,6 +125,7 @@ class OrtBackend:
             if self.weights is not None:
                 self.weights.add_to(options, path)
             self.sessions[kind] = open_session(path, options, self.device)
+            check_io(self.sessions[kind], self.bundle.manifest["graphs"][kind], path)
         return self.sessions[kind]
 
     def new_arena(self, max_batch: int | None = None) -> KVArena:
@@ -138,7 +139,7 @@ class OrtBackend:
                 value = ort.OrtValue.ortvalue_from_shape_and_type([count], dtype, "cuda", 0)
                 return value, value.data_ptr()
         return KVArena(bundle.n_layers, bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
-                       bundle.kv_dtype, allocate, layout="batch" if self.flavor == "ort" else "time")
+                       bundle.kv_dtype, allocate, layout=bundle.kv_layout(self.graph))
 
     def run_seconds(self) -> float:
         return self._run_s
