@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from ..runtime.kv_traffic import bytes_per_step, cache_copy_nodes
-from .options import add_backend_threads, add_flavor, add_json, add_verbosity, comma_ints
 from .errors import UserError
+from .options import add_backend_threads, add_flavor, add_json, add_verbosity, comma_ints
 
 
 def host_memory_mib() -> dict:
@@ -108,6 +108,15 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def check_counts(prompt_lens, new_tokens: int, batches, repeat: int) -> None:
+    """Refuse counts below one (before the bundle is even read)."""
+    for option, values in (("--prompt-len", prompt_lens), ("--new-tokens", [new_tokens]), ("--batch", batches),
+                           ("--repeat", [repeat])):
+        bad = [v for v in values if v < 1]
+        if bad or not values:
+            raise UserError(f"{option} must be at least 1 (got {bad[0] if bad else 'nothing'})")
+
+
 def _check_fits(bundle, max_batch: int, prompt_lens, new_tokens: int) -> None:
     """Refuse configurations the bundle's KV arena cannot hold."""
     if max_batch > bundle.max_batch:
@@ -121,6 +130,7 @@ def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: 
           threads: int | None = None, repeat: int = 3, warmup: bool = True, progress=print, flavor: str = "auto") -> dict:
     from ardeploy.runtime import Generator
     from ardeploy.runtime.bundle import Bundle
+    check_counts(list(prompt_lens), new_tokens, list(batches), repeat)
     bundle = Bundle.load(bundle_path)
     max_batch = max(batches)
     _check_fits(bundle, max_batch, prompt_lens, new_tokens)
@@ -167,9 +177,10 @@ def cmd_bench(args) -> int:
     else:        # the rows go to stderr when stdout carries the JSON document
         from ardeploy.runtime.log import log
         progress = log.info if args.json else (lambda line: print(line, flush=True))
-    res = bench(args.bundle, backend=args.backend, prompt_lens=comma_ints(args.prompt_len, skip_empty=True),
-                new_tokens=args.new_tokens, batches=comma_ints(args.batch, skip_empty=True), threads=args.threads,
-                repeat=args.repeat, progress=progress, flavor=args.flavor)
+    prompt_lens = comma_ints(args.prompt_len, skip_empty=True, option="--prompt-len")
+    batches = comma_ints(args.batch, skip_empty=True, option="--batch")
+    res = bench(args.bundle, backend=args.backend, prompt_lens=prompt_lens, new_tokens=args.new_tokens, batches=batches,
+                threads=args.threads, repeat=args.repeat, progress=progress, flavor=args.flavor)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0

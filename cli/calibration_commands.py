@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import time
 
-from .options import add_json, add_out_force, add_threads, add_verbosity
 from .errors import UserError
+from .options import add_json, add_out_force, add_threads, add_verbosity
 
 
 def _keep_fp(value: str):
@@ -80,9 +80,11 @@ def cmd_eval(args) -> int:
     from ardeploy.runtime.bundle import Bundle
     bundle = Bundle.load(args.bundle)
     stream, docs = load_stream(bundle, args.ppl)
-    if args.max_tokens:
+    if args.max_tokens is not None:
+        if args.max_tokens < 2:
+            raise UserError(f"--max-tokens must be at least 2 (got {args.max_tokens})")
         stream = stream[: args.max_tokens]
-    stride = args.stride if args.stride else max(1, args.seq_len // 2)
+    stride = args.stride if args.stride is not None else max(1, args.seq_len // 2)
     res = {"bundle": str(args.bundle), "file": str(args.ppl), "documents": docs,
            **bundle_perplexity(bundle, stream, args.seq_len, stride, args.threads, progress=not args.quiet)}
     q = bundle.manifest.get("quantization")

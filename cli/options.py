@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .errors import UserError
+
 BACKENDS = ["ort", "trt"]
 
 
@@ -73,6 +75,9 @@ def sampling_config(args: argparse.Namespace):
                           stop=[s.encode().decode("unicode_escape") for s in args.stop], ignore_eos=args.ignore_eos)
 
 
-def comma_ints(text: str, skip_empty: bool = False) -> list[int]:
-    """'1,2,3' -> [1, 2, 3]; a bad number (or an empty part, unless skipped) raises int()'s ValueError."""
-    return [int(x) for x in text.split(",") if x or not skip_empty]
+def comma_ints(text: str, skip_empty: bool = False, option: str = "") -> list[int]:
+    """'1,2,3' -> [1, 2, 3]; a bad number (or an empty part, unless skipped) is a UserError naming `option`."""
+    try:
+        return [int(x) for x in text.split(",") if x or not skip_empty]
+    except ValueError:
+        raise UserError(f"{option + ' ' if option else ''}{text!r}: expected comma-separated integers") from None

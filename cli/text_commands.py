@@ -30,7 +30,7 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     from ardeploy.export.verify import verify_bundle
-    ids = comma_ints(args.prompt_ids) if args.prompt_ids else None
+    ids = comma_ints(args.prompt_ids, option="--prompt-ids") if args.prompt_ids else None
     report = verify_bundle(args.bundle, source=args.source, steps=args.steps, prompt_ids=ids,
                            with_transformers=args.transformers, threads=args.threads)
     if args.json:
@@ -59,7 +59,7 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise UserError("give exactly one of --prompt or --prompt-ids")
     gen = load_generator(args)
-    prompt = args.prompt if args.prompt is not None else comma_ints(args.prompt_ids)
+    prompt = args.prompt if args.prompt is not None else comma_ints(args.prompt_ids, option="--prompt-ids")
     from ardeploy.runtime.generator import Run
     run = Run(gen.events([gen.to_ids(prompt, args.chat)], cfg))
     for event in run:

@@ -15,6 +15,7 @@ import torch
 
 from ..runtime import atomic
 from ..runtime.bundle import FORMAT_VERSION
+from ..runtime.errors import UserError
 from ..runtime.log import log, progress_enabled
 from .assemble import ExternalWeights
 from .checkpoint import Checkpoint
@@ -26,6 +27,7 @@ from .text_graphs import TextGraphs
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_KINDS = ("decode", "prefill", "score")     # decode first: it decides how shared weights are laid out
 DEFAULT_OPSET = 21
+MIN_OPSET = 18                  # the oldest opset torch.onnx's dynamo exporter writes
 
 
 def toolkit_version() -> str:
@@ -46,11 +48,11 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
                   target: str = "ort") -> dict:
     """Write the bundle and return its manifest. target "ort" adds the ONNX Runtime graph the runtime
     runs to the portable graphs (which TensorRT builds from); "portable" writes those only."""
-    _check_options(dtype, max_seq, max_batch)
+    _check_options(dtype, max_seq, max_batch, opset)
     out = Path(out)
     try:
         graphs = family_of(ckpt).graphs(ckpt, target)
-    except ValueError as e:
+    except UserError as e:
         raise ExportError(str(e)) from None
     max_seq, max_batch = graphs.limits(max_seq, max_batch)
     if max_seq > ckpt.spec.max_position_embeddings and not quiet:
@@ -74,7 +76,9 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
     return manifest
 
 
-def _check_options(dtype: str, max_seq: int, max_batch: int) -> None:
+def _check_options(dtype: str, max_seq: int, max_batch: int, opset: int = DEFAULT_OPSET) -> None:
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ExportError(f"--opset {opset} is not supported (choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()})")
     if dtype not in TORCH_DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r} (choose fp32, fp16 or bf16)")
     if max_seq < 2:

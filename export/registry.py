@@ -111,7 +111,12 @@ def load_checkpoint(path: str | Path, family: str | None = None, **family_option
     chosen = None if family in (None, "auto") else family_named(family)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    return (chosen or recognised_family(path)).read(path, options)
+    try:
+        return (chosen or recognised_family(path)).read(path, options)
+    except CheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None      # e.g. "invalid model spec: ...": name the checkpoint
 
 
 def family_named(name: str) -> Family:

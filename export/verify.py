@@ -15,9 +15,9 @@ import torch
 
 from ..runtime.backends.ort import OrtBackend
 from ..runtime.bundle import Bundle
+from ..runtime.errors import UserError
 from .model import build_model
 from .registry import family_of, load_checkpoint, reread_options
-from ..runtime.errors import UserError
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
 
@@ -97,7 +97,12 @@ def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, wi
     if bundle.manifest["dtype"] == "bf16":
         raise UserError(f"{bundle.path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 graphs: "
                         f"verify an fp32 or fp16 export, or build the bf16 bundle with TensorRT")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {steps})")
     prompt_ids = list(prompt_ids or default_prompt_ids(bundle))
+    bad = [t for t in prompt_ids if not 0 <= t < bundle.vocab_size]
+    if bad:
+        raise UserError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary [0, {bundle.vocab_size})")
     if len(prompt_ids) >= bundle.max_seq:
         raise UserError(f"prompt of {len(prompt_ids)} tokens does not fit the bundle's max_seq {bundle.max_seq}")
     steps = min(steps, bundle.max_seq - len(prompt_ids))

@@ -40,7 +40,7 @@ def _graph_problem(kind, graph) -> str | None:
 def manifest_problem(manifest: dict) -> str | None:
     """What makes a manifest unusable (a missing key, a value of the wrong type), or None."""
     graphs, weights, spec = manifest.get("graphs"), manifest.get("weights"), manifest.get("spec")
-    if not isinstance(graphs, dict) or not graphs:
+    if not isinstance(graphs, dict):
         return "'graphs' is missing or not an object of graphs"
     for kind, graph in graphs.items():
         if problem := _graph_problem(kind, graph):
@@ -108,8 +108,9 @@ class Bundle:
         expected = self.manifest["weights"].get("bytes")
         size = self.weights_path.stat().st_size
         if expected is not None and size != expected:
+            how = "truncated" if size < expected else "extra data"
             raise BundleError(f"{self.weights_path}: {size} bytes, but manifest.json says {expected} bytes "
-                              f"({'truncated' if size < expected else 'extra data'}; re-export or copy the bundle again)")
+                              f"({how}; re-export or copy the bundle again)")
 
     def required_files(self) -> list[str]:
         manifest = self.manifest

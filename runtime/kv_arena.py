@@ -13,12 +13,18 @@ TensorRT alignment note in docs/ARCHITECTURE.md) so benchmarks can prove it stay
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 
 def host_buffer(count: int, dtype) -> tuple[np.ndarray, int]:
-    """The default allocation: zeroed host memory and its address."""
-    buffer = np.zeros(count, dtype)
+    """The default allocation: zeroed host memory of its own anonymous mapping, and its address.
+    Its own mapping goes back to the OS whole when the arena is dropped; from malloc's heap (numpy's
+    default) a reloaded generator's arena could leave tens of MiB behind (measured by scripts/soak.py)."""
+    dtype = np.dtype(dtype)
+    pages = mmap.mmap(-1, max(1, count * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = np.frombuffer(pages, dtype, count)
     return buffer, buffer.ctypes.data
 
 

@@ -36,17 +36,20 @@ class SamplingConfig:
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (got {self.temperature})")
+            raise UserError(f"max_new_tokens (--max-new-tokens) must be at least 1 (got {self.max_new_tokens})")
+        if not 0 <= self.temperature < float("inf"):
+            raise UserError(f"temperature (--temperature) must be >= 0 and finite (got {self.temperature})")
         if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0 (got {self.top_k})")
+            raise UserError(f"top_k (--top-k) must be >= 0 (got {self.top_k})")
         if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] (got {self.top_p})")
+            raise UserError(f"top_p (--top-p) must be in (0, 1] (got {self.top_p})")
         if not 0 <= self.min_p <= 1:
-            raise UserError(f"min_p must be in [0, 1] (got {self.min_p})")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+            raise UserError(f"min_p (--min-p) must be in [0, 1] (got {self.min_p})")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise UserError(f"repetition_penalty (--repetition-penalty) must be > 0 and finite "
+                            f"(got {self.repetition_penalty})")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise UserError(f"seed (--seed) must be a non-negative integer (got {self.seed})")
 
     @property
     def is_greedy(self) -> bool:

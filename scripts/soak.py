@@ -7,10 +7,10 @@ The work cycles through units: a batch of one (streamed, seeded sampling), a bat
 two turns (ChatSession, the second turn continuing the first's cache) and a run with stop strings;
 every `--restart-every` tokens the generator is dropped and loaded again (a new Generator.load).
 After each unit RSS (/proc/self/status VmRSS) and the number of open file descriptors are sampled.
-The first 10 % of the samples (at least one full cycle of units) are warm-up; the run fails (exit 1)
-when RSS at the end (the median of the last 10 % of the samples) exceeds the highest warm-up sample
-by more than 2 %, or when any sample after warm-up has more open descriptors than the last warm-up
-sample (see `growth`).
+The first 10 % of the samples are warm-up (in a short run, longer: until a full cycle of units has
+run after the first restart); the run fails (exit 1) when RSS at the end (the median of the last
+10 % of the samples) exceeds the highest warm-up sample by more than 2 %, or when any sample after
+warm-up has more open descriptors than the last warm-up sample (see `growth`).
 """
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fd_targets() -> set[str]:
+    """What the open descriptors point at (to name the new ones when their count grows)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:         # the listing's own descriptor, closed by now
+            pass
+    return found
+
+
 @dataclass
 class Sample:
     unit: str
@@ -53,6 +64,7 @@ class Sample:
     seconds: float       # since the soak started
     rss_kib: int
     fds: int
+    restarts: int = 0    # generator reloads before this sample
 
 
 @dataclass
@@ -63,32 +75,40 @@ class SoakReport:
     restarts: int
     units: dict = field(default_factory=dict)       # unit -> how many ran
     samples: list[Sample] = field(default_factory=list)
+    new_fds: list[str] = field(default_factory=list)  # descriptors open beyond the first sample's, when seen
+    first_fds: set = field(default_factory=set)
 
     def summary(self) -> dict:
         return {"bundle": self.bundle, "tokens": self.tokens, "seconds": round(self.seconds, 1),
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else 0.0,
-                "restarts": self.restarts, "units": self.units, **growth(self.samples)}
+                "restarts": self.restarts, "units": self.units, **growth(self.samples),
+                "new_fds": self.new_fds[:5]}
 
 
-def window(n_samples: int) -> int:
-    """Samples in the warm-up (the first 10 %) and in the end window (the last 10 %): at least one of
-    each unit, so both see every kind of work."""
-    return min(n_samples, max(math.ceil(0.1 * n_samples), len(UNITS)))
+def windows(samples: list["Sample"]) -> tuple[int, int]:
+    """(warm-up samples, end-window samples). Warm-up: the first 10 %, and at least until a full cycle
+    of units has run after the first restart (a fresh generator's first batch of two settles the
+    allocator a step higher once); the end window: the last 10 % (at least one cycle), after warm-up."""
+    n, tenth = len(samples), max(math.ceil(0.1 * len(samples)), len(UNITS))
+    first_restart = next((k for k, s in enumerate(samples) if s.restarts > 0), 0)
+    warm = min(n, max(tenth, first_restart + len(UNITS)))
+    return warm, min(tenth, n - warm)
 
 
 def growth(samples: list[Sample]) -> dict:
-    """RSS and descriptor figures. RSS after warm-up is judged by the median of the last 10 % of the
-    samples against the highest warm-up sample: a restart or a batch-2 step moves RSS up and down by
-    a percent or so (freed memory the allocator keeps for a while), a leak moves the whole end up.
-    Descriptors: any sample after warm-up above the last warm-up sample counts."""
-    n = window(len(samples))
-    head, after, end = samples[:n], samples[n:] or samples[-1:], samples[-n:]
+    """RSS and descriptor figures. RSS after warm-up is judged by the median of the end window against
+    the highest warm-up sample: a restart or a batch of two moves RSS up and down by a percent or so
+    (freed memory the allocator keeps a while), a leak moves the whole end up. Descriptors: any
+    sample after warm-up above the last warm-up sample counts."""
+    warm, n_end = windows(samples)
+    head, after = samples[:warm], samples[warm:] or samples[-1:]
+    end = samples[len(samples) - n_end:] if n_end else samples[-1:]
     warm_rss = max(s.rss_kib for s in head)
     end_rss = statistics.median(s.rss_kib for s in end)
     peak_rss = max(s.rss_kib for s in after)
     warm_fds, peak_fds = head[-1].fds, max(s.fds for s in after)
     mib = lambda kib: round(kib / 1024, 1)      # noqa: E731
-    return {"samples": len(samples), "window_samples": n,
+    return {"samples": len(samples), "warmup_samples": warm, "end_samples": len(end),
             "rss_start_mib": mib(samples[0].rss_kib), "rss_warmup_mib": mib(warm_rss),
             "rss_end_median_mib": mib(end_rss), "rss_last_mib": mib(samples[-1].rss_kib),
             "rss_peak_after_warmup_mib": mib(peak_rss),
@@ -172,11 +192,23 @@ def soak(bundle, tokens: int = 10_000, restart_every: int = 500, threads: int | 
         report.units[unit] += 1
         i += 1
         gc.collect()
-        report.samples.append(Sample(unit, report.tokens, time.perf_counter() - started, rss_kib(), open_fds()))
+        report.samples.append(Sample(unit, report.tokens, time.perf_counter() - started, rss_kib(), open_fds(),
+                                     report.restarts))
+        note_new_fds(report)
         if progress:
             progress(report.samples[-1])
     report.seconds = time.perf_counter() - started
     return report
+
+
+def note_new_fds(report: SoakReport) -> None:
+    """Name the descriptors a sample has beyond the first sample's (a leak, or one opened for a moment
+    by a library thread): `problems` counts them, this says what they are."""
+    if len(report.samples) == 1:
+        report.first_fds = fd_targets()
+    elif report.samples[-1].fds > report.samples[0].fds:
+        extra = sorted(fd_targets() - report.first_fds)
+        report.new_fds.append(f"{report.samples[-1].tokens} tokens ({report.samples[-1].unit}): {extra}")
 
 
 def main(argv=None) -> int:

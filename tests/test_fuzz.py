@@ -28,11 +28,11 @@ def tree(root: Path) -> dict:
             for p in sorted(root.rglob("*"))}
 
 
-def refused(argv, capsys, root: Path, *needles: str) -> str:
+def refused(argv, capsys, root: Path, *needles: str, watch: tuple = ()) -> str:
     """Run the CLI; assert a clean refusal (exit 2, one line naming every needle) and that nothing under
-    `root` (the inputs, and the folder --out would be written in) changed. Returns the line."""
+    `root` (the inputs, and the folder --out would be written in) or the `watch` folders changed."""
     from ardeploy.cli import main
-    before = tree(root)
+    before = [tree(r) for r in (root, *watch)]
     capsys.readouterr()
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err
@@ -41,7 +41,7 @@ def refused(argv, capsys, root: Path, *needles: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("ardeploy: error:") and "Traceback" not in err, err
     for needle in needles:
         assert needle.lower() in lines[0].lower(), lines[0]
-    assert tree(root) == before, "a refused command wrote or changed files"
+    assert [tree(r) for r in (root, *watch)] == before, "a refused command wrote or changed files"
     return lines[0]
 
 
@@ -138,8 +138,33 @@ def test_manifest_refused_by_calibrate_writes_nothing(bundle, tmp_path, capsys):
     (bundle / "manifest.json").write_text("[]")
     data = tmp_path / "data.txt"
     data.write_text("some calibration text " * 50)
-    refused(["calibrate", bundle, "--data", data, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path,
-            "manifest.json")
+    refused(["calibrate", bundle, "--scheme", "w8a16", "--data", data, "--out", tmp_path / "out", "--quiet"], capsys,
+            tmp_path, "manifest.json")
+
+
+MANIFEST_SEEDS = list(range(12))
+
+
+@pytest.mark.parametrize("seed", MANIFEST_SEEDS)
+def test_manifest_random_bytes(seed, bundle, tmp_path, capsys):
+    """A few random bytes of manifest.json overwritten (fixed seeds): refused in one line naming a bundle
+    file, or (when only a free-text field was hit) run normally; never a traceback."""
+    from ardeploy.cli import main
+    mpath = bundle / "manifest.json"
+    data = bytearray(mpath.read_bytes())
+    rng = np.random.default_rng(100 + seed)
+    for i in rng.integers(0, len(data), 1 + seed % 4):
+        data[i] = int(rng.choice(list(b'{}[]":,0123456789-ex \x00\xff')))
+    mpath.write_bytes(bytes(data))
+    before = tree(tmp_path)
+    capsys.readouterr()
+    code = main([str(a) for a in gen_args(bundle)])
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err, err
+    if code:
+        line = err.strip().splitlines()
+        assert len(line) == 1 and line[0].startswith("ardeploy: error:") and str(bundle) in line[0], err
+    assert tree(tmp_path) == before
 
 
 # -- weights.bin -------------------------------------------------------------------------------------
@@ -312,6 +337,15 @@ def test_gguf_damaged(damage, tmp_path, capsys):
     refused(["export", bad, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "model.gguf")
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_gguf_truncated_anywhere(seed, tmp_path, capsys):
+    good = _tiny_gguf(tmp_path / "good.gguf")
+    (tmp_path / "good.gguf").unlink()
+    cut = int(np.random.default_rng(200 + seed).integers(1, len(good) - 1))
+    (tmp_path / "model.gguf").write_bytes(good[:cut])
+    refused(["export", tmp_path / "model.gguf", "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "model.gguf")
+
+
 # -- safetensors -------------------------------------------------------------------------------------
 def _safetensors_damaged(data: bytes, damage: str) -> bytes:
     (n,) = struct.unpack_from("<Q", data, 0)
@@ -352,6 +386,16 @@ def test_safetensors_damaged(damage, tiny_hf, tmp_path, capsys):
     src = Path(shutil.copytree(folder, tmp_path / "hf"))
     st = src / "model.safetensors"
     st.write_bytes(_safetensors_damaged(st.read_bytes(), damage))
+    refused(["export", src, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "model.safetensors")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_safetensors_truncated_anywhere(seed, tiny_hf, tmp_path, capsys):
+    folder, _ = tiny_hf(NAME)
+    src = Path(shutil.copytree(folder, tmp_path / "hf"))
+    st = src / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: int(np.random.default_rng(300 + seed).integers(1, len(data) - 1))])
     refused(["export", src, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "model.safetensors")
 
 
@@ -422,7 +466,8 @@ def test_meta_params_damaged(damage, meta_folder, tmp_path, capsys):
         p.write_text(json.dumps(params))
     else:
         p.write_text(spec)
-    refused(["export", src, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "params.json")
+    needle = "invalid model spec" if isinstance(spec, tuple) and damage != "dim-string" else "params.json"
+    refused(["export", src, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, needle)
 
 
 def test_meta_shard_not_torch(meta_folder, tmp_path, capsys):
@@ -456,27 +501,30 @@ TEXT_DAMAGE = {"empty": b"", "binary": bytes(range(256)) * 8, "whitespace": b" \
 def test_calibration_text_damaged(damage, tiny_bundle, tmp_path, capsys):
     data = tmp_path / ("data.jsonl" if damage == "jsonl-garbage" else "data.txt")
     data.write_bytes(TEXT_DAMAGE[damage])
-    refused(["calibrate", tiny_bundle, "--data", data, "--out", tmp_path / "out", "--samples", "2", "--seq-len", "16",
-             "--threads", "1", "--quiet"], capsys, tmp_path, data.name)
+    refused(["calibrate", tiny_bundle, "--scheme", "w8a16", "--data", data, "--out", tmp_path / "out", "--samples", "2",
+             "--seq-len", "16", "--threads", "1", "--quiet"], capsys, tmp_path, data.name, watch=(tiny_bundle,))
 
 
 @pytest.mark.parametrize("damage", ["empty", "binary", "bad-utf8"])
 def test_eval_text_damaged(damage, tiny_bundle, tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_bytes(TEXT_DAMAGE[damage])
-    refused(["eval", tiny_bundle, "--ppl", data, "--threads", "1", "--quiet"], capsys, tmp_path, data.name)
+    refused(["eval", tiny_bundle, "--ppl", data, "--threads", "1", "--quiet"], capsys, tmp_path, data.name,
+            watch=(tiny_bundle,))
 
 
 def test_calibration_data_missing_or_folder(tiny_bundle, tmp_path, capsys):
     for data in (tmp_path / "nothing.txt", tmp_path):
-        refused(["calibrate", tiny_bundle, "--data", data, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path,
-                data.name)
+        refused(["calibrate", tiny_bundle, "--scheme", "w8a16", "--data", data, "--out", tmp_path / "out", "--quiet"],
+                capsys, tmp_path, data.name, watch=(tiny_bundle,))
 
 
 # -- out-of-range command-line values ----------------------------------------------------------------
 GENERATE_ARGS = [("--max-new-tokens", "-1"), ("--max-new-tokens", "0"), ("--top-p", "2"), ("--top-p", "0"),
                  ("--temperature", "-1"), ("--top-k", "-3"), ("--min-p", "1.5"), ("--repetition-penalty", "0"),
-                 ("--threads", "-2"), ("--prompt-ids", "999999"), ("--prompt-ids", "-4")]
+                 ("--threads", "-2"), ("--prompt-ids", "999999"), ("--prompt-ids", "-4"), ("--prompt-ids", "1,x"),
+                 ("--prompt-ids", ",".join(["5"] * 80)), ("--seed", "-1"), ("--temperature", "nan"),
+                 ("--repetition-penalty", "nan"), ("--min-p", "nan"), ("--top-p", "nan"), ("--temperature", "inf")]
 
 
 @pytest.mark.parametrize("option,value", GENERATE_ARGS)
@@ -484,7 +532,10 @@ def test_generate_out_of_range(option, value, tiny_bundle, tmp_path, capsys):
     args = ["generate", tiny_bundle, "--quiet"]
     if option != "--prompt-ids":
         args += ["--prompt", "hello"]
-    refused(args + [option, value], capsys, tmp_path, option.lstrip("-").split("-")[0])
+    needle = option.lstrip("-")[:5]
+    if option == "--prompt-ids":
+        needle = "max_seq" if len(value) > 20 else value
+    refused(args + [option, value], capsys, tmp_path, needle, watch=(tiny_bundle,))
 
 
 EXPORT_ARGS = [("--max-seq", "0"), ("--max-seq", "-5"), ("--max-batch", "0"), ("--opset", "3")]
@@ -498,7 +549,8 @@ def test_export_out_of_range(option, value, tiny_hf, tmp_path, capsys):
 
 OTHER_ARGS = [
     ("bench", ["--batch", "0"]), ("bench", ["--batch", "9"]), ("bench", ["--new-tokens", "0"]),
-    ("bench", ["--prompt-len", "0"]), ("bench", ["--repeat", "0"]),
+    ("bench", ["--prompt-len", "0"]), ("bench", ["--repeat", "0"]), ("bench", ["--batch", "a"]),
+    ("bench", ["--prompt-len", "70"]),
     ("calibrate", ["--samples", "0"]), ("calibrate", ["--seq-len", "1"]), ("calibrate", ["--percentile", "200"]),
     ("calibrate", ["--smoothquant-alpha", "3"]), ("calibrate", ["--keep-fp", "99"]),
     ("eval", ["--seq-len", "1"]), ("eval", ["--stride", "0"]), ("eval", ["--max-tokens", "0"]),
@@ -512,22 +564,27 @@ def test_other_out_of_range(command, extra, tiny_bundle, tmp_path, capsys):
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     args = [command, tiny_bundle, *extra, "--quiet"]
     if command == "calibrate":
-        args += ["--data", data, "--out", tmp_path / "out", "--threads", "1"]
+        args += ["--scheme", "w8a16", "--data", data, "--out", tmp_path / "out", "--threads", "1", "--samples", "2",
+                 "--seq-len", "16"] if "--samples" not in extra and "--seq-len" not in extra else \
+                ["--scheme", "w8a16", "--data", data, "--out", tmp_path / "out", "--threads", "1"]
     elif command == "eval":
         args += ["--ppl", data, "--threads", "1"]
-    elif command in ("bench",):
-        args += ["--threads", "1"]
-    refused(args, capsys, tmp_path, extra[0].lstrip("-").split("-")[0])
+    elif command == "bench":
+        args += ["--threads", "1", "--repeat", "1"] if "--repeat" not in extra else ["--threads", "1"]
+        args += [] if "--prompt-len" in extra else ["--prompt-len", "8"]
+        args += [] if "--new-tokens" in extra else ["--new-tokens", "4"]
+    needle = extra[1] if extra[0] in ("--prompt-ids", "--batch") else extra[0].lstrip("-")[:5]
+    refused(args, capsys, tmp_path, needle, watch=(tiny_bundle,))
 
 
 # -- the counts --------------------------------------------------------------------------------------
 CASES = {
-    "manifest.json": len(MANIFEST_TEXT) + len(MANIFEST_EDITS) + 1,
+    "manifest.json": len(MANIFEST_TEXT) + len(MANIFEST_EDITS) + 1 + len(MANIFEST_SEEDS),
     "weights.bin": 4,
     ".onnx": 4 + 2 + 1,
     "tokenizer.json": len(TOKENIZER_TEXT),
-    "GGUF": len(GGUF_DAMAGE),
-    "safetensors (+ config.json)": len(SAFETENSORS_DAMAGE) + len(CONFIG_DAMAGE),
+    "GGUF": len(GGUF_DAMAGE) + 8,
+    "safetensors (+ config.json)": len(SAFETENSORS_DAMAGE) + 6 + len(CONFIG_DAMAGE),
     "Meta params.json (+ shard)": len(PARAMS_DAMAGE) + 1,
     "LlamaGen .pt": len(PT_DAMAGE),
     "calibration/eval text": len(TEXT_DAMAGE) + 3 + 2,

@@ -87,11 +87,12 @@ def meta_state_dict(model) -> dict[str, torch.Tensor]:
     cfg = model.config
     meta = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"],
             "output.weight": sd["lm_head.weight"]}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
         meta.update({
-            p + "attention.wq.weight": permute_to_interleaved(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
-            p + "attention.wk.weight": permute_to_interleaved(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
+            p + "attention.wq.weight": permute_to_interleaved(sd[p + "self_attn.q_proj.weight"], heads),
+            p + "attention.wk.weight": permute_to_interleaved(sd[p + "self_attn.k_proj.weight"], kv_heads),
             p + "attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
             p + "attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
             p + "feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
@@ -133,7 +134,7 @@ def meta_folders(tmp_path_factory):
     from conftest import make_hf_model
     model = make_hf_model("meta")
     meta, root = meta_state_dict(model), tmp_path_factory.mktemp("meta")
-    return write_meta_folder(root / "one", meta, model.config, 1), write_meta_folder(root / "two", meta, model.config, 2)
+    return tuple(write_meta_folder(root / name, meta, model.config, n) for name, n in (("one", 1), ("two", 2)))
 
 
 def test_meta_two_shards_load_the_same_tensors_lazily(meta_folders, monkeypatch):

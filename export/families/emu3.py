@@ -82,9 +82,9 @@ def is_emu3_folder(folder: Path) -> bool:
         return False
     try:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False     # load_hf names the broken file
-    return "Emu3ForConditionalGeneration" in (cfg.get("architectures") or [])
+    return isinstance(cfg, dict) and "Emu3ForConditionalGeneration" in (cfg.get("architectures") or [])
 
 
 def load_emu3(folder: Path) -> ImageCheckpoint:

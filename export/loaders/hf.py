@@ -16,10 +16,14 @@ SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; anything else (bad JSON, a list, binary) is a CheckpointError naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def rope_scaling_from_config(cfg: dict) -> tuple[float, dict | None]:
@@ -82,9 +86,10 @@ def _safetensors_header_check(path: Path) -> None:
             raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object of tensors with "
+                                  f"data_offsets)") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file (needs {8 + n + end} bytes, has {size})")
 

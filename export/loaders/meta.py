@@ -59,6 +59,8 @@ def load_meta(folder: Path) -> Checkpoint:
         params = json.loads(params_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{params_path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{params_path}: expected a JSON object of model settings, not {type(params).__name__}")
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{folder}: no weights found (expected consolidated.*.pth beside params.json)")
@@ -135,6 +137,8 @@ def _spec_from_params(params: dict, raw: dict[str, LazyTensor], params_path: Pat
                          tie_word_embeddings="output.weight" not in raw)
     except KeyError as e:
         raise CheckpointError(f"{params_path}: lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:        # a setting that is not a number (or an impossible spec)
+        raise CheckpointError(f"{params_path}: {e}") from None
 
 
 def _canonical_tensors(raw: dict[str, LazyTensor], spec: ModelSpec) -> tuple[dict[str, LazyTensor], dict[str, str]]:

@@ -24,10 +24,10 @@ import time
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from ..errors import UserError
 from ..kv_arena import KVArena
 from ..sessions import check_io, open_session, providers, session_options
 from .base import check_step
-from ..errors import UserError
 
 
 class SharedWeights:
@@ -124,7 +124,13 @@ class OrtBackend:
             options = session_options(self.threads, self.prepack)
             if self.weights is not None:
                 self.weights.add_to(options, path)
-            self.sessions[kind] = open_session(path, options, self.device)
+            try:
+                self.sessions[kind] = open_session(path, options, self.device)
+            except BundleError as e:
+                if self.device == "cpu" and self.bundle.manifest.get("dtype") == "bf16":
+                    raise BundleError(f"{path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 "
+                                      f"graphs: export fp32 or fp16, or run it with --backend trt") from e
+                raise
             check_io(self.sessions[kind], self.bundle.manifest["graphs"][kind], path)
         return self.sessions[kind]
 
