@@ -42,19 +42,28 @@ def rss_kib() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+# ONNX Runtime keeps a usage database of its own (SQLite: the file and, at times, its -wal/-shm journal
+# files, opened by the library whenever it writes there): not descriptors this code opens or could leak.
+ORT_USAGE_DATA = "/.onnxruntime/"
+
+
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    """Open descriptors, less ONNX Runtime's usage database files."""
+    return len(fd_targets(listed=True))
 
 
-def fd_targets() -> set[str]:
-    """What the open descriptors point at (to name the new ones when their count grows)."""
-    found = set()
+def fd_targets(listed: bool = False):
+    """What the open descriptors point at (to name the new ones when their count grows), less
+    ONNX Runtime's usage database; listed=True keeps duplicates (one entry per descriptor)."""
+    found = []
     for fd in os.listdir("/proc/self/fd"):
         try:
-            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+            target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:         # the listing's own descriptor, closed by now
-            pass
-    return found
+            continue
+        if ORT_USAGE_DATA not in target:
+            found.append(target)
+    return found if listed else set(found)
 
 
 @dataclass
