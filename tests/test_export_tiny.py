@@ -50,33 +50,9 @@ def test_tiny_matches_transformers(name, flavor, tiny_hf, export_once):
 
 def test_meta_folder_matches_transformers(tmp_path, export_once):
     """A Meta-style folder (interleaved-pair RoPE rows, Meta tensor names) written from the same weights."""
-    from ardeploy.export.checkpoint import permute_to_interleaved
-    from conftest import make_hf_model
+    from conftest import make_hf_model, meta_state_dict, write_meta_folder
     model = make_hf_model("meta")
-    cfg = model.config
-    sd = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
-    meta = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"],
-            "output.weight": sd["lm_head.weight"]}
-    for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        meta.update({
-            p + "attention.wq.weight": permute_to_interleaved(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
-            p + "attention.wk.weight": permute_to_interleaved(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
-            p + "attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-            p + "attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-            p + "feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-            p + "feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-            p + "feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-            p + "attention_norm.weight": sd[p + "input_layernorm.weight"],
-            p + "ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-        })
-    meta_dir = tmp_path / "meta"
-    meta_dir.mkdir()
-    torch.save({k: v.clone() for k, v in meta.items()}, meta_dir / "consolidated.00.pth")
-    (meta_dir / "params.json").write_text(json.dumps({
-        "dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
-        "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
-        "rope_theta": 50000.0, "max_seq_len": 256, "multiple_of": 32}))
+    meta_dir = write_meta_folder(tmp_path / "meta", meta_state_dict(model), model.config, n_shards=1)
     bundle = export_once(meta_dir, max_seq=128)
     prompt = rng_ids(9, seed=2)
     ref_tokens, ref_logits = hf_greedy(model, prompt, N_NEW)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_hf_model
+from conftest import make_hf_model, meta_state_dict, write_meta_folder
 
 NAME = "gqa_tied_llama3_bias"
 
@@ -419,26 +419,8 @@ def test_hf_config_damaged(damage, tiny_hf, tmp_path, capsys):
 # -- Meta params.json --------------------------------------------------------------------------------
 def _meta_folder(folder: Path) -> Path:
     """A tiny Meta-layout folder (consolidated.00.pth + params.json) from the conftest model."""
-    import torch
     model = make_hf_model("meta")
-    cfg = model.config
-    sd = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
-    meta = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"],
-            "output.weight": sd["lm_head.weight"]}
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-    for i in range(cfg.num_hidden_layers):
-        for ours, hf in names.items():
-            meta[f"layers.{i}.{ours}.weight"] = sd[f"layers.{i}.{hf}.weight"]
-    folder.mkdir()
-    torch.save({k: v.clone() for k, v in meta.items()}, folder / "consolidated.00.pth")
-    (folder / "params.json").write_text(json.dumps({
-        "dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
-        "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
-        "rope_theta": 50000.0, "max_seq_len": 256, "multiple_of": 32}))
-    return folder
+    return write_meta_folder(folder, meta_state_dict(model), model.config, n_shards=1)
 
 
 @pytest.fixture(scope="module")

@@ -81,57 +81,10 @@ def test_sentencepiece_with_normalization_is_refused(tmp_path):
 
 
 # -- Meta folders over several model-parallel shards ---------------------------------------------
-def meta_state_dict(model) -> dict[str, torch.Tensor]:
-    """A transformers Llama's weights under Meta's names, q/k rows in Meta's interleaved-pair order."""
-    sd = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
-    cfg = model.config
-    meta = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"],
-            "output.weight": sd["lm_head.weight"]}
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        meta.update({
-            p + "attention.wq.weight": permute_to_interleaved(sd[p + "self_attn.q_proj.weight"], heads),
-            p + "attention.wk.weight": permute_to_interleaved(sd[p + "self_attn.k_proj.weight"], kv_heads),
-            p + "attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-            p + "attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-            p + "feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-            p + "feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-            p + "feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-            p + "attention_norm.weight": sd[p + "input_layernorm.weight"],
-            p + "ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-        })
-    return meta
-
-
-# Meta's model-parallel layout, written out independently of the loader's table.
-SPLIT_ON = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 1, "output": 0}
-
-
-def write_meta_folder(folder, meta: dict[str, torch.Tensor], cfg, n_shards: int):
-    """consolidated.{00..}.pth: each split tensor cut into n_shards slices, norms (and rope.freqs)
-    copied into every shard, as Meta's model-parallel checkpoints are."""
-    folder.mkdir()
-    shards = [{"rope.freqs": torch.ones(cfg.head_dim // 2)} for _ in range(n_shards)]
-    for name, tensor in meta.items():
-        axis = next((SPLIT_ON[part] for part in name.split(".") if part in SPLIT_ON), None)
-        pieces = tensor.chunk(n_shards, dim=axis) if axis is not None else [tensor] * n_shards
-        assert len(pieces) == n_shards
-        for shard, piece in zip(shards, pieces):
-            shard[name] = piece.clone()
-    for k, shard in enumerate(shards):
-        torch.save(shard, folder / f"consolidated.{k:02d}.pth")
-    (folder / "params.json").write_text(json.dumps({
-        "dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
-        "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
-        "rope_theta": 50000.0, "max_seq_len": 256, "multiple_of": 32}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def meta_folders(tmp_path_factory):
     """The tiny Meta model (conftest.META_CONFIG) in one shard and in two."""
-    from conftest import make_hf_model
+    from conftest import make_hf_model, meta_state_dict, write_meta_folder
     model = make_hf_model("meta")
     meta, root = meta_state_dict(model), tmp_path_factory.mktemp("meta")
     return tuple(write_meta_folder(root / name, meta, model.config, n) for name, n in (("one", 1), ("two", 2)))
