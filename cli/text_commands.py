@@ -32,11 +32,11 @@ def cmd_verify(args) -> int:
     from ardeploy.export.verify import verify_bundle
     ids = comma_ints(args.prompt_ids, option="--prompt-ids") if args.prompt_ids else None
     report = verify_bundle(args.bundle, source=args.source, steps=args.steps, prompt_ids=ids,
-                           with_transformers=args.transformers, threads=args.threads)
+                           with_transformers=args.transformers, threads=args.threads, flavor=args.flavor)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"bundle {report['bundle']} ({report['dtype']}), prompt {report['prompt_tokens']} tokens, "
+        print(f"bundle {report['bundle']} ({report['dtype']}, graph {report['graph']}), prompt {report['prompt_tokens']} tokens, "
               f"{report['steps']} greedy steps")
         for c in report["comparisons"]:
             agree = "identical" if c["greedy_agree"] else f"diverge at step {c['first_disagreement_step']}"
@@ -143,6 +143,7 @@ def _register_verify(sub) -> None:
                    help="also compare with transformers (default: on for Hugging Face folders)")
     p.add_argument("--atol", type=float, default=None, help="also fail when max |dlogits| exceeds this")
     add_threads(p)
+    add_flavor(p)
     add_json(p, "the comparison report")
     add_verbosity(p)
     p.set_defaults(func=cmd_verify)
