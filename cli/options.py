@@ -38,6 +38,13 @@ def add_backend_threads(p) -> None:
     add_threads(p)
 
 
+def add_device(p) -> None:
+    """--device cpu|cuda: where ONNX Runtime runs the graphs (cuda needs onnxruntime-gpu: pip install 'ardeploy[gpu]')."""
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="ONNX Runtime on the CPU or an NVIDIA GPU (cuda: needs onnxruntime-gpu, "
+                        "pip install 'ardeploy[gpu]'; the cache, inputs and logits then stay on the GPU)")
+
+
 def add_flavor(p) -> None:
     p.add_argument("--flavor", default="auto", choices=["auto", "ort", "portable"],
                    help="ONNX Runtime: which graph runs (auto: the bundle's ONNX Runtime graph when it has one, "
