@@ -8,15 +8,19 @@ from .bundle import BundleError
 from .errors import UserError
 
 
-def providers(device: str) -> list[str]:
-    """Execution providers for `device` ("cpu" or "cuda"); the CPU provider stays as the fallback."""
+def providers(device: str, cuda_graph: bool = False) -> list:
+    """Execution providers for `device` ("cpu" or "cuda"); the CPU provider stays as the fallback.
+    cuda_graph: let the CUDA provider capture runs as CUDA graphs (every run must then say which
+    graph it is with the run option gpu_graph_id; -1 runs without one)."""
     import onnxruntime as ort
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BundleError("device 'cuda' needs onnxruntime-gpu (pip install onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            raise UserError("--device cuda needs ONNX Runtime's CUDA provider: pip install 'ardeploy[gpu]' "
+                            "(onnxruntime-gpu, in place of onnxruntime) on a machine with an NVIDIA GPU")
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider"
+        return [cuda, "CPUExecutionProvider"]
     raise UserError(f"unknown device {device!r} (cpu or cuda)")
 
 
@@ -39,14 +43,15 @@ def session_options(threads: int | None = None, prepack: bool = True, warnings: 
     return options
 
 
-def open_session(model: str | Path | bytes, options, device: str = "cpu", name: str | Path | None = None):
+def open_session(model: str | Path | bytes, options, device: str = "cpu", name: str | Path | None = None,
+                 cuda_graph: bool = False):
     """An InferenceSession of a graph file (or serialized model bytes); a graph ONNX Runtime cannot
-    load becomes a BundleError naming `name` (default: the file)."""
+    load becomes a BundleError naming `name` (default: the file). cuda_graph: see providers()."""
     import onnxruntime as ort
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                    providers=providers(device))
-    except BundleError:
+                                    providers=providers(device, cuda_graph))
+    except (BundleError, UserError):
         raise
     except Exception as e:
         raise BundleError(f"{name or model}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None

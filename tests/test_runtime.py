@@ -75,6 +75,30 @@ def test_public_binding_path_gives_the_same_step(tiny_bundle):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_replayed_step_path_matches_the_regular_one(tiny_bundle):
+    """The GPU's decode step (inputs and logits in buffers bound once per arena and batch, total_seq_len
+    fixed at max_seq, replayed as a CUDA graph) run on the CPU with host buffers as the stand-in:
+    the same logits and tokens as the regular path, for batches of 1 and 2 (left-padded) and back,
+    with one binding per batch size and no KV byte copied."""
+    bundle = Bundle.load(tiny_bundle[0])
+    cfg = SamplingConfig(greedy=True, max_new_tokens=20, ignore_eos=True)
+    prompts = [rng_ids(11, seed=21), rng_ids(5, seed=22)]
+    plain = Generator.load(tiny_bundle[0], threads=threads(), flavor="ort")
+    replay = Generator.load(tiny_bundle[0], threads=threads(), flavor="ort", audit=True)
+    replay.backend.cuda_graph = True
+    for batch in ([prompts[0]], prompts, [prompts[1]]):
+        assert [r.token_ids for r in replay.generate(batch, cfg)] == [r.token_ids for r in plain.generate(batch, cfg)]
+    assert sorted(batch for _, batch in replay.backend._captured) == [1, 2]
+    assert replay.arena.bytes_copied == 0
+    x = np.array([prompts[0] + [7]])
+    for gen in (plain, replay):
+        gen.arena.reset(1)
+        gen.backend.step(x[:, :-1], np.ones((1, 11), np.int64), gen.arena)
+    got = replay.backend.step(x[:, -1:], np.ones((1, 12), np.int64), replay.arena)
+    want = plain.backend.step(x[:, -1:], np.ones((1, 12), np.int64), plain.arena)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("flavor", ["ort", "portable"])
 def test_long_prompts_in_chunks_match_one_piece(tiny_bundle, flavor):
     """A prompt fed in pieces (prefill_chunk) gives the same logits and tokens as in one piece,

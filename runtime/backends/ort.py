@@ -16,6 +16,10 @@ session read-only views of it (`add_initializer`), so no private copy exists at 
 
 The prefill graph gets a session of its own only where the prompt is not token ids: LlamaGen t2i's
 caption features (`prefill_features`).
+
+On an NVIDIA GPU (`device="cuda"`, onnxruntime-gpu) the cache is device memory, prompts go in one
+piece, and the ONNX Runtime graph's one-token step is replayed as a captured CUDA graph with its
+inputs and logits in device memory (cuda_graph.py); only the logits cross to the host.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from ..errors import UserError
 from ..kv_arena import KVArena
 from ..sessions import check_io, open_session, providers, session_options
 from .base import check_step
+from .cuda_graph import CapturedStep, run_options
 
 
 class SharedWeights:
@@ -100,10 +105,15 @@ class OrtBackend:
         it was bound to, and count the bytes of any that were not (benchmarks and tests).
         prefill_chunk: the Generator feeds longer prompts in pieces of this many tokens (bounds the
         activation memory ONNX Runtime keeps; None: whole prompts).
-        flavor: "auto" (the ONNX Runtime graph when the bundle has one), "ort" or "portable"."""
+        flavor: "auto" (the ONNX Runtime graph when the bundle has one), "ort" or "portable".
+        device: "cpu" or "cuda" (see the module docstring)."""
         self.graph = _decode_graph(bundle, flavor)
         self.flavor = "portable" if self.graph == "decode" else "ort"
-        self.prefill_chunk = prefill_chunk
+        # Pieces bound the host memory ONNX Runtime keeps on the CPU; on the GPU one piece is fastest.
+        self.prefill_chunk = prefill_chunk if device == "cpu" else None
+        # The portable graph has shape nodes ONNX Runtime places on the CPU: it cannot be captured.
+        self.cuda_graph = device == "cuda" and self.flavor == "ort"
+        self._captured: dict = {}       # (arena id, batch) -> CapturedStep (holds the arena)
         self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
         self._c_device = None
         self.bundle, self.device, self.audit = bundle, device, audit
@@ -125,7 +135,8 @@ class OrtBackend:
             if self.weights is not None:
                 self.weights.add_to(options, path)
             try:
-                self.sessions[kind] = open_session(path, options, self.device)
+                self.sessions[kind] = open_session(path, options, self.device,
+                                                   cuda_graph=self.cuda_graph and kind == self.graph)
             except BundleError as e:
                 if self.device == "cpu" and self.bundle.manifest.get("dtype") == "bf16":
                     raise BundleError(f"{path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 "
@@ -168,7 +179,28 @@ class OrtBackend:
             for i in range(n_new):
                 logits = self._step_in_place(input_ids[:, i:i + 1], attention_mask[:, :past + i + 1], arena)
             return logits
-        return self._run(self.graph, gqa_inputs(input_ids, attention_mask, past), arena, batch, n_new, bind_past=True)
+        inputs = gqa_inputs(input_ids, attention_mask, past)
+        if self.cuda_graph and past and n_new == 1:
+            return self._replay(inputs, arena, batch)
+        return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True)
+
+    def _replay(self, inputs: dict, arena: KVArena, batch: int) -> np.ndarray:
+        """The one-token step as this arena and batch's captured CUDA graph (recorded on first use)."""
+        key = (id(arena), batch)
+        step = self._captured.get(key)
+        if step is None or step.arena is not arena:
+            step = CapturedStep(self.session(self.graph), arena, batch, self.bundle.vocab_size,
+                                graph_id=len(self._captured) + 1,
+                                bind_cache=lambda io: self._bind_cache(io, arena, arena.length, 1, True),
+                                device=self.device)
+            self._captured[key] = step
+        started = time.perf_counter()
+        logits = step.run(inputs["input_ids"], inputs["seqlens_k"])
+        self._run_s += time.perf_counter() - started
+        if self.audit:
+            self._count_copies(arena, step.io.get_outputs()[1:], step.present)
+        arena.advance(1)
+        return logits
 
     def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
         """The prefill graph on input features instead of token ids (LlamaGen t2i: `caption_features`
@@ -191,15 +223,21 @@ class OrtBackend:
             io.bind_cpu_input(name, value)
         logits = self._logits[:batch]
         started = time.perf_counter()
-        session.run_with_iobinding(io)
+        # A session that may record CUDA graphs records none here (-1): this run's shapes change.
+        session.run_with_iobinding(io, run_options(-1) if self.cuda_graph and kind == self.graph else None)
         self._run_s += time.perf_counter() - started
         if self.audit:
-            # Outputs come back in binding order (logits first); any not at its bound address was copied.
-            for value, address in zip(io.get_outputs()[1:], present):
-                if value.data_ptr() != address:
-                    arena.bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
+            self._count_copies(arena, io.get_outputs()[1:], present)
         arena.advance(n_new)
         return logits
+
+    @staticmethod
+    def _count_copies(arena: KVArena, outputs, present: list[int]) -> None:
+        """Outputs come back in binding order (logits first, left out here); any present.* output not
+        at its bound arena address was copied: count its bytes."""
+        for value, address in zip(outputs, present):
+            if value.data_ptr() != address:
+                arena.bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
 
     def _binding(self, session, kind: str, arena: KVArena, batch: int, past: int, n_new: int, bind_past: bool):
         """An IOBinding with the logits buffer and the cache bound, and the present addresses. A

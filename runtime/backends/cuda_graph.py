@@ -1,0 +1,73 @@
+"""The decode step on an NVIDIA GPU as one captured CUDA graph (ONNX Runtime's `enable_cuda_graph`).
+
+A CUDA graph replays the kernels of one recorded run with the same addresses and shapes, so each
+step costs one launch instead of one per kernel (a small model's step on a big GPU is the sum of its
+launches). ONNX Runtime records a run when its CUDA provider was made with `enable_cuda_graph` and
+the run names a graph id (run option `gpu_graph_id`; -1 runs without recording), and replays that
+graph on every later run with the same id. What must stay fixed, and how the ONNX Runtime graph
+(export/ort_graph.py) keeps it fixed:
+
+- every input and output lives at one device address: the token ids, per-row lengths and last-token
+  indices are small device buffers written before each replay (`update_inplace`), the logits land
+  in one device buffer, and the cache is the arena's own buffers, bound as both past and present;
+- every shape: a step is one token per row for a given batch size (one graph per batch size and
+  arena), and `total_seq_len` is the arena's max_seq rather than the longest row (GroupQueryAttention
+  reads each row's length from `seqlens_k`; the cache buffer is max_seq long anyway).
+
+Prompts (several tokens per row) run without a graph; only the one-token step is replayed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kv_arena import KVArena
+
+
+def run_options(graph_id: int):
+    """RunOptions naming the CUDA graph a run records or replays (-1: none)."""
+    import onnxruntime as ort
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
+class CapturedStep:
+    """The one-token step of batch `batch` over `arena`, bound once at fixed device addresses and
+    replayed as CUDA graph `graph_id` (recorded by ONNX Runtime on its first run)."""
+
+    def __init__(self, session, arena: KVArena, batch: int, vocab_size: int, graph_id: int, bind_cache,
+                 device: str = "cuda"):
+        """bind_cache(io) binds every past.* input and present.* output to the arena's buffers and
+        returns the present addresses (the backend's own binder, so both paths bind alike).
+        device "cpu" runs the same bindings without a CUDA graph (how the tests exercise this path)."""
+        import onnxruntime as ort
+
+        def on_device(array):
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+
+        self.session, self.arena, self.batch, self.graph_id = session, arena, batch, graph_id
+        self.input_ids = on_device(np.zeros((batch, 1), np.int64))
+        self.seqlens_k = on_device(np.zeros(batch, np.int32))
+        self.last_token = on_device(np.arange(batch, dtype=np.int64))   # one token per row: row r's is r
+        self.total_seq_len = np.array(arena.max_seq, np.int32)           # a host input, fixed (see above)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, vocab_size], np.float32, device, 0)
+        io = session.io_binding()
+        io.bind_ortvalue_output("logits", self.logits)
+        self.present = bind_cache(io)
+        io.bind_ortvalue_input("input_ids", self.input_ids)
+        io.bind_ortvalue_input("seqlens_k", self.seqlens_k)
+        io.bind_ortvalue_input("last_token", self.last_token)
+        io.bind_cpu_input("total_seq_len", self.total_seq_len)
+        self.io, self.options = io, run_options(graph_id)
+
+    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
+        """One step: new token ids [B, 1] and each row's length - 1 in; host logits [B, vocab] out
+        (the one copy per step that crosses to the host)."""
+        self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
+        self.seqlens_k.update_inplace(np.ascontiguousarray(seqlens_k, dtype=np.int32))
+        self.session.run_with_iobinding(self.io, self.options)
+        return self.logits.numpy()
+
+    def output_addresses(self) -> list[int]:
+        """Where the present.* outputs are after a run (logits first in binding order, as in the backend)."""
+        return [value.data_ptr() for value in self.io.get_outputs()[1:]]
