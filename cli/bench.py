@@ -20,7 +20,7 @@ import numpy as np
 
 from ..runtime.kv_traffic import bytes_per_step, cache_copy_nodes
 from .errors import UserError
-from .options import add_backend_threads, add_flavor, add_json, add_verbosity, comma_ints
+from .options import add_backend_threads, add_device, add_flavor, add_json, add_verbosity, comma_ints
 
 
 def host_memory_mib() -> dict:
@@ -127,14 +127,15 @@ def _check_fits(bundle, max_batch: int, prompt_lens, new_tokens: int) -> None:
 
 
 def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: int = 128, batches=(1,),
-          threads: int | None = None, repeat: int = 3, warmup: bool = True, progress=print, flavor: str = "auto") -> dict:
+          threads: int | None = None, repeat: int = 3, warmup: bool = True, progress=print, flavor: str = "auto",
+          device: str = "cpu") -> dict:
     from ardeploy.runtime import Generator
     from ardeploy.runtime.bundle import Bundle
     check_counts(list(prompt_lens), new_tokens, list(batches), repeat)
     bundle = Bundle.load(bundle_path)
     max_batch = max(batches)
     _check_fits(bundle, max_batch, prompt_lens, new_tokens)
-    options = {"threads": threads, "audit": True, "flavor": flavor} if backend == "ort" else {}
+    options = {"threads": threads, "audit": True, "flavor": flavor, "device": device} if backend == "ort" else {}
     started = time.perf_counter()
     gen = Generator.load(bundle_path, backend=backend, max_batch=max_batch, **options)
     load_s = time.perf_counter() - started
@@ -145,7 +146,7 @@ def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: 
         run_once(gen, timer, 1, min(prompt_lens), 4, seed=999)
     weights = bundle.manifest["weights"]["bytes"]
     result = {"bundle": str(bundle_path), "backend": backend, "graph": graph, "kv_copy_nodes_per_step": copy_nodes,
-              "dtype": bundle.manifest["dtype"], "threads": threads,
+              "dtype": bundle.manifest["dtype"], "threads": threads, "device": device if backend == "ort" else "cuda",
               "new_tokens": new_tokens, "repeat": repeat, "load_s": load_s, "weights_mib": weights / 2**20,
               "kv_arena_mib": gen.arena.nbytes / 2**20, "configs": []}
     for b in batches:
@@ -180,7 +181,7 @@ def cmd_bench(args) -> int:
     prompt_lens = comma_ints(args.prompt_len, skip_empty=True, option="--prompt-len")
     batches = comma_ints(args.batch, skip_empty=True, option="--batch")
     res = bench(args.bundle, backend=args.backend, prompt_lens=prompt_lens, new_tokens=args.new_tokens, batches=batches,
-                threads=args.threads, repeat=args.repeat, progress=progress, flavor=args.flavor)
+                threads=args.threads, repeat=args.repeat, progress=progress, flavor=args.flavor, device=args.device)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -203,6 +204,7 @@ def register(sub) -> None:
     p.add_argument("--repeat", type=int, default=3)
     add_backend_threads(p)
     add_flavor(p)
+    add_device(p)
     add_json(p, "all numbers (with per-step times by context length)")
     add_verbosity(p)
     p.set_defaults(func=cmd_bench)

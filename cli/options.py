@@ -45,6 +45,17 @@ def add_device(p) -> None:
                         "pip install 'ardeploy[gpu]'; the cache, inputs and logits then stay on the GPU)")
 
 
+def backend_options(args, **extra) -> dict:
+    """The OrtBackend keywords the ONNX Runtime options (--threads, --flavor, --device) describe; none
+    for TensorRT (its engines always run on the GPU)."""
+    if args.backend != "ort":
+        return {}
+    options = {"threads": args.threads, "device": getattr(args, "device", "cpu"), **extra}
+    if hasattr(args, "flavor"):
+        options["flavor"] = args.flavor
+    return options
+
+
 def add_flavor(p) -> None:
     p.add_argument("--flavor", default="auto", choices=["auto", "ort", "portable"],
                    help="ONNX Runtime: which graph runs (auto: the bundle's ONNX Runtime graph when it has one, "

@@ -7,8 +7,8 @@ import sys
 import time
 
 from .errors import UserError
-from .options import (add_backend_threads, add_flavor, add_json, add_out_force, add_sampling, add_threads, add_verbosity,
-                      comma_ints, sampling_config)
+from .options import (add_backend_threads, add_device, add_flavor, add_json, add_out_force, add_sampling, add_threads,
+                      add_verbosity, backend_options, comma_ints, sampling_config)
 
 
 # -- export / verify ------------------------------------------------------------------------------
@@ -32,7 +32,8 @@ def cmd_verify(args) -> int:
     from ardeploy.export.verify import verify_bundle
     ids = comma_ints(args.prompt_ids, option="--prompt-ids") if args.prompt_ids else None
     report = verify_bundle(args.bundle, source=args.source, steps=args.steps, prompt_ids=ids,
-                           with_transformers=args.transformers, threads=args.threads, flavor=args.flavor)
+                           with_transformers=args.transformers, threads=args.threads, flavor=args.flavor,
+                          device=args.device)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -50,8 +51,7 @@ def cmd_verify(args) -> int:
 # -- generate / chat ------------------------------------------------------------------------------
 def load_generator(args):
     from ardeploy.runtime import Generator
-    options = {"threads": args.threads, "flavor": args.flavor} if args.backend == "ort" else {}
-    return Generator.load(args.bundle, backend=args.backend, **options)
+    return Generator.load(args.bundle, backend=args.backend, **backend_options(args))
 
 
 def cmd_generate(args) -> int:
@@ -144,6 +144,7 @@ def _register_verify(sub) -> None:
     p.add_argument("--atol", type=float, default=None, help="also fail when max |dlogits| exceeds this")
     add_threads(p)
     add_flavor(p)
+    add_device(p)
     add_json(p, "the comparison report")
     add_verbosity(p)
     p.set_defaults(func=cmd_verify)
@@ -159,6 +160,7 @@ def _register_generate(sub) -> None:
     add_sampling(p)
     add_backend_threads(p)
     add_flavor(p)
+    add_device(p)
     add_verbosity(p)
     p.set_defaults(func=cmd_generate)
 
@@ -170,5 +172,6 @@ def _register_chat(sub) -> None:
     add_sampling(p)
     add_backend_threads(p)
     add_flavor(p)
+    add_device(p)
     add_verbosity(p)
     p.set_defaults(func=cmd_chat)

@@ -91,7 +91,7 @@ def compare(name: str, ref: list[np.ndarray], got: list[np.ndarray], got_tokens:
 
 
 def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, with_transformers: bool | None = None,
-                  threads: int | None = None, flavor: str = "auto") -> dict:
+                  threads: int | None = None, flavor: str = "auto", device: str = "cpu") -> dict:
     bundle = Bundle.load(bundle_path)
     src = Path(source or bundle.manifest["source"]["path"])
     if bundle.manifest["dtype"] == "bf16":
@@ -109,10 +109,11 @@ def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, wi
     report = {"bundle": str(bundle_path), "source": str(src), "dtype": bundle.manifest["dtype"],
               "prompt_tokens": len(prompt_ids), "steps": steps}
     started = time.perf_counter()
-    backend = OrtBackend(bundle, threads=threads, flavor=flavor)
+    backend = OrtBackend(bundle, threads=threads, flavor=flavor, device=device)
     tokens, ort_logits = run_bundle_greedy(backend, bundle, prompt_ids, steps)
     report["ort_seconds"] = round(time.perf_counter() - started, 3)
     report["graph"] = backend.graph
+    report["device"] = device
     report["tokens"] = tokens
     _compare_references(report, src, bundle.manifest, prompt_ids, tokens, ort_logits, with_transformers)
     return report
