@@ -18,7 +18,8 @@ the cache — so the runtime hands the graph per-row lengths instead of a mask:
     total_seq_len  int32 []       the longest row after this step
     last_token     int64 [B]      b * S + index of row b's last real token in this step
     past.{i}.key/value   [B, n_kv, max_seq, hd]  the cache; present.{i}.* must be bound to the same buffer
-    -> logits float32 [B, vocab] (of each row's last token), present.{i}.key/value
+    -> logits float32 [B, vocab] (of each row's last token), present.{i}.key/value,
+       next_token int64 [B] (the argmax of each row's logits: a greedy step on the GPU copies only it)
 
 GroupQueryAttention takes a step's S tokens as positions [seqlens_k + 1 - S, seqlens_k + 1) of each row,
 except in a first prompt (S == total_seq_len), where shorter rows may end in padding. ONNX Runtime's CPU
@@ -60,6 +61,7 @@ def graph_io(spec: ModelSpec, dtype: str) -> dict[str, list[tuple[str, int, list
     for i in range(spec.n_layers):
         inputs += [(f"past.{i}.{x}", kv, cache) for x in ("key", "value")]
         outputs += [(f"present.{i}.{x}", kv, cache) for x in ("key", "value")]
+    outputs.append(("next_token", TensorProto.INT64, ["batch"]))
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -171,6 +173,7 @@ class OrtGraph:
             self.node("Identity", [logits], ["logits"])
         else:
             self.node("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
+        self.node("ArgMax", ["logits"], ["next_token"], axis=-1, keepdims=0)   # first index on ties, as numpy
 
 
 def build_ort_graph(ckpt: Checkpoint, weights: ExternalWeights, dtype: str, max_seq: int, opset: int):

@@ -152,6 +152,10 @@ class Sampler:
         return processed
 
     def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        if self.cfg.is_greedy and not self.chain:
+            # Nothing changes the logits: no copy, and logits still on a GPU give only their argmax.
+            argmax_rows = getattr(logits, "argmax_rows", None)
+            return argmax_rows() if argmax_rows else np.argmax(logits, axis=-1)
         processed = self.distribution(logits, history)
         if self.cfg.is_greedy:
             return np.argmax(processed, axis=-1)

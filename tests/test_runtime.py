@@ -97,6 +97,7 @@ def test_replayed_step_path_matches_the_regular_one(tiny_bundle):
     got = replay.backend.step(x[:, -1:], np.ones((1, 12), np.int64), replay.arena)
     want = plain.backend.step(x[:, -1:], np.ones((1, 12), np.int64), plain.arena)
     np.testing.assert_allclose(got, want, atol=1e-5)
+    assert got.argmax_rows().tolist() == np.argmax(want, axis=-1).tolist()     # the graph's own argmax
 
 
 @pytest.mark.parametrize("flavor", ["ort", "portable"])

@@ -23,6 +23,40 @@ import numpy as np
 from ..kv_arena import KVArena
 
 
+class DeviceLogits:
+    """A step's logits [B, vocab] left in device memory until someone needs them. `np.asarray(x)`,
+    `x.copy()` and indexing bring them to the host (once); a greedy sampler reads only `argmax_rows()`,
+    the graph's own argmax (B int64 values): the one copy a greedy step needs. Valid until the next step
+    (the buffers are the backend's, as the host logits buffer is on the CPU)."""
+
+    def __init__(self, logits, next_token=None):
+        self._logits, self._next_token, self._host = logits, next_token, None
+        self.shape = tuple(logits.shape())
+
+    def host(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self._logits.numpy()
+        return self._host
+
+    def __array__(self, dtype=None, copy=None):
+        return self.host() if dtype is None else self.host().astype(dtype)
+
+    def __getitem__(self, key):
+        return self.host()[key]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def copy(self) -> np.ndarray:
+        return self.host().copy()
+
+    def argmax_rows(self) -> np.ndarray:
+        """Each row's most likely token (the first on ties, as np.argmax)."""
+        if self._next_token is None:
+            return np.argmax(self.host(), axis=-1)
+        return self._next_token.numpy()
+
+
 def run_options(graph_id: int):
     """RunOptions naming the CUDA graph a run records or replays (-1: none)."""
     import onnxruntime as ort
@@ -36,7 +70,7 @@ class CapturedStep:
     replayed as CUDA graph `graph_id` (recorded by ONNX Runtime on its first run)."""
 
     def __init__(self, session, arena: KVArena, batch: int, vocab_size: int, graph_id: int, bind_cache,
-                 device: str = "cuda"):
+                 device: str = "cuda", next_token: bool = True):
         """bind_cache(io) binds every past.* input and present.* output to the arena's buffers and
         returns the present addresses (the backend's own binder, so both paths bind alike).
         device "cpu" runs the same bindings without a CUDA graph (how the tests exercise this path)."""
@@ -58,16 +92,15 @@ class CapturedStep:
         io.bind_ortvalue_input("seqlens_k", self.seqlens_k)
         io.bind_ortvalue_input("last_token", self.last_token)
         io.bind_cpu_input("total_seq_len", self.total_seq_len)
+        self.next_token = None
+        if next_token:          # bound last: the outputs after logits are the present.* ones, in order
+            self.next_token = ort.OrtValue.ortvalue_from_shape_and_type([batch], np.int64, device, 0)
+            io.bind_ortvalue_output("next_token", self.next_token)
         self.io, self.options = io, run_options(graph_id)
 
-    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
-        """One step: new token ids [B, 1] and each row's length - 1 in; host logits [B, vocab] out
-        (the one copy per step that crosses to the host)."""
+    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray) -> DeviceLogits:
+        """One step: new token ids [B, 1] and each row's length - 1 in; the logits stay on the device."""
         self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         self.seqlens_k.update_inplace(np.ascontiguousarray(seqlens_k, dtype=np.int32))
         self.session.run_with_iobinding(self.io, self.options)
-        return self.logits.numpy()
-
-    def output_addresses(self) -> list[int]:
-        """Where the present.* outputs are after a run (logits first in binding order, as in the backend)."""
-        return [value.data_ptr() for value in self.io.get_outputs()[1:]]
+        return DeviceLogits(self.logits, self.next_token)

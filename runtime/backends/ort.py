@@ -85,11 +85,14 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int) -> 
             "last_token": (np.arange(batch) * n_new + new - 1).astype(np.int64)}
 
 
-def _decode_graph(bundle: Bundle, flavor: str) -> str:
-    """The graph that runs both phases for `flavor` (see the module docstring)."""
+def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
+    """The graph that runs both phases for `flavor` (see the module docstring). On the GPU "auto" takes
+    the ONNX Runtime graph of fp16/bf16 bundles only: GroupQueryAttention has no fp32 CUDA kernel (ONNX
+    Runtime would run it on the CPU, copying the cache both ways every step)."""
     if flavor not in ("auto", "ort", "portable"):
         raise UserError(f"unknown graph flavor {flavor!r} (auto, ort or portable)")
-    if flavor == "portable" or (flavor == "auto" and bundle.ort_graph is None):
+    fp32_on_gpu = device == "cuda" and np.dtype(bundle.kv_dtype) == np.float32
+    if flavor == "portable" or (flavor == "auto" and (bundle.ort_graph is None or fp32_on_gpu)):
         return "decode"
     if bundle.ort_graph is None:
         raise BundleError(f"{bundle.path}: the bundle has no ONNX Runtime graph (export with --target ort)")
@@ -107,12 +110,12 @@ class OrtBackend:
         activation memory ONNX Runtime keeps; None: whole prompts).
         flavor: "auto" (the ONNX Runtime graph when the bundle has one), "ort" or "portable".
         device: "cpu" or "cuda" (see the module docstring)."""
-        self.graph = _decode_graph(bundle, flavor)
+        self.graph = _decode_graph(bundle, flavor, device)
         self.flavor = "portable" if self.graph == "decode" else "ort"
         # Pieces bound the host memory ONNX Runtime keeps on the CPU; on the GPU one piece is fastest.
         self.prefill_chunk = prefill_chunk if device == "cpu" else None
         # The portable graph has shape nodes ONNX Runtime places on the CPU: it cannot be captured.
-        self.cuda_graph = device == "cuda" and self.flavor == "ort"
+        self.cuda_graph = device == "cuda" and self.flavor == "ort" and np.dtype(bundle.kv_dtype) != np.float32
         self._captured: dict = {}       # (arena id, batch) -> CapturedStep (holds the arena)
         self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
         self._c_device = None
@@ -125,6 +128,9 @@ class OrtBackend:
         self._reusable = None           # (arena, key, IOBinding, present addresses): a batch-major binding
         self.session(self.graph)
         self._logits = np.zeros((bundle.max_batch, bundle.vocab_size), np.float32)
+        outputs = {x["name"] for x in bundle.manifest["graphs"][self.graph].get("outputs", [])}
+        self.next_token = "next_token" in outputs      # the graph's own argmax (bundles since 2026-12)
+        self._next_token = np.zeros(bundle.max_batch, np.int64)
         self._run_s = 0.0
 
     def session(self, kind: str):
@@ -184,7 +190,7 @@ class OrtBackend:
             return self._replay(inputs, arena, batch)
         return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True)
 
-    def _replay(self, inputs: dict, arena: KVArena, batch: int) -> np.ndarray:
+    def _replay(self, inputs: dict, arena: KVArena, batch: int):
         """The one-token step as this arena and batch's captured CUDA graph (recorded on first use)."""
         key = (id(arena), batch)
         step = self._captured.get(key)
@@ -192,7 +198,7 @@ class OrtBackend:
             step = CapturedStep(self.session(self.graph), arena, batch, self.bundle.vocab_size,
                                 graph_id=len(self._captured) + 1,
                                 bind_cache=lambda io: self._bind_cache(io, arena, arena.length, 1, True),
-                                device=self.device)
+                                device=self.device, next_token=self.next_token)
             self._captured[key] = step
         started = time.perf_counter()
         logits = step.run(inputs["input_ids"], inputs["seqlens_k"])
@@ -252,6 +258,9 @@ class OrtBackend:
         logits = self._logits[:batch]
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         present = self._bind_cache(io, arena, past, n_new, bind_past)
+        if self.next_token and kind == self.graph:    # bound last, after the present.* outputs
+            next_token = self._next_token[:batch]
+            io.bind_output("next_token", "cpu", 0, np.int64, list(next_token.shape), next_token.ctypes.data)
         if arena.layout == "batch":           # holds the arena: its buffers stay alive while bound
             self._reusable = (arena, key, io, present)
         return io, present
