@@ -97,6 +97,7 @@ class CapturedStep:
             self.next_token = ort.OrtValue.ortvalue_from_shape_and_type([batch], np.int64, device, 0)
             io.bind_ortvalue_output("next_token", self.next_token)
         self.io, self.options = io, run_options(graph_id)
+        self.runs = 0
 
     def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray) -> DeviceLogits:
         """One step: new token ids [B, 1] and each row's length - 1 in; the logits stay on the device."""
