@@ -79,7 +79,8 @@ def test_verify_command_reports_agreement(smollm2_bundle, capsys):
 # Operators the ONNX Runtime graph may use: each has a CUDA kernel in ONNX Runtime for float32/float16, and
 # none computes shapes (a shape subgraph is what ONNX Runtime's CUDA provider leaves on the CPU).
 CUDA_OPS = {"Gather", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "MatMul", "Add",
-            "Split", "GroupQueryAttention", "Sigmoid", "Mul", "Reshape", "Gemm", "Identity", "Cast"}
+            "Split", "GroupQueryAttention", "Sigmoid", "Mul", "Reshape", "Gemm", "Identity", "Cast",
+            "ArgMax"}      # ArgMax: float32 CUDA kernel; captured in a CUDA graph on the H200 (tests/test_gpu.py)
 
 
 def test_ort_graph_is_small_and_has_no_shape_subgraph(smollm2_bundle, tmp_path):
