@@ -19,8 +19,10 @@ def providers(device: str, cuda_graph: bool = False) -> list:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError("--device cuda needs ONNX Runtime's CUDA provider: pip install 'ardeploy[gpu]' "
                             "(onnxruntime-gpu, in place of onnxruntime) on a machine with an NVIDIA GPU")
-        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider"
-        return [cuda, "CPUExecutionProvider"]
+        # No TF32: fp32 graphs then compute what the CPU computes (TF32 matmuls moved LlamaGen's sampled
+        # codes on an H200); fp16 graphs are unaffected.
+        options = {"use_tf32": "0", **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     raise UserError(f"unknown device {device!r} (cpu or cuda)")
 
 

@@ -56,9 +56,8 @@ def test_replayed_cuda_graph_equals_plain_runs(tiny_hf, export_once, name):
     cfg = SamplingConfig(greedy=True, max_new_tokens=32, ignore_eos=True)
     prompts = [rng_ids(12, seed=33), rng_ids(5, seed=34)]
     replay = Generator.load(bundle, device="cuda")
-    plain = Generator.load(bundle, device="cuda")
-    plain.backend.cuda_graph = False
-    assert replay.backend.cuda_graph
+    plain = Generator.load(bundle, device="cuda", cuda_graph=False)
+    assert replay.backend.cuda_graph and not plain.backend.cuda_graph
     for batch in ([prompts[0]], prompts):
         assert [r.token_ids for r in replay.generate(batch, cfg)] == [r.token_ids for r in plain.generate(batch, cfg)]
     assert sorted(b for _, b in replay.backend._captured) == [1, 2]

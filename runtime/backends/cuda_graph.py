@@ -50,6 +50,10 @@ class DeviceLogits:
     def copy(self) -> np.ndarray:
         return self.host().copy()
 
+    def ortvalue(self):
+        """The device OrtValue itself, for a consumer that stays on the GPU (the image device sampler)."""
+        return self._logits
+
     def argmax_rows(self) -> np.ndarray:
         """Each row's most likely token (the first on ties, as np.argmax)."""
         if self._next_token is None:

@@ -103,19 +103,22 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu", prepack: bool = True,
-                 flavor: str = "auto", audit: bool = False, prefill_chunk: int | None = 256):
+                 flavor: str = "auto", audit: bool = False, prefill_chunk: int | None = 256, cuda_graph: bool = True):
         """audit: after each step, check that every present.* output was written at the arena address
         it was bound to, and count the bytes of any that were not (benchmarks and tests).
         prefill_chunk: the Generator feeds longer prompts in pieces of this many tokens (bounds the
         activation memory ONNX Runtime keeps; None: whole prompts).
         flavor: "auto" (the ONNX Runtime graph when the bundle has one), "ort" or "portable".
-        device: "cpu" or "cuda" (see the module docstring)."""
+        device: "cpu" or "cuda" (see the module docstring); cuda_graph=False runs every GPU step plainly."""
         self.graph = _decode_graph(bundle, flavor, device)
         self.flavor = "portable" if self.graph == "decode" else "ort"
         # Pieces bound the host memory ONNX Runtime keeps on the CPU; on the GPU one piece is fastest.
         self.prefill_chunk = prefill_chunk if device == "cpu" else None
         # The portable graph has shape nodes ONNX Runtime places on the CPU: it cannot be captured.
-        self.cuda_graph = device == "cuda" and self.flavor == "ort" and np.dtype(bundle.kv_dtype) != np.float32
+        # A session made for CUDA graphs must name a graph id in every run (None would record graph 0),
+        # so this is fixed here, before the session exists.
+        self.cuda_graph = (cuda_graph and device == "cuda" and self.flavor == "ort"
+                           and np.dtype(bundle.kv_dtype) != np.float32)
         self._captured: dict = {}       # (arena id, batch) -> CapturedStep (holds the arena)
         self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
         self._c_device = None
