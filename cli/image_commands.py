@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .options import add_backend_threads, add_token_filters, add_verbosity
+from .options import add_backend_threads, add_device, add_flavor, add_token_filters, add_verbosity
 from .errors import UserError
 
 
@@ -84,7 +84,7 @@ def _settings(args, gen, size):
         visual=_sampling(defaults.get("visual", {}), args.temperature, args.top_k, args.top_p, args.greedy, args.seed),
         text=_sampling(defaults.get("text", {}), args.text_temperature, args.text_top_k, args.text_top_p,
                        args.greedy, args.seed),
-        seed=args.seed, size=size, max_text_tokens=args.max_text_tokens,
+        seed=args.seed, size=size, max_text_tokens=args.max_text_tokens, sampler=args.sampler,
         negative_ids=gen.encode_prompt(args.negative_prompt) if args.negative_prompt is not None else None)
 
 
@@ -112,7 +112,8 @@ def cmd_generate_image(args) -> int:
     from ardeploy.runtime.image import ImageGenerator, save_images
     size = _size(args.size)
     out = Path(args.out)
-    gen = ImageGenerator.load(args.bundle, backend=args.backend, threads=args.threads, prepack=not args.no_prepack)
+    gen = ImageGenerator.load(args.bundle, backend=args.backend, threads=args.threads, prepack=not args.no_prepack,
+                              device=args.device, flavor=args.flavor)
     requests = _requests(args, gen)
     if out.suffix.lower() == ".png" and len(requests) > 1:
         raise UserError(f"--out {out}: {len(requests)} images need a folder, not one .png file")
@@ -166,6 +167,8 @@ def register(sub) -> None:
     p.add_argument("--no-decode", action="store_true", help="tokens only (with --save-tokens)")
     _add_guidance_and_sampling(p)
     add_backend_threads(p)
+    add_device(p)
+    add_flavor(p)
     p.add_argument("--no-prepack", action="store_true",
                    help="ONNX Runtime: do not pre-pack weights (less memory, much slower guided decoding)")
     add_verbosity(p)
@@ -183,6 +186,10 @@ def _add_guidance_and_sampling(p) -> None:
     add_token_filters(image_sampling, family_defaults=True)
     image_sampling.add_argument("--greedy", action="store_true", help="always take the most likely token")
     image_sampling.add_argument("--seed", type=int, default=None, help="image k of the request draws from seed + k")
+    image_sampling.add_argument("--sampler", default="auto", choices=["auto", "host", "device"],
+                                help="where codes are drawn: numpy on the host, or a small graph on the device "
+                                     "(guidance, temperature, top-k; the same draws for a seed); auto: the device "
+                                     "with --device cuda when the settings allow it")
     text_sampling = p.add_argument_group("text before the image (unified models)")
     text_sampling.add_argument("--max-text-tokens", type=int, default=0,
                                help="free text allowed before the image starts")

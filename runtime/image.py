@@ -12,6 +12,10 @@ models (text before the image), the unconditional row is fed padding (attention 
 and it does not advance that row's positions) until the image begins, so it sees only its own prompt
 and the image, as in Emu3.5.
 
+Codes are drawn on the host (guidance.py, sampling.py) or, on CUDA by default, by a small graph on
+the device (device_sampler.py: the same definitions and per-image random streams), so that only the
+sampled ids come back to the host each step.
+
 Tokens the layout forces (EOL, EOF, EOI, the "H*W" header) are never sampled: they are fed together
 with the next sampled token in one decode step (S > 1), and the forced tokens after the last code are
 not run at all.
@@ -55,6 +59,8 @@ class ImageSettings:
     size: tuple[int, int] | None = None      # (width, height) in pixels; None: the bundle's default
     negative_ids: list[int] | None = None    # Emu3: the unconditional prompt (default: BOS + manifest uncond_prompt)
     max_text_tokens: int = 0                 # unified models: free text allowed before BOI (then BOI is forced)
+    sampler: str = "auto"                    # codes drawn by "host" numpy, or a "device" graph (device_sampler.py);
+                                             # auto: the device graph with --device cuda when it expresses the settings
 
 
 @dataclass
@@ -132,30 +138,38 @@ class BatchRows:
 
 
 class ImageGenerator:
-    def __init__(self, bundle: Bundle, backend, threads: int | None = None):
+    def __init__(self, bundle: Bundle, backend, threads: int | None = None, device: str = "cpu"):
         image = bundle.manifest.get("image")
         if not image:
             raise BundleError(f"{bundle.path}: not an image-token bundle (manifest.json has no image section)")
-        self.bundle, self.backend, self.threads = bundle, backend, threads
+        self.bundle, self.backend, self.threads, self.device = bundle, backend, threads, device
         self.image = image
         self.family = image.get("family", "?")
         self.layout = ImageLayout.from_manifest(image)
         self.tokenizer = bundle.tokenizer()
         self._vq = None
+        self._samplers: dict = {}                 # DeviceSampler sessions by settings
         self._arena = None
         self._uncond_caption = None
 
     @classmethod
-    def load(cls, path, backend: str = "ort", threads: int | None = None, prepack: bool = True) -> "ImageGenerator":
+    def load(cls, path, backend: str = "ort", threads: int | None = None, prepack: bool = True,
+             device: str = "cpu", flavor: str = "auto") -> "ImageGenerator":
         """prepack (ONNX Runtime): pre-pack MatMul weights. Guidance always runs >= 2 rows, and without
         pre-packing ONNX Runtime re-packs every weight at each M=2 step: 3.5x slower on GPT-B (74 vs 259
-        ms/step, one thread). The cost is a private copy of the weights per session."""
+        ms/step, one thread). The cost is a private copy of the weights per session.
+        device: "cpu" or "cuda" (ONNX Runtime's CUDA provider) for the transformer and the VQ decoder.
+        flavor: which transformer graph ONNX Runtime runs (auto: the ONNX Runtime graph when the bundle
+        has one, LlamaGen c2i; else the portable one)."""
         from .generator import load_backend
+        from .sessions import providers
         bundle = Bundle.load(path)
         if not bundle.manifest.get("image"):
             raise BundleError(f"{path}: not an image-token bundle (manifest.json has no image section)")
-        kw = {"threads": threads, "prepack": prepack} if backend == "ort" else {}
-        return cls(bundle, load_backend(bundle, backend, **kw), threads)
+        providers(device)                    # one line, before any session, without onnxruntime-gpu
+        # TensorRT engines run on the GPU whatever the device; device then places only the VQ decoder.
+        kw = {"threads": threads, "prepack": prepack, "device": device, "flavor": flavor} if backend == "ort" else {}
+        return cls(bundle, load_backend(bundle, backend, **kw), threads, device)
 
     # -- facts --------------------------------------------------------------------------------------
     @property
@@ -360,7 +374,7 @@ class ImageGenerator:
         """Walk the layout's region: sample each code (guided, inside the visual range), queue the forced
         tokens. Returns the codes [images, h*w] and when the first code was sampled."""
         layout = self.layout
-        visual = RangeSampler(settings.visual, layout.lo, layout.hi, rngs)
+        sample = self._code_sampler(settings, rows, rngs)
         n_codes = h * w
         codes = np.zeros((rows.n_images, n_codes), np.int64)
         pending: list[np.ndarray] = []       # tokens not run yet: the last code and the forced ones after it
@@ -373,8 +387,7 @@ class ImageGenerator:
                 continue
             if pending:
                 rows.feed(pending, uncond_sees=True)
-            # Restrict to the visual range first, then guide and sample there (exact, see guidance.py).
-            sampled = visual(rows.guided_logits(layout.lo, layout.hi, settings.guidance.scale_at(index, n_codes)))
+            sampled = sample(settings.guidance.scale_at(index, n_codes))
             codes[:, index] = sampled - layout.lo
             for tokens, token in zip(generated, sampled):
                 tokens.append(int(token))
@@ -386,6 +399,42 @@ class ImageGenerator:
                 progress(rows.n_images)
         return codes, first_code_at
 
+    def _code_sampler(self, settings: ImageSettings, rows: "BatchRows", rngs) -> Callable[[float], np.ndarray]:
+        """sample(scale) -> the ids of one image token per image, from the rows' latest logits: restricted
+        to the visual range first, then guided and sampled there (exact, see guidance.py), on the host or
+        by the sampler graph on the backend's device (the same definitions and random streams)."""
+        layout = self.layout
+        if not self._on_device(settings):
+            visual = RangeSampler(settings.visual, layout.lo, layout.hi, rngs)
+            return lambda scale: visual(rows.guided_logits(layout.lo, layout.hi, scale))
+        from .device_sampler import DeviceSampler
+        cfg = settings.visual
+        key = (cfg.is_greedy, cfg.temperature, cfg.top_k, rows.guided)
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            sampler = self._samplers[key] = DeviceSampler(cfg, layout.lo, layout.hi, self.bundle.vocab_size,
+                                                          rows.guided, rngs, self.device, self.threads)
+        sampler.rngs = rngs
+
+        def sample(scale: float) -> np.ndarray:
+            value = _device_value(rows.logits)
+            return sampler(np.asarray(rows.logits)[:rows.n_rows] if value is None else value, scale)
+        return sample
+
+    def sampler_seconds(self) -> float:
+        """Time spent in the device sampler graphs so far (benchmarks; 0 with the host sampler)."""
+        return sum(sampler.seconds for sampler in self._samplers.values())
+
+    def _on_device(self, settings: ImageSettings) -> bool:
+        """Whether the codes are drawn by the sampler graph (ImageSettings.sampler)."""
+        from .device_sampler import device_supports
+        if settings.sampler not in ("auto", "host", "device"):
+            raise UserError(f"unknown sampler {settings.sampler!r} (auto, host or device)")
+        why_not = device_supports(settings.visual)
+        if settings.sampler == "device" and why_not:
+            raise UserError(f"the device sampler does not express {why_not}; use the host sampler")
+        return settings.sampler == "device" or (settings.sampler == "auto" and self.device == "cuda" and not why_not)
+
     # -- VQ decoding --------------------------------------------------------------------------------
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         """codes int [B, h, w] -> pixels float32 [B, 3, h*f, w*f] through the bundle's VQ decoder graph."""
@@ -396,8 +445,16 @@ class ImageGenerator:
         if codes.ndim != 3 or codes.min() < 0 or codes.max() >= codebook:
             raise UserError(f"VQ codes must be [B, h, w] in [0, {codebook})")
         if self._vq is None:
-            self._vq = open_session(self.bundle.graph_path("vq_decoder"), session_options(self.threads))
+            self._vq = open_session(self.bundle.graph_path("vq_decoder"), session_options(self.threads),
+                                    self.device)
         return self._vq.run(["pixels"], {"tokens": codes})[0]
+
+
+def _device_value(logits):
+    """The OrtValue [rows, vocab] behind logits a backend left in device memory (the CUDA-graph step's
+    DeviceLogits, runtime/backends/cuda_graph.py), so the sampler graph reads them there; else None."""
+    get = getattr(logits, "ortvalue", None)
+    return get() if callable(get) else None
 
 
 def save_images(results: list[ImageResult], out: str | Path, names: list[str] | None = None) -> list[Path]:

@@ -84,7 +84,9 @@ class RefLlamaGen(nn.Module):
         self.norm = nn.Module()
         self.norm.weight = nn.Parameter(torch.ones(dim))
         self.output = nn.Linear(dim, vocab, bias=False)
-        self.table = grid_rope_table(grid, self.hd, self.prefix)
+        # a buffer so that .to(device) moves it; not in the state dict (bench_image.py re-makes it in float32
+        # after casting to fp16, as LlamaGen computes freqs_cis after the cast)
+        self.register_buffer("table", grid_rope_table(grid, self.hd, self.prefix), persistent=False)
         with torch.no_grad():   # informative random weights (LlamaGen zero-inits the head; we must not)
             for n, p in self.named_parameters():
                 p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in n else torch.randn_like(p) * p.shape[-1] ** -0.5)

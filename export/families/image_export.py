@@ -4,6 +4,9 @@
   family gets max_batch >= 2 (a conditional and an unconditional row for classifier-free guidance).
 * LlamaGen t2i: the prefill graph starts from caption features instead of token ids (one extra traced
   prologue piece, the blocks and head are the usual ones).
+* LlamaGen c2i, with target "ort": the ONNX Runtime graph `decode_ort.onnx` (families/llamagen_ort.py:
+  the text graph with LlamaGen's 2D rotary as GroupQueryAttention's cos/sin tables), which the runtime
+  runs; t2i, Emu3 and Emu3.5 keep the portable graphs.
 * the VQ decoder graph `vq_decoder.onnx`: `tokens` int64 [batch, height, width] -> `pixels` float32
   [batch, 3, height*f, width*f]; its weights are appended to the shared weights file.
 * manifest.json's "image" section and arrays the runtime needs (LlamaGen t2i's null caption).
@@ -16,6 +19,8 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from ...runtime.log import log
+from .. import ort_graph
 from ..assemble import ONNX_DTYPE, ExternalWeights
 from ..contract import describe, graph_io
 from ..pieces import Piece, export_program, to_piece, trace_model
@@ -39,7 +44,7 @@ class ImageGraphs(TextGraphs):
     """The text graphs, plus what an image family changes (see the module docstring)."""
 
     def __init__(self, ckpt, decoder, target: str = "ort"):
-        super().__init__(ckpt, decoder, target)     # image families run the portable graphs (docs/IMAGE_MODELS.md)
+        super().__init__(ckpt, decoder, target)     # LlamaGen c2i also gets the ONNX Runtime graph (see _ort_graph)
         self.llamagen = self.spec.extra.get("llamagen")
         self.caption = bool(self.llamagen) and self.llamagen["model_type"] == "t2i"
 
@@ -79,12 +84,28 @@ class ImageGraphs(TextGraphs):
 
     # -- VQ decoder and extras ----------------------------------------------------------------------
     def extra_graphs(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
+        entries = self._ort_graph(folder, weights, dtype, opset, max_seq)
         vq = self.ckpt.vq
         if vq is None:
-            return {}
+            return entries
         model, io = export_vq_graph(vq, weights.dtype, opset, weights)
         onnx.save_model(model, str(folder / "vq_decoder.onnx"))
-        return {"vq_decoder": {"file": "vq_decoder.onnx", **io}}
+        return {**entries, "vq_decoder": {"file": "vq_decoder.onnx", **io}}
+
+    def _ort_graph(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
+        """LlamaGen c2i's ONNX Runtime graph (families/llamagen_ort.py), with target "ort"; the other
+        image families keep the portable graphs (docs/IMAGE_MODELS.md)."""
+        if self.target != "ort" or not self.llamagen:
+            return {}
+        from . import llamagen_ort
+        why_not = llamagen_ort.supports(self.spec)
+        if why_not:
+            log.info(f"note: no ONNX Runtime graph: {why_not}; the runtime will run the portable graph")
+            return {}
+        model, io = llamagen_ort.build_llamagen_ort_graph(self.ckpt, weights, dtype, max_seq, opset)
+        onnx.save_model(model, str(folder / f"{llamagen_ort.GRAPH}.onnx"))
+        return {llamagen_ort.GRAPH: {"file": f"{llamagen_ort.GRAPH}.onnx", **describe(io), "flavor": "ort",
+                                     "kv_layout": ort_graph.kv_layout(self.spec)}}
 
     def manifest_sections(self, folder) -> dict:
         image = dict(self.ckpt.image)

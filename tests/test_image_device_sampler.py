@@ -1,0 +1,110 @@
+"""The image sampler graph (runtime/device_sampler.py) against the host path (guidance.py + sampling.py):
+the same ids from the same logits and seeds, on ONNX Runtime's CPU provider standing in for the GPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ardeploy.runtime.device_sampler import DeviceSampler, device_supports
+from ardeploy.runtime.errors import UserError
+from ardeploy.runtime.guidance import RangeSampler, guide
+from ardeploy.runtime.sampling import SamplingConfig
+
+
+def host_ids(cfg, logits, images, lo, hi, scale, guided, rngs):
+    cond = logits[:images, lo:hi]
+    uncond = logits[images:2 * images, lo:hi] if guided else None
+    return RangeSampler(cfg, lo, hi, rngs)(guide(cond, uncond, scale))
+
+
+@pytest.mark.parametrize("cfg,lo,hi,vocab,guided,scales", [
+    (SamplingConfig(top_k=2000), 0, 16384, 16384, True, [4.0]),              # LlamaGen c2i's defaults, real size
+    (SamplingConfig(top_k=20, temperature=0.7), 0, 300, 300, True, [4.0, 1.0]),   # cfg_interval: scale 1 = cond rows
+    (SamplingConfig(), 40, 290, 300, True, [2.5]),                             # a visual range inside the vocabulary
+    (SamplingConfig(top_k=5), 0, 128, 128, False, [1.0]),                      # no guidance, one block exactly
+    (SamplingConfig(greedy=True), 10, 200, 256, True, [3.0, 1.0]),
+])
+def test_same_ids_as_the_host_sampler(cfg, lo, hi, vocab, guided, scales):
+    images, steps = 3, 40
+    rng = np.random.default_rng(0)
+    host_rngs = [np.random.default_rng(7 + i) for i in range(images)]
+    dev_rngs = [np.random.default_rng(7 + i) for i in range(images)]
+    sampler = DeviceSampler(cfg, lo, hi, vocab, guided, dev_rngs)
+    agree = 0
+    for step in range(steps):
+        logits = (rng.standard_normal((2 * images if guided else images, vocab)) * 3).astype(np.float32)
+        if step % 5 == 0:
+            logits = np.round(logits, 1)           # ties, at the top-k boundary too
+        scale = scales[step % len(scales)]
+        want = host_ids(cfg, logits, images, lo, hi, scale, guided, host_rngs)
+        got = sampler(logits, scale)
+        assert got.dtype == np.int64 and got.shape == (images,)
+        assert got.tolist() == want.tolist(), f"step {step}"
+        agree += 1
+    assert agree == steps
+
+
+def test_unexpressed_settings_stay_on_the_host():
+    assert device_supports(SamplingConfig(top_k=10, temperature=0.5)) is None
+    assert device_supports(SamplingConfig(top_p=0.9)) == "top-p"
+    assert device_supports(SamplingConfig(min_p=0.1)) == "min-p"
+    assert device_supports(SamplingConfig(greedy=True, top_p=0.9)) is None     # greedy ignores the filters
+
+
+def test_generator_device_sampler_matches_host(tmp_path):
+    """A tiny LlamaGen c2i bundle: the codes drawn by the sampler graph equal the host sampler's."""
+    torch = pytest.importorskip("torch")
+    from conftest import threads
+    from llamagen_reference import RefLlamaGen
+
+    from ardeploy.export.bundle import export_path
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageGenerator, ImageRequest, ImageSettings
+    torch.manual_seed(3)
+    torch.save({"model": RefLlamaGen("c2i", grid=4).gpt_state_dict()}, tmp_path / "gpt.pt")
+    export_path(tmp_path / "gpt.pt", tmp_path / "b", family="llamagen-c2i", quiet=True, score_graph=False,
+                max_batch=4, family_options={"image_size": 64, "n_head": 4})
+    gen = ImageGenerator.load(tmp_path / "b", threads=threads())
+    requests = [ImageRequest(class_id=c) for c in (1, 8, 4)]
+    codes = {}
+    for sampler in ("host", "device"):
+        settings = ImageSettings(Guidance(4.0, interval=5), SamplingConfig(top_k=20, temperature=0.9), seed=4,
+                                 sampler=sampler)
+        codes[sampler] = np.stack([r.codes for r in gen.generate(requests, settings, decode=False)])
+    assert np.array_equal(codes["host"], codes["device"])
+    with pytest.raises(UserError, match="top-p"):
+        gen.generate(requests[:1], ImageSettings(Guidance(4.0), SamplingConfig(top_p=0.5), sampler="device"),
+                     decode=False)
+
+
+def test_logits_left_on_the_device_are_read_there():
+    """An OrtValue (what the CUDA-graph step leaves on the GPU) gives the ids a host array gives."""
+    import onnxruntime as ort
+    cfg = SamplingConfig(top_k=50)
+    logits = np.random.default_rng(1).standard_normal((4, 1000)).astype(np.float32)
+    ids = [DeviceSampler(cfg, 0, 1000, 1000, True, [np.random.default_rng(5), np.random.default_rng(6)])(x, 3.0)
+           for x in (logits, ort.OrtValue.ortvalue_from_numpy(logits))]
+    assert ids[0].tolist() == ids[1].tolist()
+
+
+def test_fixed_buffers_path_matches_host():
+    """The captured path's bindings (fixed buffers; staging for host logits, the given buffer for
+    device ones), run on the CPU without a CUDA graph: the host sampler's ids at every step."""
+    import onnxruntime as ort
+    cfg = SamplingConfig(top_k=30, temperature=1.3)
+    images, vocab = 2, 700
+    host_rngs = [np.random.default_rng(20 + i) for i in range(images)]
+    sampler = DeviceSampler(cfg, 0, vocab, vocab, True, [np.random.default_rng(20 + i) for i in range(images)],
+                            capture=True)
+    device_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((2 * images, vocab), np.float32))
+    rng = np.random.default_rng(2)
+    for step in range(12):
+        logits = rng.standard_normal((2 * images, vocab)).astype(np.float32)
+        scale = 1.0 if step % 4 == 3 else 4.0
+        given = logits
+        if step % 2:                                   # a device buffer at one address, updated in place
+            device_logits.update_inplace(logits)
+            given = device_logits
+        assert sampler(given, scale).tolist() == host_ids(cfg, logits, images, 0, vocab, scale, True,
+                                                          host_rngs).tolist()
+    assert sampler.captured and len(sampler._graphs) == 2
