@@ -32,12 +32,13 @@ def in_memory_initializer(name: str, array: np.ndarray) -> TensorProto:
 
 
 def session(model: onnx.ModelProto | str | Path, base_dir: str | Path | None = None,
-            arrays: dict[str, np.ndarray] | None = None, threads: int | None = None):
-    """A CPU InferenceSession of a graph file, or of a ModelProto whose external data lives in
-    `base_dir` (the bundle it came from) except the tensors given in `arrays` (by name)."""
+            arrays: dict[str, np.ndarray] | None = None, threads: int | None = None, device: str = "cpu"):
+    """An InferenceSession (on the CPU unless `device` says "cuda") of a graph file, or of a ModelProto
+    whose external data lives in `base_dir` (the bundle it came from) except the tensors given in
+    `arrays` (by name)."""
     options = session_options(threads, warnings=False)
     if isinstance(model, (str, Path)):
-        return open_session(model, options)
+        return open_session(model, options, device)
     if base_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(Path(base_dir).resolve()))
@@ -116,8 +117,8 @@ def perplexity(run, stream: np.ndarray, seq_len: int = 512, stride: int | None =
 
 
 def bundle_perplexity(bundle, stream: np.ndarray, seq_len: int, stride: int | None = None,
-                      threads: int | None = None, progress: bool = True) -> dict:
+                      threads: int | None = None, progress: bool = True, device: str = "cpu") -> dict:
     if not bundle.has_graph("score"):
         raise UserError(f"{bundle.path}: bundle has no score graph (re-export without --no-score)")
-    sess = session(bundle.graph_path("score"), threads=threads)
+    sess = session(bundle.graph_path("score"), threads=threads, device=device)
     return perplexity(score_fn(sess), stream, seq_len, stride, progress, desc=f"eval {Path(bundle.path).name}")
