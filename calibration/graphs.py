@@ -13,9 +13,14 @@ an INT8 GEMM:
     weight:      int8 [in,out] -> DequantizeLinear(scale [out], axis=1) -> MatMul input B
     activation:  x -> QuantizeLinear(scale, zp=0 int8) -> DequantizeLinear -> MatMul input A   (w8a8)
 
-Scales are symmetric (zero point 0), per output channel for weights and per tensor for
-activations, in the graph's activation dtype. One QuantizeLinear per activation tensor; one
-DequantizeLinear per consumer (the q/k/v projections share their input and its scale).
+    INT4 weight (w4a16): int4 [in,out] (two per byte) -> DequantizeLinear(scale [in/block, out], axis=0,
+                 block_size) -> MatMul input B     (TensorRT's weight-only INT4 pattern; ONNX Runtime's
+                 CPU provider rewrites it into MatMulNBits)
+
+Scales are symmetric (zero point 0), per output channel (INT8) or per block of input channels
+(INT4) for weights and per tensor for activations, in the graph's activation dtype. One
+QuantizeLinear per activation tensor; one DequantizeLinear per consumer (the q/k/v projections
+share their input and its scale).
 """
 from __future__ import annotations
 
@@ -198,7 +203,7 @@ def stats_model(score: onnx.ModelProto, tensors: dict[str, str], reduce: bool,
                 elem_type: int = TensorProto.FLOAT, hessian: bool = False) -> onnx.ModelProto:
     """A copy of the score graph whose outputs are the activations to calibrate (key -> value
     name). reduce=True outputs per-channel max |x| ([C], float32) instead of the whole tensor,
-    and with hessian=True also X^T X ([1, C, C], float32, over the window's tokens) for GPTQ.
+    and with hessian=True also X^T X ([1, C, C], float32, over the window's tokens) for GPTQ and AWQ.
     Nodes nothing needs any more (the LM head) are dropped."""
     m = copy.deepcopy(score)
     g = m.graph
@@ -245,15 +250,19 @@ def prune(model: onnx.ModelProto) -> None:
 # -- Q/DQ rewrite -----------------------------------------------------------------------------
 @dataclass
 class QuantPlan:
-    """What to change, by weight/group name (identical for every graph)."""
+    """What to change, by weight/group name (identical for every graph). INT4 weights (w4a16) are
+    held packed (uint8, two values per byte) in `tensors`; `int4_shapes` gives their logical shape."""
     weight_scales: dict[str, str] = field(default_factory=dict)   # param -> its scale tensor name
     act_scales: dict[str, float] = field(default_factory=dict)    # group -> per-tensor activation scale
     tensors: dict[str, np.ndarray] = field(default_factory=dict)  # new or replaced initializers
     float_dtype: int = TensorProto.FLOAT
+    bits: int = 8
+    block_size: int | None = None                                 # INT4: input channels per scale
+    int4_shapes: dict[str, tuple] = field(default_factory=dict)   # packed INT4 tensor -> logical shape
 
     @staticmethod
-    def qweight_name(param: str) -> str:
-        return f"{param}.int8"
+    def qweight_name(param: str, bits: int = 8) -> str:
+        return f"{param}.int{bits}"
 
     @staticmethod
     def scale_name(param: str) -> str:
@@ -261,16 +270,20 @@ class QuantPlan:
 
 
 def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear], plan: QuantPlan,
-                   make_initializer) -> onnx.ModelProto:
+                   make_initializer, embed_int4: bool = False) -> onnx.ModelProto:
     """A copy of `model` with the plan applied. `make_initializer(name, array)` returns the
-    TensorProto to use for a new or replaced tensor (external data in the output bundle)."""
+    TensorProto to use for a new or replaced tensor (external data in the output bundle).
+    embed_int4: INT4 weights go into the model itself (ONNX Runtime takes no INT4 arrays from numpy)."""
+    if plan.int4_shapes and _opset(model) < 21:
+        raise UserError(f"{kind}: INT4 blocked DequantizeLinear needs opset 21 or later; the graph has opset "
+                        f"{_opset(model)} (re-export with --opset 21)")
     m = copy.deepcopy(model)
     act_np = NP_OF_ONNX.get(plan.float_dtype)
     if plan.act_scales and act_np is None:
         raise UserError(f"activation quantization needs float32 or float16 activations "
                         f"(not {TensorProto.DataType.Name(plan.float_dtype)})")
     quantized = {p for p in plan.weight_scales if p in linears}
-    dq_nodes = _swap_weights(m.graph, linears, plan, quantized, make_initializer)
+    dq_nodes = _swap_weights(m.graph, linears, plan, quantized, _int4_aware(plan, make_initializer, embed_int4))
     _insert_activation_qdq(m.graph, kind, linears, plan, quantized, act_np, dq_nodes)
     return m
 
@@ -290,17 +303,42 @@ def _swap_weights(g: onnx.GraphProto, linears: dict[str, Linear], plan: QuantPla
     for p in sorted(quantized):
         if p not in used:
             continue
-        q, s = plan.qweight_name(p), plan.weight_scales[p]
+        q, s = plan.qweight_name(p, plan.bits), plan.weight_scales[p]
         for name in (q, s):
             if name not in present:
                 new_inits.append(make_initializer(name, plan.tensors[name]))
                 present.add(name)
         # the dequantized weight keeps the float weight's name, so its consumers are unchanged
-        dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [p], name=f"{p}/DequantizeLinear",
-                                         axis=linears[p].out_axis))
+        if plan.bits == 4:      # blocks run along the input channels: the axis that is not the output's
+            attrs = {"axis": 1 - linears[p].out_axis, "block_size": plan.block_size}
+        else:
+            attrs = {"axis": linears[p].out_axis}
+        dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [p], name=f"{p}/DequantizeLinear", **attrs))
     del g.initializer[:]
     g.initializer.extend(new_inits)
     return dq_nodes
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _int4_aware(plan: QuantPlan, make_initializer, embed: bool):
+    """make_initializer, except that the packed INT4 tensors of the plan become INT4 initializers of
+    their logical shape (external data: the packed bytes as they are; embedded: raw data)."""
+    def make(name: str, array: np.ndarray) -> TensorProto:
+        shape = plan.int4_shapes.get(name)
+        if shape is None:
+            return make_initializer(name, array)
+        if embed:
+            return helper.make_tensor(name, TensorProto.INT4, list(shape), np.asarray(array, np.uint8).tobytes(),
+                                      raw=True)
+        t = make_initializer(name, array)
+        t.data_type = TensorProto.INT4
+        del t.dims[:]
+        t.dims.extend(shape)
+        return t
+    return make
 
 
 def _insert_activation_qdq(g: onnx.GraphProto, kind: str, linears: dict[str, Linear], plan: QuantPlan,

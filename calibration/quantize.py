@@ -1,9 +1,13 @@
-"""`ardeploy calibrate`: an FP bundle -> a new bundle whose graphs carry INT8 Q/DQ.
+"""`ardeploy calibrate`: an FP bundle -> a new bundle whose graphs carry INT8 Q/DQ (or INT4 weight DQ).
 
     w8a16  INT8 weights (symmetric, per output channel), activations stay in the bundle's dtype
     w8a8   INT8 weights and INT8 activations (static per-tensor scales from calibration) for every
            linear layer of the decoder, with SmoothQuant folded into the preceding RMSNorm scale
            (q/k/v, gate/up), the v projection (o) or the up projection (down)
+    w4a16  INT4 weights (symmetric, one scale per block of --block-size input channels) by round to
+           nearest, AWQ (factors folded like SmoothQuant's, then clipping), GPTQ, or both (AWQ's
+           factors, then GPTQ's rounding: the default, best measured); activations stay in the
+           bundle's dtype (calibration/int4.py, awq.py)
 
 Statistics come from the bundle's own score graph run in ONNX Runtime (the same graph code as
 prefill/decode), so they belong to exactly the tensors that get quantized. Embeddings, norms,
@@ -27,9 +31,11 @@ from ..runtime.bundle import Bundle, BundleError
 from ..runtime.log import log
 from . import evaluate as ev
 from .act_scales import activation_scales
+from .awq import awq_smoothing
 from .collect import collect_channel_max, collect_histograms, reuse_statistics
 from .data import calibration_data
 from .graphs import QuantPlan, quantize_graph
+from .int4 import check_block
 from .sensitivity import search_keep_fp
 from .smoothing import Smoothing, choose_smoothing
 from .source import SourceModel, check_source
@@ -38,9 +44,10 @@ from .weights import WeightQuantizer, quant_plan, smoothed_float_plan
 from .write import write_calibrated_bundle
 from ..runtime.errors import UserError
 
-SCHEMES = ("w8a16", "w8a8")
+SCHEMES = ("w8a16", "w8a8", "w4a16")
 WEIGHT_METHODS = ("max", "mse", "gptq")
-DEFAULT_BOUND = {"w8a16": 1.01, "w8a8": 1.05}
+INT4_METHODS = ("rtn", "awq", "gptq", "awq-gptq")
+DEFAULT_BOUND = {"w8a16": 1.01, "w8a8": 1.05, "w4a16": 1.08}
 
 
 @dataclass
@@ -52,8 +59,10 @@ class CalibConfig:
     samples: int = 128
     seq_len: int = 512
     weight_method: str = "max"
-    keep_fp: list[int] | str | None = "auto"    # list of layers, "auto" (w8a8: search if the check misses), None
+    keep_fp: list[int] | str | None = "auto"    # list of layers, "auto" (w8a8, w4a16: search if the check misses), None
     quantize_head: bool = False
+    block_size: int = 32                        # w4a16: input channels per scale
+    int4_weights: str = "awq-gptq"              # w4a16: rtn | awq | gptq | awq-gptq (AWQ's factors, GPTQ's rounding)
     max_ppl_ratio: float | None = None          # default: DEFAULT_BOUND[scheme]
     check_windows: int = 4                      # held-out windows for the ppl check (0: no check)
     check_data: str | None = None
@@ -71,9 +80,13 @@ class CalibConfig:
             raise UserError(f"unknown --method {self.method!r} (choose {', '.join(METHODS)})")
         if self.weight_method not in WEIGHT_METHODS:
             raise UserError(f"unknown --weight-method {self.weight_method!r} (choose {', '.join(WEIGHT_METHODS)})")
-        if self.weight_method == "gptq" and self.reuse_stats:
-            raise UserError("--weight-method gptq needs the data's Hessians, which calibration.json does not keep: "
-                            "drop --reuse-stats")
+        if self.int4_weights not in INT4_METHODS:
+            raise UserError(f"unknown --weights {self.int4_weights!r} (choose {', '.join(INT4_METHODS)})")
+        if self.needs_hessians and self.reuse_stats:
+            raise UserError(f"{'--weights ' + self.int4_weights if self.scheme == 'w4a16' else '--weight-method gptq'} "
+                            f"needs the data's Hessians, which calibration.json does not keep: drop --reuse-stats")
+        if self.scheme == "w4a16" and self.reuse_stats:
+            raise UserError("--reuse-stats re-uses w8a8 activation statistics; w4a16 has none to re-use")
         if not 0 < self.percentile <= 100:
             raise UserError(f"--percentile must be in (0, 100] (got {self.percentile})")
         if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
@@ -86,6 +99,18 @@ class CalibConfig:
     @property
     def bound(self) -> float:
         return self.max_ppl_ratio if self.max_ppl_ratio is not None else DEFAULT_BOUND[self.scheme]
+
+    @property
+    def needs_hessians(self) -> bool:
+        """X^T X of every quantized linear's input: GPTQ (INT8 or INT4) and AWQ."""
+        if self.scheme == "w4a16":
+            return self.int4_weights != "rtn"
+        return self.weight_method == "gptq"
+
+    @property
+    def weights_method(self) -> str:
+        """How the weights are rounded: --weight-method (INT8) or --weights (INT4)."""
+        return self.int4_weights if self.scheme == "w4a16" else self.weight_method
 
 
 
@@ -108,12 +133,15 @@ class Calibrator:
     def __init__(self, bundle: Bundle, cfg: CalibConfig):
         cfg.validate()
         check_source(bundle)
-        runs_score = cfg.scheme == "w8a8" or cfg.check_windows or cfg.weight_method == "gptq"
+        runs_score = cfg.scheme == "w8a8" or cfg.check_windows or cfg.needs_hessians
         if runs_score and "score" not in bundle.manifest["graphs"]:
             raise BundleError(f"{bundle.path}: bundle has no score graph, which calibration runs "
                               f"(re-export without --no-score)")
         self.bundle, self.cfg = bundle, cfg
         self.source = SourceModel(bundle, cfg.quantize_head)
+        if cfg.scheme == "w4a16":
+            for lin in self.source.quantized_linears():
+                check_block(lin.shape[1 - lin.out_axis], cfg.block_size, lin.param)
         self.record = CalibrationRecord()
         # load_data sets both: the calibration windows and those of the perplexity check
         self.windows = self.check = np.zeros((0, cfg.seq_len), np.int64)
@@ -135,7 +163,7 @@ class Calibrator:
     # -- statistics and what they decide ------------------------------------------------------------
     def collect_channel_max(self) -> dict[str, np.ndarray]:
         """Per-channel max |x| of every calibrated activation (and, for GPTQ, X^T X into self.hessians)."""
-        chmax, self.hessians = collect_channel_max(self.source, self.windows, self.cfg.weight_method == "gptq",
+        chmax, self.hessians = collect_channel_max(self.source, self.windows, self.cfg.needs_hessians,
                                                    self.cfg.threads, self.cfg.progress)
         return chmax
 
@@ -162,9 +190,11 @@ class Calibrator:
         """The weight quantizer for the current smoothing, weight method and Hessians (its layers
         are kept while those stay the same)."""
         q, cfg = self._quantizer, self.cfg
-        if q is None or q.smoothing is not self.smoothing or q.method != cfg.weight_method \
+        if q is None or q.smoothing is not self.smoothing or q.method != cfg.weights_method \
                 or q.hessians is not self.hessians:
-            self._quantizer = WeightQuantizer(self.source, self.smoothing, cfg.weight_method, self.hessians)
+            bits = 4 if cfg.scheme == "w4a16" else 8
+            self._quantizer = WeightQuantizer(self.source, self.smoothing, cfg.weights_method, self.hessians,
+                                              bits, cfg.block_size)
         return self._quantizer
 
     def quant_plan(self, units) -> QuantPlan:
@@ -187,7 +217,8 @@ class Calibrator:
         if plan is None:
             sess = ev.session(score, folder, threads=threads)
         else:
-            model = quantize_graph(score, "score", self.source.linears, plan, ev.in_memory_initializer)
+            model = quantize_graph(score, "score", self.source.linears, plan, ev.in_memory_initializer,
+                                   embed_int4=True)
             sess = ev.session(model, folder, arrays=plan.tensors, threads=threads)
         seq_len = self.cfg.seq_len
         return ev.perplexity(ev.score_fn(sess), windows.reshape(-1), seq_len, seq_len, self.cfg.progress, desc)["ppl"]
@@ -209,11 +240,15 @@ class Calibrator:
 
     def _statistics(self, t0: float) -> None:
         cfg, record = self.cfg, self.record
-        if cfg.scheme == "w8a16" and cfg.weight_method == "gptq":
+        if cfg.scheme in ("w8a16", "w4a16") and cfg.needs_hessians:
             chmax = self.collect_channel_max()
             record.seconds["hessians"] = round(time.perf_counter() - t0, 1)
             for g, v in chmax.items():
                 record.groups.setdefault(g, {})["channel_absmax"] = np.round(v, 6).tolist()
+            if cfg.scheme == "w4a16" and cfg.int4_weights in ("awq", "awq-gptq"):
+                t1 = time.perf_counter()
+                self.smoothing = awq_smoothing(self.source, self.hessians, cfg.block_size, record.groups, cfg.progress)
+                record.seconds["awq_scales"] = round(time.perf_counter() - t1, 1)
         elif cfg.scheme == "w8a8":
             self.set_activation_scales(*self._w8a8_statistics(t0))
 
@@ -249,9 +284,9 @@ class Calibrator:
         full = self.perplexity(plan, f"check: {cfg.scheme}")
         self.record.check = {"windows": int(len(self.check)), "fp_ppl": base, "quantized_ppl": full,
                              "ratio": full / base, "bound": cfg.bound, "kept_fp_layers": keep}
-        if cfg.scheme == "w8a8" and cfg.keep_fp == "auto" and full / base > cfg.bound:
+        if cfg.scheme in ("w8a8", "w4a16") and cfg.keep_fp == "auto" and full / base > cfg.bound:
             if cfg.progress:
-                log.info(f"w8a8 perplexity ratio {full / base:.4f} > {cfg.bound} on the check windows: "
+                log.info(f"{cfg.scheme} perplexity ratio {full / base:.4f} > {cfg.bound} on the check windows: "
                          f"measuring per-layer sensitivity")
             keep, self.record.sensitivity = search_keep_fp(self, base, full)
             plan = self.quant_plan(self.units_to_quantize(set(keep)))

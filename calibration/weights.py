@@ -1,6 +1,7 @@
-"""INT8 weights, one decoder layer at a time: SmoothQuant applied, then symmetric per-output-channel
-quantization by round-to-nearest (absmax or MSE clipping) or GPTQ rounding; and the QuantPlan of
-a set of layers."""
+"""Quantized weights, one decoder layer at a time: SmoothQuant (or AWQ's factors) applied, then
+INT8 symmetric per output channel by round-to-nearest (absmax or MSE clipping) or GPTQ rounding,
+or INT4 symmetric per block (w4a16: round to nearest, AWQ clipping, GPTQ; calibration/int4.py);
+and the QuantPlan of a set of layers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .graphs import QuantPlan
+from .int4 import Int4Weight, pack_onnx, quantize_gptq, quantize_rtn, search_clip
 from .smoothing import Smoothing, smoothed_layer
 from .source import SourceModel
 from .stats import gptq_factor, gptq_quantize, quantize_weight
@@ -18,6 +20,7 @@ class QuantizedLayer:
     tensors: dict[str, np.ndarray]       # INT8 weights, their scales, tensors SmoothQuant changed
     weight_scales: dict[str, str]        # param -> its scale tensor's name
     groups: set[str]                     # activation groups of its linears
+    int4_shapes: dict[str, tuple] = None     # packed INT4 weight -> logical shape (w4a16)
 
 
 class WeightQuantizer:
@@ -25,12 +28,17 @@ class WeightQuantizer:
     many times. Activation scales are not part of a layer (quant_plan adds them), so they may
     change between requests; the smoothing, method and Hessians may not."""
 
-    def __init__(self, source: SourceModel, smoothing: Smoothing, method: str, hessians: dict[str, np.ndarray]):
+    def __init__(self, source: SourceModel, smoothing: Smoothing, method: str, hessians: dict[str, np.ndarray],
+                 bits: int = 8, block: int | None = None):
         self.source, self.smoothing, self.method, self.hessians = source, smoothing, method, hessians
+        self.bits, self.block = bits, block
         self.done: dict[int | None, QuantizedLayer] = {}
 
     def layer(self, layer: int | None) -> QuantizedLayer:
         """One decoder layer (None: the head), smoothed and quantized."""
+        if layer not in self.done and self.bits == 4:
+            weights, tensors = smoothed_layer(self.source, self.smoothing, layer)
+            self.done[layer] = self._int4_layer(weights, tensors)
         if layer not in self.done:
             weights, tensors = smoothed_layer(self.source, self.smoothing, layer)
             quantized = self._gptq(weights) if self.method == "gptq" else self._round_to_nearest(weights)
@@ -42,6 +50,57 @@ class WeightQuantizer:
                 groups.add(self.source.linears[param].group)
             self.done[layer] = QuantizedLayer(tensors, scales, groups)
         return self.done[layer]
+
+    def _int4_layer(self, weights: dict[str, np.ndarray], tensors: dict[str, np.ndarray]) -> QuantizedLayer:
+        """Packed INT4 weights [in, out] (or [out, in] for the tied head) and their block scales."""
+        scales, groups, shapes = {}, set(), {}
+        for param, w in self.int4_weights(weights).items():
+            lin = self.source.linears[param]
+            name = QuantPlan.qweight_name(param, 4)
+            tensors[name], shapes[name], tensors[QuantPlan.scale_name(param)] = \
+                pack_onnx(w, lin.out_axis, self.source.float_np)
+            scales[param] = QuantPlan.scale_name(param)
+            groups.add(lin.group)
+        return QuantizedLayer(tensors, scales, groups, shapes)
+
+    def int4_weights(self, weights: dict[str, np.ndarray]) -> dict[str, Int4Weight]:
+        """param -> its INT4 weight ([out, in]) by the method: rtn (absmax / 7), awq (clipping searched
+        on the group's data; its factors are already in `weights`), gptq (block scales searched on
+        the weights as GPTQ leaves them) or awq-gptq (gptq on weights carrying AWQ's factors).
+        Ablations for the perplexity table: rtn-mse (rtn, scales searched on the weights alone) and
+        gptq-absmax (gptq with absmax / 7 scales)."""
+        linears = self.source.linears
+        if self.method in ("gptq", "awq-gptq", "gptq-absmax"):
+            return {p: w for p, w in self._by_group(weights, self._gptq4)}
+        out = {}
+        for param, wf in weights.items():
+            w_oi = wf.T if linears[param].out_axis == 1 else wf
+            clip = 1.0
+            if self.method == "awq":
+                clip = search_clip(w_oi, self.block, self._hessian(linears[param].group))
+            elif self.method == "rtn-mse":
+                clip = search_clip(w_oi, self.block, None)
+            out[param] = quantize_rtn(w_oi, self.block, clip)
+        return out
+
+    def _gptq4(self, group: str, w_io: np.ndarray) -> Int4Weight:
+        return quantize_gptq(w_io, gptq_factor(self._hessian(group)), self.block, clip=self.method != "gptq-absmax")
+
+    def _by_group(self, weights: dict[str, np.ndarray], quantize):
+        """(param, Int4Weight) pairs: the linears reading one input quantized together as one [in, out]
+        matrix by `quantize(group, matrix)` (GPTQ treats output channels independently given the input)."""
+        linears = self.source.linears
+        by_group: dict[str, list[str]] = {}
+        for param in weights:
+            by_group.setdefault(linears[param].group, []).append(param)
+        for group, params in by_group.items():
+            cols = [weights[p] if linears[p].out_axis == 1 else weights[p].T for p in params]
+            w = quantize(group, np.concatenate(cols, axis=1))
+            start = 0
+            for p, c in zip(params, cols):
+                n = c.shape[1]
+                yield p, Int4Weight(w.q[start: start + n].copy(), w.scales[start: start + n].copy(), w.block)
+                start += n
 
     def _round_to_nearest(self, weights: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {param: quantize_weight(wf, self.source.linears[param].out_axis, self.source.float_np, self.method)
@@ -82,11 +141,13 @@ def quant_plan(quantizer: WeightQuantizer, layers, act_scales: dict[str, float] 
     from tqdm import tqdm
     layers = list(layers)
     todo = sum(l not in quantizer.done for l in layers)
-    plan = QuantPlan(float_dtype=quantizer.source.float_dtype)
+    plan = QuantPlan(float_dtype=quantizer.source.float_dtype, bits=quantizer.bits,
+                     block_size=quantizer.block if quantizer.bits == 4 else None)
     for layer in tqdm(layers, desc=f"quantize weights ({quantizer.method})", unit="layer", leave=False,
                       disable=not progress or todo < 2):
         q = quantizer.layer(layer)
         plan.tensors.update(q.tensors)
+        plan.int4_shapes.update(q.int4_shapes or {})
         plan.weight_scales.update(q.weight_scales)
         if act_scales is not None:
             plan.act_scales.update({g: act_scales[g] for g in q.groups})

@@ -1,7 +1,8 @@
-"""Writing the calibrated bundle: the Q/DQ graphs, one weights.bin holding every tensor once (INT8
-weights, scales, untouched FP tensors, shared by all graphs, like an exported bundle), the
-tokenizer, manifest.json and calibration.json; then a smoke run of every graph (and, with
---target trt-rtx, TensorRT-RTX builds)."""
+"""Writing the calibrated bundle: the Q/DQ graphs, one weights.bin holding every tensor once (INT8 or
+packed INT4 weights, scales, untouched FP tensors, shared by all graphs, like an exported bundle),
+the tokenizer, manifest.json and calibration.json; then a smoke run of every portable graph (and,
+with --target trt-rtx, TensorRT-RTX builds). w4a16 bundles also carry the ONNX Runtime graph
+(ort_flavor)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -18,7 +19,7 @@ from onnx import TensorProto
 from ..runtime.bundle import Bundle, numpy_dtype
 from ..runtime.weights_file import WeightsFile
 from . import evaluate as ev
-from .graphs import QuantPlan, group_inputs, quantize_graph
+from .graphs import QuantPlan, find_linears, group_inputs, quantize_graph
 from .source import SourceModel, SourceWeights
 
 if TYPE_CHECKING:
@@ -31,13 +32,14 @@ def write_calibrated_bundle(folder: Path, cal: Calibrator, plan: QuantPlan, keep
     """Everything of the new bundle into `folder` (a fresh temporary one); returns its manifest.
     `t0`: when calibration started (for the seconds recorded)."""
     bundle, cfg = cal.bundle, cal.cfg
+    extra = ort_flavor(cal)
     with WeightsFile(folder / "weights.bin") as weights:
-        write_graphs(folder, cal.source, plan, weights)
+        write_graphs(folder, cal.source, plan, weights, extra)
     for kind in cal.source.graphs:
         onnx.checker.check_model(str(folder / bundle.manifest["graphs"][kind]["file"]))
     if bundle.manifest.get("tokenizer"):
         shutil.copy2(bundle.path / bundle.manifest["tokenizer"], folder / bundle.manifest["tokenizer"])
-    manifest = build_manifest(cal, keep, weights)
+    manifest = build_manifest(cal, keep, weights, list(extra))
     _write_manifest(folder, manifest)
     smoke_run(folder, manifest, cfg.threads)
     if cfg.target == "trt-rtx":
@@ -55,10 +57,25 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def write_graphs(folder: Path, source: SourceModel, plan: QuantPlan, weights: WeightsFile) -> None:
-    """Each graph with the plan applied, its external tensors moved into `weights`."""
-    for kind, model in source.graphs.items():
-        q = quantize_graph(model, kind, source.linears, plan, ev.in_memory_initializer)
+def ort_flavor(cal: Calibrator) -> dict[str, onnx.ModelProto]:
+    """The FP bundle's ONNX Runtime graph, when the calibrated bundle carries it (kind -> graph): for
+    w4a16 only. Its linears get the same blocked DequantizeLinear -> MatMul over the same INT4
+    tensors as the portable graphs (one copy in weights.bin), which ONNX Runtime's CPU provider
+    rewrites into its MatMulNBits kernel at load. w8a8's activation pairs and SmoothQuant folds are
+    placed on the portable graphs' patterns only, and w8a16 bundles keep their portable-only layout."""
+    kind = cal.bundle.ort_graph
+    if kind is None or cal.cfg.scheme != "w4a16":
+        return {}
+    return {kind: onnx.load(str(cal.bundle.graph_path(kind)), load_external_data=False)}
+
+
+def write_graphs(folder: Path, source: SourceModel, plan: QuantPlan, weights: WeightsFile,
+                 extra: dict[str, onnx.ModelProto] | None = None) -> None:
+    """Each graph (the portable ones, and `extra` graphs of the same bundle) with the plan applied,
+    its external tensors moved into `weights`."""
+    for kind, model in {**source.graphs, **(extra or {})}.items():
+        linears = source.linears if kind in source.graphs else find_linears({kind: model})
+        q = quantize_graph(model, kind, linears, plan, ev.in_memory_initializer)
         relocate(q, weights, plan.tensors, source.weights)
         onnx.save_model(q, str(folder / source.bundle.manifest["graphs"][kind]["file"]))
 
@@ -82,6 +99,8 @@ def smoke_run(out: Path, manifest: dict, threads: int | None) -> dict:
     ids = np.array([[1, 2, 3, 4]], np.int64) % manifest["spec"]["vocab_size"]
     results = {}
     for kind in manifest["graphs"]:
+        if manifest["graphs"][kind].get("flavor") == "ort":
+            continue            # other I/O; the runtime's tests run it
         sess = ev.session(out / manifest["graphs"][kind]["file"], threads=threads)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if kind == "decode":
@@ -96,32 +115,43 @@ def smoke_run(out: Path, manifest: dict, threads: int | None) -> dict:
     return results
 
 
-def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile) -> dict:
+def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra: list[str] = ()) -> dict:
     """The source manifest with the new weights file and a `quantization` section."""
     bundle, cfg = cal.bundle, cal.cfg
     m = json.loads(json.dumps(bundle.manifest))
     m["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     m["weights"] = {"file": weights.path.name, "bytes": weights.offset, "tensors": len(weights.placed)}
-    m["graphs"] = {kind: m["graphs"][kind] for kind in cal.source.graphs}       # the portable ones it quantized
+    # the portable graphs it quantized, and the ONNX Runtime one for w4a16 (ort_flavor)
+    m["graphs"] = {kind: m["graphs"][kind] for kind in [*cal.source.graphs, *extra]}
+    wdtype = "int4" if cfg.scheme == "w4a16" else "int8"
     m["quantization"] = {
         "scheme": cfg.scheme,
         "format": "onnx-qdq",
-        "weights": {"dtype": "int8", "symmetric": True, "granularity": "per-output-channel",
-                    "method": cfg.weight_method, "scale_dtype": np.dtype(cal.source.float_np).name},
-        "activations": None if cfg.scheme == "w8a16" else
+        "weights": _weights_section(cfg, np.dtype(cal.source.float_np).name),
+        "activations": None if cfg.scheme != "w8a8" else
         {"dtype": "int8", "symmetric": True, "granularity": "per-tensor", "static": True, "method": cfg.method,
          "percentile": cfg.percentile if cfg.method == "percentile" else None,
          "smoothquant_alpha": cfg.smoothquant_alpha},
         "quantized_layers": [l for l in cal.source.layers if l not in keep],
         "kept_fp_layers": keep,
-        "lm_head": "int8" if cfg.quantize_head else m["dtype"],
-        "embeddings": "int8" if (cfg.quantize_head and m["spec"].get("tie_word_embeddings")) else m["dtype"],
-        "needs": {"int8_weight_only_gemm": True, "int8_gemm": cfg.scheme == "w8a8"},
+        "lm_head": wdtype if cfg.quantize_head else m["dtype"],
+        "embeddings": wdtype if (cfg.quantize_head and m["spec"].get("tie_word_embeddings")) else m["dtype"],
+        "needs": {"int4_weight_only_gemm": True} if wdtype == "int4" else
+        {"int8_weight_only_gemm": True, "int8_gemm": cfg.scheme == "w8a8"},
         "calibration": "calibration.json",
         "check": cal.record.check or None,
         "source_bundle": _source_summary(bundle),
     }
     return m
+
+
+def _weights_section(cfg, scale_dtype: str) -> dict:
+    if cfg.scheme == "w4a16":
+        return {"dtype": "int4", "symmetric": True, "granularity": "per-block", "block_size": cfg.block_size,
+                "block_axis": "input", "layout": "onnx-int4 [in, out], two per byte, low nibble first",
+                "method": cfg.int4_weights, "scale_dtype": scale_dtype}
+    return {"dtype": "int8", "symmetric": True, "granularity": "per-output-channel",
+            "method": cfg.weight_method, "scale_dtype": scale_dtype}
 
 
 def _source_summary(bundle: Bundle) -> dict:
@@ -130,7 +160,8 @@ def _source_summary(bundle: Bundle) -> dict:
 
 
 def weight_scale_summary(plan: QuantPlan) -> dict:
-    """Per quantized weight: its per-output-channel scale range (the scales themselves are in weights.bin)."""
+    """Per quantized weight: its scales' range (per output channel, or per block for INT4; the scales
+    themselves are in weights.bin)."""
     out = {}
     for param, sname in sorted(plan.weight_scales.items()):
         s = np.asarray(plan.tensors[sname], np.float32)
@@ -145,7 +176,8 @@ def calibration_json(cal: Calibrator, keep: list[int], plan: QuantPlan) -> dict:
         "format": "ardeploy-calibration", "format_version": CALIBRATION_FORMAT,
         "scheme": cfg.scheme,
         "config": {"method": cfg.method, "percentile": cfg.percentile, "smoothquant_alpha": cfg.smoothquant_alpha,
-                   "weight_method": cfg.weight_method, "samples": cfg.samples, "seq_len": cfg.seq_len,
+                   "weight_method": cfg.weights_method, "samples": cfg.samples, "seq_len": cfg.seq_len,
+                   "block_size": cfg.block_size if cfg.scheme == "w4a16" else None,
                    "quantize_head": cfg.quantize_head, "keep_fp": keep, "keep_fp_requested": cfg.keep_fp},
         "source_bundle": str(Path(cal.bundle.path).resolve()),
         "data": record.data,

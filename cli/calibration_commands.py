@@ -1,11 +1,11 @@
-"""`ardeploy calibrate` and `ardeploy eval`: INT8 bundles and their perplexity."""
+"""`ardeploy calibrate` and `ardeploy eval`: INT8 / INT4 bundles and their perplexity."""
 from __future__ import annotations
 
 import json
 import time
 
 from .errors import UserError
-from .options import add_json, add_out_force, add_threads, add_verbosity
+from .options import add_device, add_json, add_out_force, add_threads, add_verbosity
 
 
 def _keep_fp(value: str):
@@ -36,7 +36,8 @@ def calib_config(args):
     return CalibConfig(scheme=args.scheme, method=args.method, percentile=args.percentile,
                        smoothquant_alpha=_alpha(args.smoothquant_alpha), samples=args.samples, seq_len=args.seq_len,
                        weight_method=args.weight_method, keep_fp=_keep_fp(args.keep_fp),
-                       quantize_head=args.quantize_head, max_ppl_ratio=args.max_ppl_ratio,
+                       quantize_head=args.quantize_head, block_size=args.block_size, int4_weights=args.weights,
+                       max_ppl_ratio=args.max_ppl_ratio,
                        check_windows=args.check_windows, check_data=args.check_data, reuse_stats=args.reuse_stats,
                        target=args.target, compute_capabilities=tuple(c.strip().upper() for c in targets if c.strip()),
                        threads=args.threads, progress=not args.quiet, force=args.force)
@@ -60,6 +61,7 @@ def cmd_calibrate(args) -> int:
 def _calibration_summary(manifest: dict, seconds: float, out) -> str:
     quant = manifest["quantization"]
     acts = quant["activations"]
+    wq = quant["weights"]
     how = "weights only" if acts is None else (
         f"activations {acts['method']}" + (f" {acts['percentile']}" if acts.get("percentile") else "") +
         (f", SmoothQuant alpha {acts['smoothquant_alpha']}" if acts["smoothquant_alpha"] is not None
@@ -68,7 +70,9 @@ def _calibration_summary(manifest: dict, seconds: float, out) -> str:
     check_txt = (f"; check perplexity ratio {check['ratio']:.4f} on {check['windows']} held-out windows "
                  f"(bound {check['bound']})") if check else ""
     kept = quant["kept_fp_layers"]
-    return (f"calibrated {quant['scheme']} ({how}): {len(quant['quantized_layers'])} layers INT8, "
+    if wq["dtype"] == "int4":
+        how += f", {wq['method']}, blocks of {wq['block_size']}"
+    return (f"calibrated {quant['scheme']} ({how}): {len(quant['quantized_layers'])} layers {wq['dtype'].upper()}, "
             f"{len(kept)} kept in {manifest['dtype']}{' ' + str(kept) if kept else ''}"
             f"{check_txt}; weights {manifest['weights']['bytes'] / 2**20:.1f} MiB held once "
             f"(was {quant['source_bundle']['weights_bytes'] / 2**20:.1f}); {seconds:.1f} s -> {out}")
@@ -86,14 +90,16 @@ def cmd_eval(args) -> int:
         stream = stream[: args.max_tokens]
     stride = args.stride if args.stride is not None else max(1, args.seq_len // 2)
     res = {"bundle": str(args.bundle), "file": str(args.ppl), "documents": docs,
-           **bundle_perplexity(bundle, stream, args.seq_len, stride, args.threads, progress=not args.quiet)}
+           **bundle_perplexity(bundle, stream, args.seq_len, stride, args.threads, progress=not args.quiet,
+                                 device=args.device)}
     q = bundle.manifest.get("quantization")
     res["quantization"] = q["scheme"] if q else None
     if args.reference:
         ref = Bundle.load(args.reference)
         if ref.vocab_size != bundle.vocab_size:
             raise UserError(f"{args.reference}: vocabulary differs from {args.bundle}'s")
-        ref_res = bundle_perplexity(ref, stream, args.seq_len, stride, args.threads, progress=not args.quiet)
+        ref_res = bundle_perplexity(ref, stream, args.seq_len, stride, args.threads, progress=not args.quiet,
+                                    device=args.device)
         res["reference"] = {"bundle": str(args.reference), "ppl": ref_res["ppl"], "seconds": ref_res["seconds"]}
         res["ratio"] = res["ppl"] / ref_res["ppl"]
     if args.json:
@@ -114,15 +120,22 @@ def register(sub) -> None:
 
 def _register_calibrate(sub) -> None:
     p = sub.add_parser(
-        "calibrate", help="INT8 quantization: calibrate a bundle and write Q/DQ graphs into a new bundle",
+        "calibrate", help="INT8/INT4 quantization: calibrate a bundle and write Q/DQ graphs into a new bundle",
         description="Writes a new bundle whose prefill/decode/score graphs carry QuantizeLinear/DequantizeLinear "
                     "pairs (explicit quantization, as TensorRT and ONNX Runtime consume it). w8a16: INT8 weights "
                     "(per output channel). w8a8: INT8 weights and activations (static per-tensor scales from "
-                    "running the score graph on --data), with SmoothQuant.")
+                    "running the score graph on --data), with SmoothQuant. w4a16: INT4 weights, one scale per "
+                    "block of input channels (blocked DequantizeLinear, TensorRT's weight-only INT4 pattern).")
     p.add_argument("bundle", help="FP bundle (from ardeploy export)")
     p.add_argument("--data", required=True,
                    help="calibration text: a text file (documents separated by blank lines) or .jsonl with a 'text' field")
-    p.add_argument("--scheme", required=True, choices=["w8a16", "w8a8"])
+    p.add_argument("--scheme", required=True, choices=["w8a16", "w8a8", "w4a16"])
+    p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128],
+                   help="w4a16: input channels sharing one scale")
+    p.add_argument("--weights", default="awq-gptq", choices=["rtn", "awq", "gptq", "awq-gptq"],
+                   help="w4a16: round to nearest (absmax scales, no data needed), AWQ (activation-aware factors "
+                        "folded into the previous norm or linear, and clipping), GPTQ rounding, or AWQ's factors "
+                        "then GPTQ's rounding (the default: best measured; all but rtn use the data's X^T X)")
     p.add_argument("--method", default="mse", choices=["max", "percentile", "entropy", "mse"],
                    help="activation threshold method (w8a8)")
     p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
@@ -130,14 +143,16 @@ def _register_calibrate(sub) -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--weight-method", default="max", choices=["max", "mse", "gptq"],
-                   help="INT8 weights, per output channel: max (absmax scale, round to nearest), mse (per-channel "
+                   help="w8a16/w8a8: INT8 weights, per output channel: max (absmax scale, round to nearest), "
+                        "mse (per-channel "
                         "clipping that minimizes the squared error), gptq (absmax scale, GPTQ rounding with the "
                         "calibration data's Hessians)")
     p.add_argument("--keep-fp", default="auto",
-                   help="layers to leave unquantized: auto (w8a8: the most sensitive ones, if the held-out check "
+                   help="layers to leave unquantized: auto (w8a8, w4a16: the most sensitive ones, if the held-out "
+                        "check "
                         "misses --max-ppl-ratio), none, or e.g. 0,29")
     p.add_argument("--max-ppl-ratio", type=float, default=None,
-                   help="perplexity bound vs the FP bundle for --keep-fp auto (default 1.05 for w8a8)")
+                   help="perplexity bound vs the FP bundle for --keep-fp auto (default 1.05 for w8a8, 1.08 for w4a16)")
     p.add_argument("--check-windows", type=int, default=4,
                    help="held-out windows (of --data beyond --samples, or of --check-data) for the perplexity check; 0: none")
     p.add_argument("--check-data", help="text for the perplexity check instead of left-over calibration windows")
@@ -166,6 +181,7 @@ def _register_eval(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--reference", metavar="BUNDLE", help="also evaluate this bundle and print the ratio")
     add_threads(p)
+    add_device(p)
     add_json(p, "the perplexity report")
     add_verbosity(p)
     p.set_defaults(func=cmd_eval)

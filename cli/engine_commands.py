@@ -65,10 +65,12 @@ def _register_build(sub) -> None:
                        description="Builds one strongly typed TensorRT engine from the bundle's decode graph, with a "
                                    "prefill and a decode optimization profile, so the weights are held once. The "
                                    "engine's precision is the graph's: build an fp16 engine from an fp16 bundle, and an int8 engine "
-                                   "from a bundle made by `ardeploy calibrate` (its Q/DQ pairs say what runs in INT8).")
+                                   "from a bundle made by `ardeploy calibrate` (its Q/DQ pairs say what runs in INT8), an int4 "
+                                   "engine from a w4a16 one (INT4 weights, blocked DequantizeLinear).")
     p.add_argument("bundle")
-    p.add_argument("--precision", required=True, metavar="{fp16,bf16,fp32,int8}",
-                   help="the bundle's dtype (ardeploy export --dtype), or int8 for a calibrated bundle")
+    p.add_argument("--precision", required=True, metavar="{fp16,bf16,fp32,int8,int4}",
+                   help="the bundle's dtype (ardeploy export --dtype), or int8 / int4 for a bundle calibrated with "
+                        "w8a16 or w8a8 / w4a16")
     p.add_argument("--max-seq", type=int, default=None, help="longest sequence (default: the bundle's)")
     p.add_argument("--max-batch", type=int, default=None, help="largest batch (default: the bundle's)")
     p.add_argument("--opt-seq", type=int, default=512, help="prompt length / cache length kernels are tuned for")

@@ -33,6 +33,13 @@ from .progress import make_monitor
 
 PLAN = "decode.plan"      # the engine file: TensorRT's serialized engine ("plan"), built from the GRAPH graph
 PLAN_RULE = 1.15          # plan bytes on disk must stay under this many times the weight bytes
+INT4 = "int4"             # a w4a16 bundle (INT4 weights, blocked DequantizeLinear); float parts keep the bundle's dtype
+QUANTIZED = {INT8: ("w8a16", "w8a8"), INT4: ("w4a16",)}      # --precision -> the calibrate schemes it builds
+
+
+def quantized_precision(scheme: str) -> str:
+    """The --precision that builds a bundle calibrated with `scheme`."""
+    return next((p for p, schemes in QUANTIZED.items() if scheme in schemes), INT8)
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -68,21 +75,23 @@ def check_request(bundle: Bundle, precision: str, max_seq: int | None,
                   max_batch: int | None) -> tuple[int, int]:
     """Refuse what cannot be built before TensorRT is even imported; returns (max_seq, max_batch)."""
     m = bundle.manifest
-    if precision not in (*record.PRECISIONS, INT8):
-        raise EngineError(f"unknown --precision {precision!r} (choose {', '.join(record.PRECISIONS)}, int8)")
+    if precision not in (*record.PRECISIONS, *QUANTIZED):
+        raise EngineError(f"unknown --precision {precision!r} (choose {', '.join(record.PRECISIONS)}, "
+                          f"{', '.join(QUANTIZED)})")
     if not m.get("graphs"):
         raise EngineError(f"{bundle.path}: the bundle has no graphs to build from (re-export it with `ardeploy export`)")
     if not bundle.has_graph(GRAPH):
         raise EngineError(f"{bundle.path}: the bundle has no {GRAPH} graph (it has: {', '.join(m['graphs'])}); "
                           f"re-export it with `ardeploy export`")
     quant = m.get("quantization")
-    if precision == INT8 and not quant:
-        raise EngineError(f"{bundle.path}: --precision int8 needs a calibrated bundle with Q/DQ graphs: make one with "
-                          f"`ardeploy calibrate {bundle.path} --data calib.txt --scheme w8a16 --out "
-                          f"{str(bundle.path).rstrip('/')}-int8`")
-    if quant and precision != INT8:
-        raise EngineError(f"{bundle.path}: the bundle is quantized ({quant['scheme']}); build it with --precision int8")
-    if precision != INT8 and m.get("dtype") != precision:
+    if precision in QUANTIZED and not quant:
+        raise EngineError(f"{bundle.path}: --precision {precision} needs a calibrated bundle with Q/DQ graphs: "
+                          f"make one with `ardeploy calibrate {bundle.path} --data calib.txt --scheme {QUANTIZED[precision][0]} "
+                          f"--out {str(bundle.path).rstrip('/')}-{precision}`")
+    if quant and precision != quantized_precision(quant["scheme"]):
+        raise EngineError(f"{bundle.path}: the bundle is quantized ({quant['scheme']}); build it with --precision "
+                          f"{quantized_precision(quant['scheme'])}")
+    if precision not in QUANTIZED and m.get("dtype") != precision:
         raise EngineError(f"{bundle.path}: the bundle's graphs are {m.get('dtype')}, and an engine's precision is its "
                           f"graph's (strongly typed): export {precision} graphs with `{reexport_hint(bundle, precision)}` "
                           f"and build that bundle")
@@ -198,7 +207,7 @@ def _parse_network(tensorrt: compat.TensorRT, trt_logger, request: BuildRequest)
     net_io = compat.network_io(tensorrt, network)
     check_network_io(net_io, request.graph, onnx_path.name)
     report = layers.network_report(compat.network_layers(tensorrt, network))
-    float_precision = request.bundle.manifest["dtype"] if request.precision == INT8 else request.precision
+    float_precision = request.bundle.manifest["dtype"] if request.precision in QUANTIZED else request.precision
     wrong = layers.precision_problems(report, float_precision)
     if wrong:
         raise EngineError(f"{onnx_path.name} is not a {request.precision} graph: {wrong[0]}"
@@ -352,4 +361,4 @@ def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, ma
     return rec
 
 
-__all__ = ["build_engines", "PLAN_RULE"]
+__all__ = ["build_engines", "PLAN_RULE", "INT4"]
