@@ -30,7 +30,9 @@ def load(bundle: Bundle) -> dict:
     """The bundle's engines.json, refused when absent, unreadable, of another format or missing a plan."""
     path = engines_dir(bundle) / RECORD
     if not path.exists():
-        precision = INT8 if bundle.manifest.get("quantization") else bundle.manifest.get("dtype", "fp16")
+        quantization = bundle.manifest.get("quantization")
+        precision = (("int4" if quantization.get("scheme") == "w4a16" else INT8) if quantization
+                     else bundle.manifest.get("dtype", "fp16"))
         raise BundleError(f"{bundle.path}: no TensorRT engines (build them with `ardeploy build {bundle.path} "
                           f"--precision {precision}`)")
     try:

@@ -60,11 +60,12 @@ def test_bundle_without_decode_graph(tiny16, tmp_path, capsys):
 def test_unknown_precision(tiny16, capsys):
     with pytest.raises(EngineError, match="unknown --precision 'int3'"):
         build_engines(tiny16, "int3")
-    assert "unknown --precision 'int4' (choose fp32, fp16, bf16, int8)" in one_error_line(
-        capsys, ["build", str(tiny16), "--precision", "int4"])
-    # int8 is known, but only for a bundle made by `ardeploy calibrate`
-    line = one_error_line(capsys, ["build", str(tiny16), "--precision", "int8"])
-    assert "needs a calibrated bundle" in line and "ardeploy calibrate" in line
+    assert "unknown --precision 'int2' (choose fp32, fp16, bf16, int8, int4)" in one_error_line(
+        capsys, ["build", str(tiny16), "--precision", "int2"])
+    # int8 and int4 are known, but only for a bundle made by `ardeploy calibrate`
+    for precision in ("int8", "int4"):
+        line = one_error_line(capsys, ["build", str(tiny16), "--precision", precision])
+        assert "needs a calibrated bundle" in line and "ardeploy calibrate" in line
 
 
 def test_precision_other_than_the_graphs_says_how_to_re_export(tiny16, capsys):
