@@ -259,6 +259,11 @@ class QuantPlan:
     bits: int = 8
     block_size: int | None = None                                 # INT4: input channels per scale
     int4_shapes: dict[str, tuple] = field(default_factory=dict)   # packed INT4 tensor -> logical shape
+    head_bits: int | None = None                                  # w4a16 --quantize-head: the head's bits (head.py)
+    aliases: dict[str, str] = field(default_factory=dict)         # tensor -> the tensor whose bytes it shares
+
+    def bits_of(self, lin: Linear) -> int:
+        return self.head_bits if lin.layer is None and self.head_bits else self.bits
 
     @staticmethod
     def qweight_name(param: str, bits: int = 8) -> str:
@@ -303,13 +308,13 @@ def _swap_weights(g: onnx.GraphProto, linears: dict[str, Linear], plan: QuantPla
     for p in sorted(quantized):
         if p not in used:
             continue
-        q, s = plan.qweight_name(p, plan.bits), plan.weight_scales[p]
+        q, s = plan.qweight_name(p, plan.bits_of(linears[p])), plan.weight_scales[p]
         for name in (q, s):
             if name not in present:
                 new_inits.append(make_initializer(name, plan.tensors[name]))
                 present.add(name)
         # the dequantized weight keeps the float weight's name, so its consumers are unchanged
-        if plan.bits == 4:      # blocks run along the input channels: the axis that is not the output's
+        if plan.block_size:     # blocks run along the input channels: the axis that is not the output's
             attrs = {"axis": 1 - linears[p].out_axis, "block_size": plan.block_size}
         else:
             attrs = {"axis": linears[p].out_axis}

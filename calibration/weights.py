@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import head as qhead
 from .graphs import QuantPlan
 from .int4 import Int4Weight, pack_onnx, quantize_gptq, quantize_rtn, search_clip
 from .smoothing import Smoothing, smoothed_layer
@@ -21,6 +22,8 @@ class QuantizedLayer:
     weight_scales: dict[str, str]        # param -> its scale tensor's name
     groups: set[str]                     # activation groups of its linears
     int4_shapes: dict[str, tuple] = None     # packed INT4 weight -> logical shape (w4a16)
+    head_bits: int | None = None             # w4a16 head: its bits (head.py)
+    aliases: dict[str, str] = None           # tensor -> the tensor whose bytes it shares
 
 
 class WeightQuantizer:
@@ -38,7 +41,7 @@ class WeightQuantizer:
         """One decoder layer (None: the head), smoothed and quantized."""
         if layer not in self.done and self.bits == 4:
             weights, tensors = smoothed_layer(self.source, self.smoothing, layer)
-            self.done[layer] = self._int4_layer(weights, tensors)
+            self.done[layer] = self._int4_head(weights, tensors) if layer is None else self._int4_layer(weights, tensors)
         if layer not in self.done:
             weights, tensors = smoothed_layer(self.source, self.smoothing, layer)
             quantized = self._gptq(weights) if self.method == "gptq" else self._round_to_nearest(weights)
@@ -62,6 +65,28 @@ class WeightQuantizer:
             scales[param] = QuantPlan.scale_name(param)
             groups.add(lin.group)
         return QuantizedLayer(tensors, scales, groups, shapes)
+
+    def _int4_head(self, weights: dict[str, np.ndarray], tensors: dict[str, np.ndarray]) -> QuantizedLayer:
+        """The head in blocks of head.HEAD_BITS bits (head.py); a tied table [vocab, d] also in the
+        unsigned layout the ONNX Runtime graph reads (its blocked view an alias of the same bytes)."""
+        bits, scales, groups, shapes, aliases = qhead.HEAD_BITS, {}, set(), {}, {}
+        for param, wf in weights.items():
+            lin = self.source.linears[param]
+            w = qhead.quantize_head(wf if lin.out_axis == 0 else wf.T, self.block, bits)
+            name, sname = QuantPlan.qweight_name(param, bits), QuantPlan.scale_name(param)
+            if bits == 4:
+                tensors[name], shapes[name], tensors[sname] = pack_onnx(w, lin.out_axis, self.source.float_np)
+            else:
+                q, s = (w.q, w.scales) if lin.out_axis == 0 else (w.q.T, w.scales.T)
+                tensors[name], tensors[sname] = np.ascontiguousarray(q), np.ascontiguousarray(s).astype(self.source.float_np)
+            if lin.out_axis == 0:           # tied (or stored [vocab, d]): the ONNX Runtime graph's copy
+                table, blocks = qhead.unsigned_names(param, bits)
+                tensors[table] = qhead.pack_unsigned(w, bits)
+                tensors[blocks] = tensors[table].reshape(w.q.shape[0], w.n_blocks, -1)
+                aliases[blocks] = table
+            scales[param] = sname
+            groups.add(lin.group)
+        return QuantizedLayer(tensors, scales, groups, shapes, bits, aliases)
 
     def int4_weights(self, weights: dict[str, np.ndarray]) -> dict[str, Int4Weight]:
         """param -> its INT4 weight ([out, in]) by the method: rtn (absmax / 7), awq (clipping searched
@@ -148,6 +173,8 @@ def quant_plan(quantizer: WeightQuantizer, layers, act_scales: dict[str, float] 
         q = quantizer.layer(layer)
         plan.tensors.update(q.tensors)
         plan.int4_shapes.update(q.int4_shapes or {})
+        plan.aliases.update(q.aliases or {})
+        plan.head_bits = q.head_bits or plan.head_bits
         plan.weight_scales.update(q.weight_scales)
         if act_scales is not None:
             plan.act_scales.update({g: act_scales[g] for g in q.groups})

@@ -19,6 +19,7 @@ from onnx import TensorProto
 from ..runtime.bundle import Bundle, numpy_dtype
 from ..runtime.weights_file import WeightsFile
 from . import evaluate as ev
+from . import head as qhead
 from .graphs import QuantPlan, find_linears, group_inputs, quantize_graph
 from .source import SourceModel, SourceWeights
 
@@ -76,19 +77,33 @@ def write_graphs(folder: Path, source: SourceModel, plan: QuantPlan, weights: We
     for kind, model in {**source.graphs, **(extra or {})}.items():
         linears = source.linears if kind in source.graphs else find_linears({kind: model})
         q = quantize_graph(model, kind, linears, plan, ev.in_memory_initializer)
-        relocate(q, weights, plan.tensors, source.weights)
+        if kind not in source.graphs:
+            _quantized_ort_head(q, plan)
+        relocate(q, weights, plan.tensors, source.weights, plan.aliases)
         onnx.save_model(q, str(folder / source.bundle.manifest["graphs"][kind]["file"]))
 
 
+def _quantized_ort_head(model: onnx.ModelProto, plan: QuantPlan) -> None:
+    """The ONNX Runtime graph reads a quantized tied head/embedding through its own ops (head.py)."""
+    for blocks, table in plan.aliases.items():
+        param = table.rsplit(".", 1)[0]
+        if any(list(n.output) == [param] and n.op_type == "DequantizeLinear" for n in model.graph.node):
+            qhead.rewrite_ort_head(model, param, plan.head_bits, plan.block_size, ev.in_memory_initializer,
+                                   plan.tensors)
+
+
 def relocate(model: onnx.ModelProto, weights: WeightsFile, arrays: dict[str, np.ndarray],
-             source: SourceWeights) -> None:
-    """Point every external initializer at the new weights file, writing its bytes there once."""
+             source: SourceWeights, aliases: dict[str, str] | None = None) -> None:
+    """Point every external initializer at the new weights file, writing its bytes there once (an
+    alias: at the bytes of the tensor it names)."""
+    aliases = aliases or {}
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
-        data = arrays[t.name] if info["location"] == ev.IN_MEMORY else source.raw(t)
-        off, n = weights.put(t.name, data)
+        base = aliases.get(t.name, t.name)
+        data = arrays[base] if info["location"] == ev.IN_MEMORY else source.raw(t)
+        off, n = weights.put(base, data)
         del t.external_data[:]
         for k, v in (("location", weights.path.name), ("offset", str(off)), ("length", str(n))):
             t.external_data.add(key=k, value=v)
@@ -124,6 +139,7 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
     # the portable graphs it quantized, and the ONNX Runtime one for w4a16 (ort_flavor)
     m["graphs"] = {kind: m["graphs"][kind] for kind in [*cal.source.graphs, *extra]}
     wdtype = "int4" if cfg.scheme == "w4a16" else "int8"
+    head_dtype = f"int{qhead.HEAD_BITS}" if cfg.scheme == "w4a16" else wdtype     # per block of --block-size
     m["quantization"] = {
         "scheme": cfg.scheme,
         "format": "onnx-qdq",
@@ -134,8 +150,8 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
          "smoothquant_alpha": cfg.smoothquant_alpha},
         "quantized_layers": [l for l in cal.source.layers if l not in keep],
         "kept_fp_layers": keep,
-        "lm_head": wdtype if cfg.quantize_head else m["dtype"],
-        "embeddings": wdtype if (cfg.quantize_head and m["spec"].get("tie_word_embeddings")) else m["dtype"],
+        "lm_head": head_dtype if cfg.quantize_head else m["dtype"],
+        "embeddings": head_dtype if (cfg.quantize_head and m["spec"].get("tie_word_embeddings")) else m["dtype"],
         "needs": {"int4_weight_only_gemm": True} if wdtype == "int4" else
         {"int8_weight_only_gemm": True, "int8_gemm": cfg.scheme == "w8a8"},
         "calibration": "calibration.json",

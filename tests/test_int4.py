@@ -119,6 +119,73 @@ def peaked(tmp_path_factory, tiny_hf, export_once):
     return {"fp32": folder, "fp16": export_once(tiny_hf("gqa_tied_llama3_bias")[0], max_seq=128, dtype="fp16")}
 
 
+@pytest.fixture(scope="module")
+def tied_peaked(tmp_path_factory, tiny_hf, export_once):
+    """A tied fp32 tiny model (head and embedding one table) with that table HEAD_GAIN x louder."""
+    import shutil
+    src = export_once(tiny_hf("gqa_tied_llama3_bias")[0], max_seq=128)
+    folder = Path(shutil.copytree(src, tmp_path_factory.mktemp("tied") / "b"))
+    _scale_tensor(folder, "embed_tokens.weight", HEAD_GAIN)
+    return folder
+
+
+def _scale_tensor(folder: Path, name: str, factor: float, graph: str = "decode.onnx") -> None:
+    (t,) = [t for t in onnx.load(str(folder / graph), load_external_data=False).graph.initializer if t.name == name]
+    info = {e.key: e.value for e in t.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    with open(folder / info["location"], "r+b") as f:
+        f.seek(int(info["offset"]))
+        w = np.frombuffer(f.read(int(info["length"])), dtype) * dtype.type(factor)
+        f.seek(int(info["offset"]))
+        f.write(w.astype(dtype).tobytes())
+
+
+def _ort_logits(bundle, flavor: str = "ort") -> np.ndarray:
+    from ardeploy.runtime import Generator
+    backend = Generator.load(bundle, backend="ort", flavor=flavor, threads=threads()).backend
+    ids = IDS[None, :24]
+    first = backend.step(ids, np.ones_like(ids), arena := backend.new_arena())
+    nxt = np.array([[int(first.argmax())]])
+    return np.stack([first[0], backend.step(nxt, np.ones((1, 25), np.int64), arena)[0]])
+
+
+HEAD_BOUND = {8: 0.03, 4: 0.25}     # RMS(logits - FP) / std(FP), head only quantized; measured 0.006 (8), 0.1 (4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_tied_head(tied_peaked, tmp_path, monkeypatch, bits):
+    """--quantize-head on a tied model: the ONNX Runtime graph reads the one quantized table with
+    GatherBlockQuantized (embedding) and MatMulNBits (head) -- the same bytes of weights.bin, no
+    whole-table dequantize -- and gives the portable (DequantizeLinear) graph's logits, close to FP32;
+    a head scale 1.5x too large fails the same bound."""
+    from ardeploy.calibration import head as qhead
+    monkeypatch.setattr(qhead, "HEAD_BITS", bits)
+    out = tmp_path / "q"
+    n = Bundle.load(tied_peaked).n_layers
+    m = calibrate_bundle(tied_peaked, IDS, out, CalibConfig(scheme="w4a16", int4_weights="rtn", samples=4, seq_len=64,
+                                                            check_windows=0, keep_fp=list(range(n)),
+                                                            quantize_head=True, progress=False, threads=threads()))
+    assert m["quantization"]["lm_head"] == m["quantization"]["embeddings"] == f"int{bits}"
+    g = onnx.load(str(out / "decode_ort.onnx"), load_external_data=False).graph
+    ops = {n.op_type: n for n in g.node}
+    assert "DequantizeLinear" not in ops and "Gemm" not in ops
+    gbq, mnb = ops["GatherBlockQuantized"], ops["MatMulNBits"]
+    assert gbq.input[2] == mnb.input[2] == "embed_tokens.weight.scale"
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in g.initializer}
+    assert where[gbq.input[0]] == where[mnb.input[1]] and gbq.input[0] != mnb.input[1]      # one tensor, two views
+    assert not any(t.name == "embed_tokens.weight" for t in g.initializer)
+    fp, ort_q, portable = _ort_logits(tied_peaked), _ort_logits(out), _ort_logits(out, "portable")
+    assert fp.std() > 3
+    np.testing.assert_allclose(ort_q, portable, atol=0.02 * float(portable.std()))   # MatMulNBits' int8 activations
+    err = float(np.sqrt(np.mean((ort_q - fp) ** 2)) / fp.std())
+    print("HEADERR", bits, err, float(np.abs(ort_q - portable).max() / portable.std()))
+    assert err < HEAD_BOUND[bits]
+    _scale_tensor(out, "embed_tokens.weight.scale", 1.5, "decode_ort.onnx")
+    broken = _ort_logits(out)
+    print("BROKEN", float(np.sqrt(np.mean((broken - fp) ** 2)) / fp.std()))
+    assert float(np.sqrt(np.mean((broken - fp) ** 2)) / fp.std()) > HEAD_BOUND[bits]
+
+
 def logit_error(bundle, reference, kind: str = "score", arrays_model=None) -> float:
     x = IDS[None, 100:164]
     feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}

@@ -1,0 +1,95 @@
+"""The quantized LM head of w4a16 bundles (`--quantize-head`), and how the ONNX Runtime graph reads it.
+
+The head is quantized in blocks of --block-size input channels, like the decoder's linears, but
+with HEAD_BITS bits: 8 by default (llama.cpp's 4-bit files keep the tied embedding/output at 8-bit
+blocks too; a 4-bit head costs perplexity, ORT #24384), round to nearest with absmax / 127 scales.
+A tied table is also the embedding, so no data-driven rounding (GPTQ moves error onto other input
+channels, which the embedding lookup sees unaveraged): 4-bit tied heads take scales searched on
+the weights alone.
+
+Layouts of the one quantized table [vocab, d] (blocks along d), scales [vocab, d / block] shared:
+  portable graphs   signed int8 (or INT4) -> DequantizeLinear(axis 1, block_size) -> Gather / Gemm:
+                    what TensorRT takes (zero point 0)
+  ONNX Runtime      unsigned (value + 2^(bits-1)), read by BOTH MatMulNBits (the head, B as
+                    [vocab, d / block, block * bits / 8]) and GatherBlockQuantized (the embedding, data
+                    [vocab, d * bits / 8]): two initializers pointing at the same bytes of weights.bin.
+                    Their default zero points are both 2^(bits-1), so they read identical values.
+Signed and unsigned nibbles differ (XOR 0x8), and TensorRT refuses non-zero zero points, so the
+bundle holds the table twice (once per layout); the runtime maps only the ONNX Runtime copy.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .int4 import Int4Weight, expand_blocks, n_blocks, pack_nibbles, quantize_rtn, search_clip
+
+HEAD_BITS = 8
+MS_DOMAIN = "com.microsoft"
+ACCURACY_LEVEL = 4      # int8 activations: what ONNX Runtime gives the decoder's fused MatMulNBits (and fast for 8 bits)
+
+
+def quantize_head(w_oi: np.ndarray, block: int, bits: int) -> Int4Weight:
+    """[vocab, d] -> per-block symmetric values (int8 holder) and scales [vocab, n_blocks]."""
+    w = np.asarray(w_oi, np.float32)
+    if bits == 4:
+        return quantize_rtn(w, block, search_clip(w, block, None))
+    qmax = 2 ** (bits - 1) - 1
+    nb = n_blocks(w.shape[1], block)
+    wp = np.zeros((w.shape[0], nb * block), np.float32)
+    wp[:, : w.shape[1]] = w
+    amax = np.abs(wp.reshape(w.shape[0], nb, block)).max(axis=2)
+    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.round(w / expand_blocks(scales, block, w.shape[1])), -qmax, qmax).astype(np.int8)
+    return Int4Weight(q, scales, block)
+
+
+def pack_unsigned(w: Int4Weight, bits: int) -> np.ndarray:
+    """uint8 [vocab, d * bits / 8]: value + 2^(bits-1), two 4-bit values per byte (low nibble first)."""
+    u = w.q.astype(np.int16) + 2 ** (bits - 1)
+    if bits == 8:
+        return u.astype(np.uint8)
+    return pack_nibbles(u).reshape(w.q.shape[0], -1)
+
+
+def unsigned_names(param: str, bits: int) -> tuple[str, str]:
+    """(the table GatherBlockQuantized reads, its blocked view MatMulNBits reads)."""
+    return f"{param}.uint{bits}", f"{param}.uint{bits}.blocks"
+
+
+def rewrite_ort_head(model: onnx.ModelProto, param: str, bits: int, block: int, make_initializer,
+                     arrays: dict[str, np.ndarray]) -> None:
+    """In a quantized ONNX Runtime graph whose tied head/embedding `param` is DequantizeLinear'd whole:
+    drop that dequantize, gather rows with GatherBlockQuantized and compute the head with
+    MatMulNBits, both on the one unsigned table (`arrays` holds it, see unsigned_names)."""
+    g = model.graph
+    (dq,) = [n for n in g.node if n.op_type == "DequantizeLinear" and list(n.output) == [param]]
+    scale = dq.input[1]
+    table, blocks = unsigned_names(param, bits)
+    vocab, width = arrays[table].shape
+    d = width * 8 // bits
+    nodes = []
+    for n in g.node:
+        if n is dq:
+            continue
+        if n.op_type == "Gather" and n.input[0] == param:
+            n = helper.make_node("GatherBlockQuantized", [table, n.input[1], scale], list(n.output), name=n.name,
+                                 domain=MS_DOMAIN, bits=bits, block_size=block, quantize_axis=1, gather_axis=0)
+        elif n.op_type == "Gemm" and len(n.input) == 2 and n.input[1] == param and _trans_b(n):
+            n = helper.make_node("MatMulNBits", [n.input[0], blocks, scale], list(n.output), name=n.name,
+                                 domain=MS_DOMAIN, K=d, N=vocab, bits=bits, block_size=block,
+                                 accuracy_level=ACCURACY_LEVEL)
+        elif param in n.input:
+            raise ValueError(f"{n.name}: reads the tied table {param} in a way the quantized head does not handle")
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    kept = [t for t in g.initializer if t.name != dq.input[0]]
+    del g.initializer[:]
+    g.initializer.extend(kept + [make_initializer(table, arrays[table]), make_initializer(blocks, arrays[blocks])])
+
+
+def _trans_b(node: onnx.NodeProto) -> bool:
+    return any(a.name == "transB" and a.i == 1 for a in node.attribute) and \
+        not any(a.name == "transA" and a.i for a in node.attribute)
