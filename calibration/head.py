@@ -60,34 +60,38 @@ def unsigned_names(param: str, bits: int) -> tuple[str, str]:
 
 def rewrite_ort_head(model: onnx.ModelProto, param: str, bits: int, block: int, make_initializer,
                      arrays: dict[str, np.ndarray]) -> None:
-    """In a quantized ONNX Runtime graph whose tied head/embedding `param` is DequantizeLinear'd whole:
-    drop that dequantize, gather rows with GatherBlockQuantized and compute the head with
-    MatMulNBits, both on the one unsigned table (`arrays` holds it, see unsigned_names)."""
+    """In a quantized ONNX Runtime graph whose head table `param` ([vocab, d], tied to the embedding or
+    not) is DequantizeLinear'd whole: drop that dequantize, gather rows with GatherBlockQuantized and
+    compute the head with MatMulNBits, both on the one unsigned table (`arrays` holds it, see
+    unsigned_names)."""
     g = model.graph
     (dq,) = [n for n in g.node if n.op_type == "DequantizeLinear" and list(n.output) == [param]]
     scale = dq.input[1]
     table, blocks = unsigned_names(param, bits)
     vocab, width = arrays[table].shape
     d = width * 8 // bits
-    nodes = []
+    transposed = {n.output[0] for n in g.node if n.op_type == "Transpose" and list(n.input) == [param]}
+    nodes, used = [], set()
     for n in g.node:
-        if n is dq:
+        if n is dq or (n.op_type == "Transpose" and n.output[0] in transposed):
             continue
         if n.op_type == "Gather" and n.input[0] == param:
             n = helper.make_node("GatherBlockQuantized", [table, n.input[1], scale], list(n.output), name=n.name,
                                  domain=MS_DOMAIN, bits=bits, block_size=block, quantize_axis=1, gather_axis=0)
-        elif n.op_type == "Gemm" and len(n.input) == 2 and n.input[1] == param and _trans_b(n):
+        elif (n.op_type == "Gemm" and len(n.input) == 2 and n.input[1] == param and _trans_b(n)) or \
+                (n.op_type == "MatMul" and n.input[1] in transposed):     # untied: x @ W^T
             n = helper.make_node("MatMulNBits", [n.input[0], blocks, scale], list(n.output), name=n.name,
                                  domain=MS_DOMAIN, K=d, N=vocab, bits=bits, block_size=block,
                                  accuracy_level=ACCURACY_LEVEL)
-        elif param in n.input:
-            raise ValueError(f"{n.name}: reads the tied table {param} in a way the quantized head does not handle")
+        elif param in n.input or transposed & set(n.input):
+            raise ValueError(f"{n.name}: reads the table {param} in a way the quantized head does not handle")
+        used.update(n.input)
         nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
     kept = [t for t in g.initializer if t.name != dq.input[0]]
     del g.initializer[:]
-    g.initializer.extend(kept + [make_initializer(table, arrays[table]), make_initializer(blocks, arrays[blocks])])
+    g.initializer.extend(kept + [make_initializer(t, arrays[t]) for t in (table, blocks) if t in used])
 
 
 def _trans_b(node: onnx.NodeProto) -> bool:

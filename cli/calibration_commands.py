@@ -159,7 +159,7 @@ def _register_calibrate(sub) -> None:
     p.add_argument("--reuse-stats", metavar="CALIBRATION_JSON",
                    help="take activation statistics from an earlier calibration.json (same bundle, data and alpha)")
     p.add_argument("--quantize-head", action="store_true",
-                   help="also quantize the LM head (and, when tied, the embedding table it shares)")
+                   help="also quantize the LM head (and, when tied, the embedding table it shares): INT8 per output channel for w8a16/w8a8; for w4a16 8-bit blocks of --block-size (a 4-bit head costs accuracy)")
     p.add_argument("--target", choices=["trt-rtx"], default=None,
                    help="also build prefill/decode with TensorRT-RTX ahead of time on this machine and refuse what it cannot build")
     p.add_argument("--compute-capability", action="append", metavar="SM89",

@@ -64,7 +64,9 @@ Peers (each runs in its own subprocess, so its memory is its own):
   llamacpp-q4_1 / llamacpp-q4_0 / llamacpp-f32 / llamacpp-f16
                 llama.cpp (CPU) via llama-cpp-python on the shipped Q4_1 GGUF, on F32/F16 GGUFs written from
                 the same (dequantized) weights, and on a Q4_0 GGUF quantized by llama.cpp from that F32 file
-                (all cached next to it; llama.cpp's Q4_0 keeps SmolLM2's tied embedding/output at Q8_0). It must be built for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON); its
+                (all cached next to it; llama.cpp's Q4_0 keeps SmolLM2's tied embedding/output at Q8_0). It must be
+                built for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON; on a VM whose CPU reports AMX that build crashed
+                with SIGSEGV, and one with GGML_NATIVE=OFF, the AVX-512 flags on and GGML_AMX_* off ran); its
                 system_info is printed and recorded with its numbers.
   ort-genai     onnxruntime-genai on a model its own builder exports from the same weights: from the GGUF
                 (FP32, CPU, cached: GGUF -> Hugging Face folder via transformers -> builder) or from --hf

@@ -186,6 +186,24 @@ def test_quantized_tied_head(tied_peaked, tmp_path, monkeypatch, bits):
     assert float(np.sqrt(np.mean((broken - fp) ** 2)) / fp.std()) > HEAD_BOUND[bits]
 
 
+def test_quantized_untied_head(tiny_hf, export_once, tmp_path):
+    """--quantize-head on an untied model: the ONNX Runtime graph's head (x @ W^T) becomes one
+    MatMulNBits over the blocked table, no whole-table dequantize or transpose left, the embedding
+    untouched; its logits are the portable graph's."""
+    src = export_once(tiny_hf("mha_untied_theta")[0], max_seq=128)
+    out = tmp_path / "q"
+    calibrate_bundle(src, IDS, out, CalibConfig(scheme="w4a16", int4_weights="rtn", samples=4, seq_len=64,
+                                                check_windows=0, quantize_head=True, progress=False,
+                                                threads=threads()))
+    g = onnx.load(str(out / "decode_ort.onnx"), load_external_data=False).graph
+    readers = [n for n in g.node if any(i.startswith("lm_head.weight") for i in n.input)]
+    assert [n.op_type for n in readers] == ["MatMulNBits"]
+    assert readers[0].input[1] == "lm_head.weight.uint8.blocks"
+    assert "GatherBlockQuantized" not in {n.op_type for n in g.node}
+    ort_q, portable = _ort_logits(out), _ort_logits(out, "portable")
+    np.testing.assert_allclose(ort_q, portable, atol=0.02 * float(portable.std()))
+
+
 def logit_error(bundle, reference, kind: str = "score", arrays_model=None) -> float:
     x = IDS[None, 100:164]
     feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
