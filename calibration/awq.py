@@ -74,6 +74,5 @@ def _group_factors(source: SourceModel, group: str, lins, hessian: np.ndarray, b
             return np.broadcast_to(v.reshape(nkv, 1, hd), (nkv, rep, hd)).reshape(-1).copy()
     s, alpha, errors = awq_factors(w_io, hessian.astype(np.float32), block, rms, expand)
     if fold.kind == "v_columns":
-        nkv, hd = source.bundle.spec["n_kv_heads"], source.bundle.spec["head_dim"]
         fold = dataclasses.replace(fold, kv_factors=s.reshape(nkv, -1, hd)[:, 0, :].reshape(-1).copy())
     return s, fold, alpha, errors

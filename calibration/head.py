@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .int4 import Int4Weight, expand_blocks, n_blocks, pack_nibbles, quantize_rtn, search_clip
+from .int4 import Int4Weight, pack_nibbles, quantize_rtn, search_clip
 
 HEAD_BITS = 8
 MS_DOMAIN = "com.microsoft"
@@ -35,14 +35,7 @@ def quantize_head(w_oi: np.ndarray, block: int, bits: int) -> Int4Weight:
     w = np.asarray(w_oi, np.float32)
     if bits == 4:
         return quantize_rtn(w, block, search_clip(w, block, None))
-    qmax = 2 ** (bits - 1) - 1
-    nb = n_blocks(w.shape[1], block)
-    wp = np.zeros((w.shape[0], nb * block), np.float32)
-    wp[:, : w.shape[1]] = w
-    amax = np.abs(wp.reshape(w.shape[0], nb, block)).max(axis=2)
-    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.round(w / expand_blocks(scales, block, w.shape[1])), -qmax, qmax).astype(np.int8)
-    return Int4Weight(q, scales, block)
+    return quantize_rtn(w, block, qmax=2 ** (bits - 1) - 1)
 
 
 def pack_unsigned(w: Int4Weight, bits: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime.errors import UserError
+from .stats import gptq_round_block
 
 QMAX = 7
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -81,22 +82,23 @@ def _padded_blocks(w_oi: np.ndarray, block: int) -> np.ndarray:
     return wp.reshape(out, nb, block)
 
 
-def block_scales(w_oi: np.ndarray, block: int, clip: np.ndarray | float = 1.0) -> np.ndarray:
-    """absmax / 7 of each block (times a clipping ratio), [out, n_blocks] float32; never 0."""
+def block_scales(w_oi: np.ndarray, block: int, clip: np.ndarray | float = 1.0, qmax: int = QMAX) -> np.ndarray:
+    """absmax / qmax of each block (times a clipping ratio), [out, n_blocks] float32; never 0."""
     amax = np.abs(_padded_blocks(w_oi, block)).max(axis=2) * clip
-    return np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
+    return np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
 
 
-def round_blocks(w_oi: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+def round_blocks(w_oi: np.ndarray, scales: np.ndarray, block: int, qmax: int = QMAX) -> np.ndarray:
     s = expand_blocks(scales, block, w_oi.shape[1])
-    return np.clip(np.round(w_oi / s), -8, QMAX).astype(np.int8)
+    return np.clip(np.round(w_oi / s), -qmax - 1, qmax).astype(np.int8)
 
 
-def quantize_rtn(w_oi: np.ndarray, block: int, clip: np.ndarray | float = 1.0) -> Int4Weight:
-    """Round to nearest with per-block absmax scales (times `clip`, [out, n_blocks] or a number)."""
+def quantize_rtn(w_oi: np.ndarray, block: int, clip: np.ndarray | float = 1.0, qmax: int = QMAX) -> Int4Weight:
+    """Round to nearest with per-block absmax scales (times `clip`, [out, n_blocks] or a number);
+    qmax 127 gives the same layout in 8 bits (the quantized head, head.py)."""
     w = np.asarray(w_oi, np.float32)
-    scales = block_scales(w, block, clip)
-    return Int4Weight(round_blocks(w, scales, block), scales, block)
+    scales = block_scales(w, block, clip, qmax)
+    return Int4Weight(round_blocks(w, scales, block, qmax), scales, block)
 
 
 # -- AWQ --------------------------------------------------------------------------------------------
@@ -173,15 +175,7 @@ def quantize_gptq(w_io: np.ndarray, factor, block: int, clip: bool = False) -> I
         amax = np.abs(Wb).max(axis=0) * (search_clip(Wb.T, b1 - b0, None)[:, 0] if clip else 1.0)
         s = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
         scales[:, b] = s
-        err = np.empty_like(Wb)
-        for i in range(b1 - b0):
-            q = np.clip(np.round(Wb[i] / s), -8, QMAX)
-            Q[b0 + i] = q
-            e = (Wb[i] - q * s) / U[b0 + i, b0 + i]
-            Wb[i + 1:] -= np.outer(U[b0 + i, b0 + i + 1: b1], e)
-            err[i] = e
-        if b1 < K:
-            W[b1:] -= U[b0:b1, b1:].T @ err
+        gptq_round_block(W, U, Q, b0, b1, s, -8, QMAX)
     return Int4Weight(np.ascontiguousarray(Q.T), scales, block)
 
 

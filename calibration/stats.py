@@ -324,15 +324,22 @@ def gptq_quantize(w: np.ndarray, axis: int, factor, scale_dtype, block: int = 32
     s = scale.astype(np.float32)
     Q = np.empty((K, N), np.int8)
     for b0 in range(0, K, block):
-        b1 = min(b0 + block, K)
-        Wb = W[b0:b1]
-        err = np.empty_like(Wb)
-        for i in range(b1 - b0):
-            q = np.clip(np.round(Wb[i] / s), -QMAX, QMAX)
-            Q[b0 + i] = q
-            e = (Wb[i] - q * s) / U[b0 + i, b0 + i]
-            Wb[i + 1:] -= np.outer(U[b0 + i, b0 + i + 1: b1], e)
-            err[i] = e
-        if b1 < K:
-            W[b1:] -= U[b0:b1, b1:].T @ err
+        gptq_round_block(W, U, Q, b0, min(b0 + block, K), s, -QMAX, QMAX)
     return (Q.T.copy() if axis == 0 else Q), scale
+
+
+def gptq_round_block(W: np.ndarray, U: np.ndarray, Q: np.ndarray, b0: int, b1: int, s: np.ndarray,
+                     lo: int, hi: int) -> None:
+    """GPTQ's step over input channels [b0, b1) of W [in, out] (both updated in place): round each
+    channel with scales `s` into Q, push its error, divided by the pivot of U (gptq_factor), onto the
+    block's later channels, then the block's errors onto the channels after it."""
+    Wb = W[b0:b1]
+    err = np.empty_like(Wb)
+    for i in range(b1 - b0):
+        q = np.clip(np.round(Wb[i] / s), lo, hi)
+        Q[b0 + i] = q
+        e = (Wb[i] - q * s) / U[b0 + i, b0 + i]
+        Wb[i + 1:] -= np.outer(U[b0 + i, b0 + i + 1: b1], e)
+        err[i] = e
+    if b1 < W.shape[0]:
+        W[b1:] -= U[b0:b1, b1:].T @ err

@@ -55,11 +55,17 @@ class TextGraphs:
         """Graphs beyond prefill/decode/score, written into `folder`: manifest "graphs" entries."""
         if self.target != "ort":
             return {}
-        why_not = ort_graph.supports(self.spec)
+        return self.ort_flavor(folder, ort_graph.supports, ort_graph.build_ort_graph, weights, dtype, opset, max_seq)
+
+    def ort_flavor(self, folder: Path, supports, build, weights: ExternalWeights, dtype: str, opset: int,
+                   max_seq: int) -> dict:
+        """The ONNX Runtime graph `build` makes, written into `folder` (none where `supports` names
+        why not): its manifest "graphs" entry."""
+        why_not = supports(self.spec)
         if why_not:
             log.info(f"note: no ONNX Runtime graph: {why_not}; the runtime will run the portable graph")
             return {}
-        model, io = ort_graph.build_ort_graph(self.ckpt, weights, dtype, max_seq, opset)
+        model, io = build(self.ckpt, weights, dtype, max_seq, opset)
         onnx.save_model(model, str(folder / f"{ort_graph.GRAPH}.onnx"))
         return {ort_graph.GRAPH: {"file": f"{ort_graph.GRAPH}.onnx", **describe(io), "flavor": "ort",
                                   "kv_layout": ort_graph.kv_layout(self.spec)}}

@@ -19,8 +19,6 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from ...runtime.log import log
-from .. import ort_graph
 from ..assemble import ONNX_DTYPE, ExternalWeights
 from ..contract import describe, graph_io
 from ..pieces import Piece, export_program, to_piece, trace_model
@@ -98,14 +96,8 @@ class ImageGraphs(TextGraphs):
         if self.target != "ort" or not self.llamagen:
             return {}
         from . import llamagen_ort
-        why_not = llamagen_ort.supports(self.spec)
-        if why_not:
-            log.info(f"note: no ONNX Runtime graph: {why_not}; the runtime will run the portable graph")
-            return {}
-        model, io = llamagen_ort.build_llamagen_ort_graph(self.ckpt, weights, dtype, max_seq, opset)
-        onnx.save_model(model, str(folder / f"{llamagen_ort.GRAPH}.onnx"))
-        return {llamagen_ort.GRAPH: {"file": f"{llamagen_ort.GRAPH}.onnx", **describe(io), "flavor": "ort",
-                                     "kv_layout": ort_graph.kv_layout(self.spec)}}
+        return self.ort_flavor(folder, llamagen_ort.supports, llamagen_ort.build_llamagen_ort_graph, weights,
+                               dtype, opset, max_seq)
 
     def manifest_sections(self, folder) -> dict:
         image = dict(self.ckpt.image)

@@ -195,11 +195,11 @@ class OrtBackend:
 
     def _replay(self, inputs: dict, arena: KVArena, batch: int):
         """The one-token step as this arena and batch's captured CUDA graph (recorded on first use)."""
-        key = (id(arena), batch)
+        key = (id(arena), batch)       # unique: each captured step holds its arena (its graph reads those buffers)
         step = self._captured.get(key)
-        if step is None or step.arena is not arena:
+        if step is None:
             step = CapturedStep(self.session(self.graph), arena, batch, self.bundle.vocab_size,
-                                graph_id=len(self._captured) + 1,
+                                graph_id=len(self._captured) + 1,       # entries are never replaced or removed
                                 bind_cache=lambda io: self._bind_cache(io, arena, arena.length, 1, True),
                                 device=self.device, next_token=self.next_token)
             self._captured[key] = step
