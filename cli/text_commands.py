@@ -49,29 +49,34 @@ def cmd_verify(args) -> int:
 
 
 # -- generate / chat ------------------------------------------------------------------------------
-def load_generator(args):
+def load_generator(args, warmup: bool = True):
+    """The generator, warmed up unless told not to (load and warm-up are reported apart from the first token)."""
     from ardeploy.runtime import Generator
-    return Generator.load(args.bundle, backend=args.backend, **backend_options(args))
+    return Generator.load(args.bundle, backend=args.backend, warmup=warmup, **backend_options(args))
 
 
 def cmd_generate(args) -> int:
     cfg = sampling_config(args)
     if (args.prompt is None) == (args.prompt_ids is None):
         raise UserError("give exactly one of --prompt or --prompt-ids")
-    gen = load_generator(args)
+    gen = load_generator(args, warmup=False)
     prompt = args.prompt if args.prompt is not None else comma_ints(args.prompt_ids, option="--prompt-ids")
+    ids = gen.to_ids(prompt, args.chat)
+    gen.warmup(prompt_lengths=(len(ids),))          # the prompt's own length: its first token is then its cost
     from ardeploy.runtime.generator import Run
-    run = Run(gen.events([gen.to_ids(prompt, args.chat)], cfg))
+    run = Run(gen.events([ids], cfg))
     for event in run:
         if not args.json and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
     result = run.results[0]
     if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+        print(json.dumps({**result.to_json(), "load_s": round(gen.load_s, 4), "warmup_s": round(gen.warmup_s, 4)},
+                         ensure_ascii=False))
     else:
         print()
-        print(f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, first token {result.ttft_s * 1000:.0f} ms, "
+        print(f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, load {gen.load_s:.2f} s + warm-up "
+              f"{gen.warmup_s * 1000:.0f} ms, first token {result.ttft_s * 1000:.1f} ms, "
               f"{result.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
 

@@ -78,6 +78,9 @@ class Cuda:
         self.owned.append(ptr)
         return ptr
 
+    def zero(self, ptr: int, nbytes: int) -> None:
+        self.check(self.rt.cudaMemset(ptr, 0, int(nbytes)))
+
     def copy(self, dst: int, src: int, nbytes: int, kind: str) -> None:
         if nbytes:
             self.check(self.rt.cudaMemcpyAsync(dst, src, nbytes, getattr(self.rt.cudaMemcpyKind, kind), self.stream))

@@ -74,16 +74,64 @@ def load_backend(bundle: Bundle, backend: str = "ort", **kw):
 
 
 class Generator:
+    """Load, use, close: `with Generator.load(B) as gen: ...` frees its sessions, device buffers and
+    captured graphs at the end (or call `close()`)."""
+
     def __init__(self, bundle: Bundle, backend, max_batch: int | None = None):
         self.bundle, self.backend = bundle, backend
         self.tokenizer = bundle.tokenizer()
         self.arena: KVArena = backend.new_arena(max_batch)
         self.cached: list[int] = []          # batch-1 tokens whose K/V are in the arena (chat)
+        self.load_s = self.warmup_s = 0.0
 
     @classmethod
-    def load(cls, path, backend: str = "ort", max_batch: int | None = None, **backend_kw) -> "Generator":
+    def load(cls, path, backend: str = "ort", max_batch: int | None = None, warmup: bool | None = None,
+             **backend_kw) -> "Generator":
+        """warmup: run `warmup()` for batch 1 before returning (None: on the GPU, where the first runs
+        record CUDA graphs and cost hundreds of milliseconds)."""
+        started = time.perf_counter()
         bundle = Bundle.load(path)
-        return cls(bundle, load_backend(bundle, backend, **backend_kw), max_batch)
+        gen = cls(bundle, load_backend(bundle, backend, **backend_kw), max_batch)
+        gen.load_s = time.perf_counter() - started
+        if warmup or (warmup is None and backend_kw.get("device") == "cuda"):
+            gen.warmup()
+        return gen
+
+    def warmup(self, batch_sizes=(1,), prompt_lengths=(8,)) -> float:
+        """Run prompts of each length and two decode steps at each batch size, so that one-time costs
+        (ONNX Runtime's first runs, recording each batch size's CUDA graph and checking its first replay)
+        are paid here and not by the first request's first token. On the GPU a prompt length ONNX Runtime
+        has not seen costs about 40 ms once (its first GroupQueryAttention of that length, H100): give the
+        lengths to come when they are known. The arena is left empty. Returns the seconds spent."""
+        started = time.perf_counter()
+        pad = self.bundle.pad_id
+        for batch in batch_sizes:
+            if not 1 <= batch <= self.arena.max_batch:
+                raise UserError(f"warm-up batch {batch} outside [1, {self.arena.max_batch}]")
+            for length in prompt_lengths:
+                length = max(1, min(int(length), self.arena.max_seq - 3))
+                self.arena.reset(batch)
+                mask = np.ones((batch, length), np.int64)
+                self.feed_prompt(np.full((batch, length), pad, np.int64), mask, self.arena)
+            for _ in range(2):
+                mask = np.ones((batch, mask.shape[1] + 1), np.int64)
+                self.backend.step(np.full((batch, 1), pad, np.int64), mask, self.arena)
+        self.arena.reset(1)
+        self.cached = []
+        self.warmup_s += time.perf_counter() - started
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        """Free the backend's sessions, captured graphs and device buffers, and the arena. Idempotent."""
+        if self.backend is not None:
+            self.backend.close()
+        self.backend, self.arena, self.cached = None, None, []
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def feed_prompt(self, ids: np.ndarray, mask: np.ndarray, arena: KVArena) -> np.ndarray:
         """Run the prompt's tokens; logits of its last position. A backend with `prefill_chunk` takes
@@ -166,6 +214,8 @@ class Generator:
         continue_cache (batch 1): keep the arena's K/V for the longest common prefix with the
         previous call and run only the new tokens (through the decode graph when a past exists).
         """
+        if self.backend is None:
+            raise UserError("this generator was closed")
         self._check_prompts(prompt_ids)
         started, graph_before = time.perf_counter(), self.backend.run_seconds()
         reuse = continue_cache and len(prompt_ids) == 1 and self.cached and self.arena.batch == 1

@@ -100,6 +100,67 @@ def test_replayed_step_path_matches_the_regular_one(tiny_bundle):
     assert got.argmax_rows().tolist() == np.argmax(want, axis=-1).tolist()     # the graph's own argmax
 
 
+def _replaying_on_cpu(bundle, **kw):
+    """A generator whose one-token steps take the GPU's captured-step path, on the CPU (the stand-in)."""
+    gen = Generator.load(bundle, threads=threads(), flavor="ort", **kw)
+    gen.backend.cuda_graph = True
+    return gen
+
+
+@pytest.mark.parametrize("broken_from", [1, 3])
+def test_a_wrong_replay_is_caught_not_returned(tiny_bundle, monkeypatch, broken_from):
+    """The replay check runs a captured step's first replay (and every Nth) again as a regular step and
+    compares: a replay that stops updating its device inputs (here: the per-row lengths, from replay
+    `broken_from` on) raises ReplayMismatch at the next check instead of sampling wrong tokens."""
+    from ardeploy.runtime.backends import cuda_graph
+    from ardeploy.runtime.backends.ort import ReplayMismatch
+    run = cuda_graph.CapturedStep.run
+    replays = []
+
+    def stale_lengths(self, input_ids, seqlens_k):
+        replays.append(1)
+        if len(replays) >= broken_from:
+            self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
+            self.session.run_with_iobinding(self.io, self.options)
+            return cuda_graph.DeviceLogits(self.logits, self.next_token)
+        return run(self, input_ids, seqlens_k)
+    cfg = SamplingConfig(greedy=True, max_new_tokens=12, ignore_eos=True)
+    gen = _replaying_on_cpu(tiny_bundle[0], check_replay_every=2)
+    monkeypatch.setattr(cuda_graph.CapturedStep, "run", stale_lengths)
+    with pytest.raises(ReplayMismatch, match="disagrees with a regular run"):
+        gen.generate(rng_ids(9, seed=5), cfg)
+    checks_at = [1, 2, 4]                       # replays checked with check_replay_every=2: the first, then every 2nd
+    assert len(replays) == next(n for n in checks_at if n >= broken_from)     # caught at the first check after
+    monkeypatch.setattr(cuda_graph.CapturedStep, "run", run)
+    plain = Generator.load(tiny_bundle[0], threads=threads(), flavor="ort")
+    fresh = _replaying_on_cpu(tiny_bundle[0], check_replay_every=2)
+    assert fresh.generate(rng_ids(9, seed=5), cfg).token_ids == plain.generate(rng_ids(9, seed=5), cfg).token_ids
+
+
+def test_close_frees_the_backend_and_the_context_manager_closes(tiny_bundle):
+    with _replaying_on_cpu(tiny_bundle[0]) as gen:
+        gen.generate(rng_ids(5, seed=1), SamplingConfig(greedy=True, max_new_tokens=4, ignore_eos=True))
+        backend = gen.backend
+        assert backend.sessions and backend._captured
+    assert gen.backend is None and gen.arena is None
+    assert not backend.sessions and not backend._captured and backend._reusable is None
+    gen.close()                                            # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        gen.generate([5, 6], SamplingConfig(max_new_tokens=2))
+
+
+def test_warmup_records_the_step_and_leaves_the_arena_empty(tiny_bundle):
+    """warmup() records the one-token step for each batch size asked, and the next generation gives the
+    same tokens as a generator that was never warmed up (the arena and the chat cache left empty)."""
+    cfg = SamplingConfig(greedy=True, max_new_tokens=10, ignore_eos=True)
+    cold = Generator.load(tiny_bundle[0], threads=threads(), flavor="ort")
+    warm = _replaying_on_cpu(tiny_bundle[0])
+    warm.warmup((1, 2))
+    assert sorted(batch for _, batch in warm.backend._captured) == [1, 2] and warm.warmup_s > 0
+    assert warm.arena.length == 0 and warm.cached == []
+    assert warm.generate(rng_ids(7, seed=2), cfg).token_ids == cold.generate(rng_ids(7, seed=2), cfg).token_ids
+
+
 @pytest.mark.parametrize("flavor", ["ort", "portable"])
 def test_long_prompts_in_chunks_match_one_piece(tiny_bundle, flavor):
     """A prompt fed in pieces (prefill_chunk) gives the same logits and tokens as in one piece,

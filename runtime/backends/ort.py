@@ -30,6 +30,7 @@ import numpy as np
 from ..bundle import Bundle, BundleError
 from ..errors import UserError
 from ..kv_arena import KVArena
+from ..log import log
 from ..sessions import check_io, open_session, providers, session_options
 from .base import check_step
 from .cuda_graph import CapturedStep, run_options
@@ -86,12 +87,19 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int) -> 
 
 
 def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
-    """The graph that runs both phases for `flavor` (see the module docstring). On the GPU "auto" takes
-    the ONNX Runtime graph of fp16/bf16 bundles only: GroupQueryAttention has no fp32 CUDA kernel (ONNX
-    Runtime would run it on the CPU, copying the cache both ways every step)."""
+    """The graph that runs both phases for `flavor` (see the module docstring). On the GPU the ONNX
+    Runtime graph runs for fp16/bf16 bundles only: GroupQueryAttention has no fp32 CUDA kernel, and ONNX
+    Runtime would run it on the CPU on copies of the cache, so the device cache is never updated and the
+    tokens go wrong from the second one. "auto" then takes the portable graph (and says so); "ort" is refused."""
     if flavor not in ("auto", "ort", "portable"):
         raise UserError(f"unknown graph flavor {flavor!r} (auto, ort or portable)")
     fp32_on_gpu = device == "cuda" and np.dtype(bundle.kv_dtype) == np.float32
+    if flavor == "ort" and fp32_on_gpu and bundle.ort_graph is not None:
+        raise UserError(f"{bundle.path}: an fp32 bundle's ONNX Runtime graph does not run on CUDA "
+                        f"(GroupQueryAttention has no fp32 CUDA kernel): use --flavor portable, or export --dtype fp16")
+    if flavor == "auto" and fp32_on_gpu and bundle.ort_graph is not None:
+        log.info("note: fp32 bundle on CUDA: running the portable graph (GroupQueryAttention has no fp32 CUDA "
+                 "kernel; export --dtype fp16 for the faster ONNX Runtime graph)")
     if flavor == "portable" or (flavor == "auto" and (bundle.ort_graph is None or fp32_on_gpu)):
         return "decode"
     if bundle.ort_graph is None:
@@ -99,13 +107,26 @@ def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
     return bundle.ort_graph
 
 
+# The check's regular run is given the replay's shapes (total_seq_len = max_seq), so both execute the
+# same kernels on the same inputs: they agree to rounding. A wrong replay (stale inputs, a graph recorded
+# on other buffers) is off by far more, or NaN.
+REPLAY_ATOL, REPLAY_RTOL = 1e-3, 1e-3
+
+
+class ReplayMismatch(RuntimeError):
+    """A replayed CUDA graph step gave other logits than a regular run of the same step."""
+
+
 class OrtBackend:
     name = "ort"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu", prepack: bool = True,
-                 flavor: str = "auto", audit: bool = False, prefill_chunk: int | None = 256, cuda_graph: bool = True):
+                 flavor: str = "auto", audit: bool = False, prefill_chunk: int | None = 256, cuda_graph: bool = True,
+                 check_replay_every: int = 256):
         """audit: after each step, check that every present.* output was written at the arena address
         it was bound to, and count the bytes of any that were not (benchmarks and tests).
+        check_replay_every: each captured step's first replay and every this-many-th are run again as a
+        regular step and compared (ReplayMismatch when they disagree); 0: never.
         prefill_chunk: the Generator feeds longer prompts in pieces of this many tokens (bounds the
         activation memory ONNX Runtime keeps; None: whole prompts).
         flavor: "auto" (the ONNX Runtime graph when the bundle has one), "ort" or "portable".
@@ -123,6 +144,7 @@ class OrtBackend:
         self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
         self._c_device = None
         self.bundle, self.device, self.audit = bundle, device, audit
+        self.check_replay_every = check_replay_every
         self.threads, self.prepack = threads, prepack
         providers(device)                    # fail now, not at the first session, without onnxruntime-gpu
         # Host weights are shared through one mapping; a CUDA session copies them to the device anyway.
@@ -135,6 +157,14 @@ class OrtBackend:
         self.next_token = "next_token" in outputs      # the graph's own argmax (bundles since 2026-12)
         self._next_token = np.zeros(bundle.max_batch, np.int64)
         self._run_s = 0.0
+
+    def close(self) -> None:
+        """Free what this backend holds: captured graphs, bindings and sessions (their device memory and
+        the weights go with them). Arenas are their owners' to drop; the backend is unusable after."""
+        self._captured.clear()
+        self._reusable = None
+        self.sessions.clear()
+        self.weights = None
 
     def session(self, kind: str):
         """Sessions are created on first use (the score graph only when evaluating)."""
@@ -162,7 +192,11 @@ class OrtBackend:
             import onnxruntime as ort
 
             def allocate(count, dtype):
-                value = ort.OrtValue.ortvalue_from_shape_and_type([count], dtype, "cuda", 0)
+                # Zeroed, as host arenas are. ONNX Runtime's allocator hands back freed blocks as they
+                # were, so a generator loaded after another one would start with that one's bytes;
+                # GroupQueryAttention reads cache positions past each row's length (weighted 0, but
+                # 0 x NaN is NaN), and stale bytes read as fp16 hold NaNs: every logit became NaN.
+                value = ort.OrtValue.ortvalue_from_numpy(np.zeros(count, dtype), "cuda", 0)
                 return value, value.data_ptr()
         return KVArena(bundle.n_layers, bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
                        bundle.kv_dtype, allocate, layout=bundle.kv_layout(self.graph))
@@ -211,8 +245,25 @@ class OrtBackend:
             # Reading back every output costs about a tenth of a small model's replayed step: check the
             # recorded run and every 64th (a replay cannot move them; a re-recording would show).
             self._count_copies(arena, step.io.get_outputs()[1:], step.present)
+        every = self.check_replay_every
+        if every and (step.runs == 1 or step.runs % every == 0):
+            self._check_replay(logits, inputs, arena, batch, step.runs)
         arena.advance(1)
         return logits
+
+    def _check_replay(self, replayed, inputs: dict, arena: KVArena, batch: int, runs: int) -> None:
+        """Run the step just replayed again as a regular run (it writes the same K/V at the same cache
+        position) and compare the logits: a replay that went wrong stops here, never as wrong tokens."""
+        same_shapes = {**inputs, "total_seq_len": np.array(arena.max_seq, np.int32)}
+        regular = self._execute(self.graph, same_shapes, arena, batch, 1, bind_past=True)
+        got = np.asarray(replayed, np.float32)[:batch]
+        worst = float(np.max(np.abs(got - regular))) if np.isfinite(got).all() else float("inf")
+        bound = REPLAY_ATOL + REPLAY_RTOL * float(np.max(np.abs(regular)))
+        if not worst <= bound:
+            raise ReplayMismatch(f"the captured CUDA graph of the decode step (batch {batch}, replay {runs}) "
+                                 f"disagrees with a regular run of the same step (max |dlogits| {worst:.3g} > "
+                                 f"{bound:.3g}); stopped rather than return wrong tokens. Load with "
+                                 f"cuda_graph=False (--no-cuda-graph) and report this")
 
     def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
         """The prefill graph on input features instead of token ids (LlamaGen t2i: `caption_features`
@@ -225,9 +276,15 @@ class OrtBackend:
         return self._run("prefill", inputs, arena, batch, n_new, bind_past=False)
 
     def _run(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool) -> np.ndarray:
+        """Run one graph (see _execute) and advance the arena by n_new."""
+        logits = self._execute(kind, inputs, arena, batch, n_new, bind_past)
+        arena.advance(n_new)
+        return logits
+
+    def _execute(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool) -> np.ndarray:
         """Run one graph: host inputs, logits into this backend's buffer, the new positions' K/V bound
         into the arena after its `length` cached ones (and those bound as the past when the graph takes
-        one); advances the arena by n_new."""
+        one). The arena's length is left as it was."""
         past = arena.length
         session = self.session(kind)
         io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past)
@@ -240,7 +297,6 @@ class OrtBackend:
         self._run_s += time.perf_counter() - started
         if self.audit:
             self._count_copies(arena, io.get_outputs()[1:], present)
-        arena.advance(n_new)
         return logits
 
     @staticmethod

@@ -182,6 +182,7 @@ class TrtBackend:
         def allocate(count, dtype):
             nbytes = count * np.dtype(dtype).itemsize
             ptr = self.cuda.malloc(nbytes)
+            self.cuda.zero(ptr, nbytes)        # a cache starts zeroed (see OrtBackend.new_arena)
             return DeviceArray(ptr, nbytes), ptr
         return KVArena(bundle.n_layers, self.max_seq, max_batch or self.max_batch, n_kv, hd, bundle.kv_dtype, allocate)
 
