@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .options import add_backend_threads, add_device, add_flavor, add_token_filters, add_verbosity
+from .options import add_backend_threads, add_device, add_flavor, add_token_filters, add_verbosity, run_options
 from .errors import UserError
 
 
@@ -112,8 +112,7 @@ def cmd_generate_image(args) -> int:
     from ardeploy.runtime.image import ImageGenerator, save_images
     size = _size(args.size)
     out = Path(args.out)
-    gen = ImageGenerator.load(args.bundle, backend=args.backend, threads=args.threads, prepack=not args.no_prepack,
-                              device=args.device, flavor=args.flavor)
+    gen = ImageGenerator.load(args.bundle, run_options(args, prepack=not args.no_prepack))
     requests = _requests(args, gen)
     if out.suffix.lower() == ".png" and len(requests) > 1:
         raise UserError(f"--out {out}: {len(requests)} images need a folder, not one .png file")

@@ -30,7 +30,7 @@ def add_backend(p) -> None:
 
 
 def add_threads(p) -> None:
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime, at least 1 (default: all)")
 
 
 def add_backend_threads(p) -> None:
@@ -38,22 +38,25 @@ def add_backend_threads(p) -> None:
     add_threads(p)
 
 
-def add_device(p) -> None:
-    """--device cpu|cuda: where ONNX Runtime runs the graphs (cuda needs onnxruntime-gpu: pip install 'ardeploy[gpu]')."""
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="ONNX Runtime on the CPU or an NVIDIA GPU (cuda: needs onnxruntime-gpu, "
+def add_device(p, cuda_graph: bool = True) -> None:
+    """--device cpu|cuda: where ONNX Runtime runs the graphs (cuda needs onnxruntime-gpu: pip install
+    'ardeploy[gpu]'); --no-cuda-graph where the decode step can be replayed as a CUDA graph."""
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="ONNX Runtime on the CPU (default) or an NVIDIA GPU (cuda: needs onnxruntime-gpu, "
                         "pip install 'ardeploy[gpu]'; the cache, inputs and logits then stay on the GPU)")
+    if cuda_graph:
+        p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                       help="on the GPU, run every decode step plainly instead of replaying it as a captured "
+                            "CUDA graph (slower; for comparisons and diagnosis)")
 
 
-def backend_options(args, **extra) -> dict:
-    """The OrtBackend keywords the ONNX Runtime options (--threads, --flavor, --device) describe; none
-    for TensorRT (its engines always run on the GPU)."""
-    if args.backend != "ort":
-        return {}
-    options = {"threads": args.threads, "device": getattr(args, "device", "cpu"), **extra}
-    if hasattr(args, "flavor"):
-        options["flavor"] = args.flavor
-    return options
+def run_options(args, **fields):
+    """The RunOptions (runtime/run_options.py) a command's flags describe, resolved once; an option the
+    chosen backend cannot honour is refused there in one line. `fields` set what a command fixes itself."""
+    from ardeploy.runtime.run_options import RunOptions
+    given = {name: getattr(args, name) for name in ("backend", "device", "flavor", "threads", "cuda_graph")
+             if name in vars(args)}
+    return RunOptions(**{**given, **fields})
 
 
 def add_flavor(p) -> None:

@@ -8,7 +8,7 @@ import time
 
 from .errors import UserError
 from .options import (add_backend_threads, add_device, add_flavor, add_json, add_out_force, add_sampling, add_threads,
-                      add_verbosity, backend_options, comma_ints, sampling_config)
+                      add_verbosity, comma_ints, run_options, sampling_config)
 
 
 # -- export / verify ------------------------------------------------------------------------------
@@ -32,8 +32,7 @@ def cmd_verify(args) -> int:
     from ardeploy.export.verify import verify_bundle
     ids = comma_ints(args.prompt_ids, option="--prompt-ids") if args.prompt_ids else None
     report = verify_bundle(args.bundle, source=args.source, steps=args.steps, prompt_ids=ids,
-                           with_transformers=args.transformers, threads=args.threads, flavor=args.flavor,
-                          device=args.device)
+                           with_transformers=args.transformers, options=run_options(args))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -52,7 +51,7 @@ def cmd_verify(args) -> int:
 def load_generator(args, warmup: bool = True):
     """The generator, warmed up unless told not to (load and warm-up are reported apart from the first token)."""
     from ardeploy.runtime import Generator
-    return Generator.load(args.bundle, backend=args.backend, warmup=warmup, **backend_options(args))
+    return Generator.load(args.bundle, run_options(args), warmup=warmup)
 
 
 def cmd_generate(args) -> int:

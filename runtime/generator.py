@@ -8,10 +8,11 @@
 A batch of prompts is left-padded; the attention mask hides the padding and positions are counted
 from each row's first real token, so every row gets the same tokens as when run alone.
 
-`Generator.events` is the loop, in phases: `_prefill` (the prompts, or a chat turn's new tokens
-after the part of the conversation still in the arena), then repeatedly sample, let every running
-row take its token (`RowProgress.add`: stop on EOS, a stop string or the token budget) and
-`_decode_step` (one new position per row) until every row has stopped or the cache is full.
+`Generator.events` is the loop, in phases: the prompts go in (`Rows.start`, or `Rows.resume` for a chat
+turn's new tokens after the part of the conversation still in the arena), then repeatedly sample, let
+every running row take its token (`RowProgress.add`: stop on EOS, a stop string or the token budget) and
+`_decode_step` (one new position per row, `Rows.feed`) until every row has stopped or the cache is full.
+The model runs only through the decode primitive, runtime/decode.py.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from typing import Iterator
 import numpy as np
 
 from .bundle import Bundle, BundleError
+from .decode import Rows
 from .kv_arena import KVArena
-from .padding import left_pad
+from .backends import load_backend
+from .run_options import RunOptions
 from .sampling import LogitsProcessor, Sampler, SamplingConfig
 from .text import Detokenizer, StopStrings, render_chat
 from .errors import UserError
@@ -63,16 +66,6 @@ class Run:
         self.results = yield from self._events
 
 
-def load_backend(bundle: Bundle, backend: str = "ort", **kw):
-    if backend == "ort":
-        from .backends.ort import OrtBackend
-        return OrtBackend(bundle, **kw)
-    if backend == "trt":
-        from .backends.trt import TrtBackend
-        return TrtBackend(bundle, **kw)
-    raise BundleError(f"unknown backend {backend!r} (choose ort or trt)")
-
-
 class Generator:
     """Load, use, close: `with Generator.load(B) as gen: ...` frees its sessions, device buffers and
     captured graphs at the end (or call `close()`)."""
@@ -81,19 +74,22 @@ class Generator:
         self.bundle, self.backend = bundle, backend
         self.tokenizer = bundle.tokenizer()
         self.arena: KVArena = backend.new_arena(max_batch)
+        self.batch = Rows(backend, self.arena)      # the decode primitive (runtime/decode.py)
         self.cached: list[int] = []          # batch-1 tokens whose K/V are in the arena (chat)
         self.load_s = self.warmup_s = 0.0
 
     @classmethod
-    def load(cls, path, backend: str = "ort", max_batch: int | None = None, warmup: bool | None = None,
-             **backend_kw) -> "Generator":
-        """warmup: run `warmup()` for batch 1 before returning (None: on the GPU, where the first runs
-        record CUDA graphs and cost hundreds of milliseconds)."""
+    def load(cls, path, options: RunOptions | None = None, max_batch: int | None = None,
+             warmup: bool | None = None, **changes) -> "Generator":
+        """options: how to run it (runtime/run_options.py); keywords override single fields, e.g.
+        `Generator.load(B, device="cuda")`. warmup: run `warmup()` for batch 1 before returning (None: on
+        the GPU, where the first runs record CUDA graphs and cost hundreds of milliseconds)."""
         started = time.perf_counter()
+        options = (options or RunOptions()).replace(**changes)
         bundle = Bundle.load(path)
-        gen = cls(bundle, load_backend(bundle, backend, **backend_kw), max_batch)
+        gen = cls(bundle, load_backend(bundle, options), max_batch)
         gen.load_s = time.perf_counter() - started
-        if warmup or (warmup is None and backend_kw.get("device") == "cuda"):
+        if warmup or (warmup is None and gen.backend.device == "cuda"):
             gen.warmup()
         return gen
 
@@ -110,12 +106,9 @@ class Generator:
                 raise UserError(f"warm-up batch {batch} outside [1, {self.arena.max_batch}]")
             for length in prompt_lengths:
                 length = max(1, min(int(length), self.arena.max_seq - 3))
-                self.arena.reset(batch)
-                mask = np.ones((batch, length), np.int64)
-                self.feed_prompt(np.full((batch, length), pad, np.int64), mask, self.arena)
+                self.batch.start([[pad] * length] * batch, pad)
             for _ in range(2):
-                mask = np.ones((batch, mask.shape[1] + 1), np.int64)
-                self.backend.step(np.full((batch, 1), pad, np.int64), mask, self.arena)
+                self.batch.feed(np.full((batch, 1), pad, np.int64))
         self.arena.reset(1)
         self.cached = []
         self.warmup_s += time.perf_counter() - started
@@ -125,30 +118,13 @@ class Generator:
         """Free the backend's sessions, captured graphs and device buffers, and the arena. Idempotent."""
         if self.backend is not None:
             self.backend.close()
-        self.backend, self.arena, self.cached = None, None, []
+        self.backend, self.arena, self.batch, self.cached = None, None, None, []
 
     def __enter__(self) -> "Generator":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def feed_prompt(self, ids: np.ndarray, mask: np.ndarray, arena: KVArena) -> np.ndarray:
-        """Run the prompt's tokens; logits of its last position. A backend with `prefill_chunk` takes
-        long prompts in pieces of that many tokens (each piece attends to the ones before it through
-        the arena): ONNX Runtime keeps its largest activation buffers for good, and a 1536-token
-        prompt in one piece would leave the process 40 % larger for the rest of its life."""
-        chunk = getattr(self.backend, "prefill_chunk", None)
-        n_new = ids.shape[1]
-        # A graph that keeps rows at their own lengths takes a padded batch in one piece (gqa_inputs).
-        padded = not getattr(self.backend, "pieces_may_pad", True) and not mask.all()
-        if not chunk or n_new <= chunk or padded:
-            return self.backend.step(ids, mask, arena)
-        past = mask.shape[1] - n_new
-        for start in range(0, n_new, chunk):
-            stop = min(n_new, start + chunk)
-            logits = self.backend.step(ids[:, start:stop], mask[:, :past + stop], arena)
-        return logits
 
     # -- text ---------------------------------------------------------------------------------
     def _special(self, key: str) -> str:
@@ -223,7 +199,8 @@ class Generator:
         # touched, then grown only after a step has written them (a run abandoned half way, or one
         # that raised, leaves it true).
         cached, self.cached = self.cached, []
-        logits, mask = self._prefill(prompt_ids, cached if reuse else None)
+        logits = self.batch.resume(prompt_ids[0], cached) if reuse else \
+            self.batch.start(prompt_ids, self.bundle.pad_id)
         if len(prompt_ids) == 1:
             self.cached = list(prompt_ids[0])
         rows = [RowProgress(ids, self.tokenizer, cfg.stop) for ids in prompt_ids]
@@ -237,7 +214,7 @@ class Generator:
             yield from take_tokens(rows, tokens, eos, cfg.max_new_tokens)
             if self._all_stopped(rows):
                 break
-            logits, mask = self._decode_step(tokens, rows, mask)
+            logits = self._decode_step(tokens, rows)
         finished = time.perf_counter()
         timings = RunTimings(started, first_token_at, finished, self.backend.run_seconds() - graph_before)
         return [row.result(timings, has_text=self.tokenizer is not None) for row in rows]
@@ -259,25 +236,6 @@ class Generator:
             return set()
         return set(cfg.eos_ids if cfg.eos_ids is not None else self.bundle.eos_ids)
 
-    def _prefill(self, prompt_ids: list[list[int]], cached: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
-        """Run the prompts into the arena: (logits of each row's last position, attention mask so far).
-        With `cached` (one prompt), the arena keeps the K/V of the prompt's common prefix with it."""
-        if cached:
-            ids, mask = self._keep_common_prefix(prompt_ids[0], cached)
-        else:
-            self.arena.reset(len(prompt_ids))
-            ids, mask = left_pad(prompt_ids, fill=self.bundle.pad_id)
-        return self.feed_prompt(ids, mask, self.arena), mask
-
-    def _keep_common_prefix(self, ids: list[int], cached: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Truncate the arena to the longest common prefix of `ids` and `cached` (the prompt's last token
-        always runs again: its logits are needed); returns the tokens still to run and the whole mask."""
-        keep, limit = 0, min(len(ids) - 1, len(cached))
-        while keep < limit and ids[keep] == cached[keep]:
-            keep += 1
-        self.arena.truncate(keep)
-        return np.asarray([ids[keep:]], dtype=np.int64), np.ones((1, len(ids)), dtype=np.int64)
-
     def _all_stopped(self, rows: list["RowProgress"]) -> bool:
         """No row needs another step: all have stopped, or the cache is full (the rest stop with max_seq)."""
         if all(row.stop_reason for row in rows):
@@ -288,17 +246,14 @@ class Generator:
             return True
         return False
 
-    def _decode_step(self, tokens: np.ndarray, rows: list["RowProgress"],
-                     mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One new position for every row: its sampled token (a stopped row: padding). Returns the logits
-        and the attention mask grown by that position."""
+    def _decode_step(self, tokens: np.ndarray, rows: list["RowProgress"]):
+        """One new position for every row: its sampled token (a stopped row: padding). Returns the logits."""
         running = [row.stop_reason is None for row in rows]
         ids = np.where(running, tokens, self.bundle.pad_id).astype(np.int64)[:, None]
-        mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-        logits = self.backend.step(ids, mask, self.arena)
+        logits = self.batch.feed(ids)
         if len(rows) == 1:
             self.cached.append(int(ids[0, 0]))
-        return logits, mask
+        return logits
 
 
 # -- per-row stop tracking ------------------------------------------------------------------------

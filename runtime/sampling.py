@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .backends.base import argmax_rows
 from .errors import UserError
 
 NEG_INF = -np.inf
@@ -154,8 +155,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
         if self.cfg.is_greedy and not self.chain:
             # Nothing changes the logits: no copy, and logits still on a GPU give only their argmax.
-            argmax_rows = getattr(logits, "argmax_rows", None)
-            return argmax_rows() if argmax_rows else np.argmax(logits, axis=-1)
+            return argmax_rows(logits)
         processed = self.distribution(logits, history)
         if self.cfg.is_greedy:
             return np.argmax(processed, axis=-1)

@@ -26,6 +26,15 @@ def providers(device: str, cuda_graph: bool = False) -> list:
     raise UserError(f"unknown device {device!r} (cpu or cuda)")
 
 
+def graph_run_options(graph_id: int):
+    """RunOptions naming the CUDA graph a run records or replays (-1: none). A session made with
+    cuda_graph=True must be given one on every run (without it ONNX Runtime would record graph 0)."""
+    import onnxruntime as ort
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
 def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True):
     """Full graph optimization, `threads` intra-op threads (None: all cores), one inter-op thread.
     prepack=False keeps ONNX Runtime from making packed copies of the weights;

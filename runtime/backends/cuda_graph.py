@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kv_arena import KVArena
+from ..sessions import graph_run_options
 
 
 class DeviceLogits:
@@ -61,14 +62,6 @@ class DeviceLogits:
         return self._next_token.numpy()
 
 
-def run_options(graph_id: int):
-    """RunOptions naming the CUDA graph a run records or replays (-1: none)."""
-    import onnxruntime as ort
-    options = ort.RunOptions()
-    options.add_run_config_entry("gpu_graph_id", str(graph_id))
-    return options
-
-
 class CapturedStep:
     """The one-token step of batch `batch` over `arena`, bound once at fixed device addresses and
     replayed as CUDA graph `graph_id` (recorded by ONNX Runtime on its first run)."""
@@ -100,7 +93,7 @@ class CapturedStep:
         if next_token:          # bound last: the outputs after logits are the present.* ones, in order
             self.next_token = ort.OrtValue.ortvalue_from_shape_and_type([batch], np.int64, device, 0)
             io.bind_ortvalue_output("next_token", self.next_token)
-        self.io, self.options = io, run_options(graph_id)
+        self.io, self.options = io, graph_run_options(graph_id)
         self.runs = 0
 
     def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray) -> DeviceLogits:

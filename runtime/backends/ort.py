@@ -24,6 +24,7 @@ inputs and logits in device memory (cuda_graph.py); only the logits cross to the
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,9 +32,10 @@ from ..bundle import Bundle, BundleError
 from ..errors import UserError
 from ..kv_arena import KVArena
 from ..log import log
-from ..sessions import check_io, open_session, providers, session_options
-from .base import check_step
-from .cuda_graph import CapturedStep, run_options
+from ..run_options import RunOptions
+from ..sessions import check_io, graph_run_options, open_session, providers, session_options
+from .base import Backend, check_step
+from .cuda_graph import CapturedStep
 
 
 class SharedWeights:
@@ -117,46 +119,55 @@ class ReplayMismatch(RuntimeError):
     """A replayed CUDA graph step gave other logits than a regular run of the same step."""
 
 
-class OrtBackend:
+@dataclass
+class _Binding:
+    """A batch-major cache's IOBinding for one graph and batch size, made once and reused every step
+    (only the small inputs change): rebinding every layer's K and V each step costs runtime overhead."""
+    arena: KVArena
+    key: tuple
+    io: object
+    present: list
+
+
+class OrtBackend(Backend):
     name = "ort"
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu", prepack: bool = True,
-                 flavor: str = "auto", audit: bool = False, prefill_chunk: int | None = 256, cuda_graph: bool = True,
-                 check_replay_every: int = 256):
-        """audit: after each step, check that every present.* output was written at the arena address
-        it was bound to, and count the bytes of any that were not (benchmarks and tests).
-        check_replay_every: each captured step's first replay and every this-many-th are run again as a
-        regular step and compared (ReplayMismatch when they disagree); 0: never.
-        prefill_chunk: the Generator feeds longer prompts in pieces of this many tokens (bounds the
-        activation memory ONNX Runtime keeps; None: whole prompts).
-        flavor: "auto" (the ONNX Runtime graph when the bundle has one), "ort" or "portable".
-        device: "cpu" or "cuda" (see the module docstring); cuda_graph=False runs every GPU step plainly."""
-        self.graph = _decode_graph(bundle, flavor, device)
+    def __init__(self, bundle: Bundle, options: RunOptions | None = None, **changes):
+        """options (runtime/run_options.py; keywords override single fields): flavor picks the graph
+        ("auto": the ONNX Runtime graph when the bundle has one and the device runs it); device "cpu" or
+        "cuda" (see the module docstring); cuda_graph=False runs every GPU step plainly; audit counts K/V
+        bytes written anywhere but their bound arena address; check_replay_every: a captured step's first
+        replay and every Nth are run again as a regular step and compared (ReplayMismatch when they
+        disagree; 0: never); prefill_chunk: prompts are fed in pieces of this many tokens on the CPU
+        (bounds the activation memory ONNX Runtime keeps); prepack=False maps the weights instead of
+        letting ONNX Runtime make packed copies."""
+        super().__init__()
+        options = (options or RunOptions()).replace(**changes)
+        self.options, self.bundle, self.device = options, bundle, options.where
+        self.graph = _decode_graph(bundle, options.flavor, self.device)
         self.flavor = "portable" if self.graph == "decode" else "ort"
         # Pieces bound the host memory ONNX Runtime keeps on the CPU; on the GPU one piece is fastest.
-        self.prefill_chunk = prefill_chunk if device == "cpu" else None
+        self.prefill_chunk = options.prefill_chunk if self.device == "cpu" else None
+        self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
+        self.features_prefill = bundle.has_graph("prefill") and "caption_features" in {
+            x["name"] for x in bundle.manifest["graphs"]["prefill"].get("inputs", [])}
         # The portable graph has shape nodes ONNX Runtime places on the CPU: it cannot be captured.
         # A session made for CUDA graphs must name a graph id in every run (None would record graph 0),
         # so this is fixed here, before the session exists.
-        self.cuda_graph = (cuda_graph and device == "cuda" and self.flavor == "ort"
+        self.cuda_graph = (options.cuda_graph and self.device == "cuda" and self.flavor == "ort"
                            and np.dtype(bundle.kv_dtype) != np.float32)
-        self._captured: dict = {}       # (arena id, batch) -> CapturedStep (holds the arena)
-        self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
+        self._captured: dict = {}       # (arena, batch) -> CapturedStep (its graph reads that arena's buffers)
         self._c_device = None
-        self.bundle, self.device, self.audit = bundle, device, audit
-        self.check_replay_every = check_replay_every
-        self.threads, self.prepack = threads, prepack
-        providers(device)                    # fail now, not at the first session, without onnxruntime-gpu
+        providers(self.device)               # fail now, not at the first session, without onnxruntime-gpu
         # Host weights are shared through one mapping; a CUDA session copies them to the device anyway.
-        self.weights = SharedWeights(bundle) if device == "cpu" and not prepack else None
+        self.weights = SharedWeights(bundle) if self.device == "cpu" and not options.prepack else None
         self.sessions = {}
-        self._reusable = None           # (arena, key, IOBinding, present addresses): a batch-major binding
+        self._reusable: _Binding | None = None
         self.session(self.graph)
         self._logits = np.zeros((bundle.max_batch, bundle.vocab_size), np.float32)
         outputs = {x["name"] for x in bundle.manifest["graphs"][self.graph].get("outputs", [])}
-        self.next_token = "next_token" in outputs      # the graph's own argmax (bundles since 2026-12)
+        self.has_next_token = "next_token" in outputs      # the graph's own argmax (format version 2)
         self._next_token = np.zeros(bundle.max_batch, np.int64)
-        self._run_s = 0.0
 
     def close(self) -> None:
         """Free what this backend holds: captured graphs, bindings and sessions (their device memory and
@@ -170,7 +181,7 @@ class OrtBackend:
         """Sessions are created on first use (the score graph only when evaluating)."""
         if kind not in self.sessions:
             path = self.bundle.graph_path(kind)
-            options = session_options(self.threads, self.prepack)
+            options = session_options(self.options.threads, self.options.prepack)
             if self.weights is not None:
                 self.weights.add_to(options, path)
             try:
@@ -201,11 +212,8 @@ class OrtBackend:
         return KVArena(bundle.n_layers, bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
                        bundle.kv_dtype, allocate, layout=bundle.kv_layout(self.graph))
 
-    def run_seconds(self) -> float:
-        return self._run_s
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
-        batch, n_new = check_step(input_ids, attention_mask, arena)
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena):
+        batch, n_new = input_ids.shape
         if self.flavor == "ort":
             return self._step_in_place(np.asarray(input_ids), np.asarray(attention_mask), arena)
         # The decode graph also runs the prompt: with an empty arena its past is 0 positions long.
@@ -229,23 +237,23 @@ class OrtBackend:
 
     def _replay(self, inputs: dict, arena: KVArena, batch: int):
         """The one-token step as this arena and batch's captured CUDA graph (recorded on first use)."""
-        key = (id(arena), batch)       # unique: each captured step holds its arena (its graph reads those buffers)
+        key = (arena, batch)
         step = self._captured.get(key)
         if step is None:
             step = CapturedStep(self.session(self.graph), arena, batch, self.bundle.vocab_size,
                                 graph_id=len(self._captured) + 1,       # entries are never replaced or removed
                                 bind_cache=lambda io: self._bind_cache(io, arena, arena.length, 1, True),
-                                device=self.device, next_token=self.next_token)
+                                device=self.device, next_token=self.has_next_token)
             self._captured[key] = step
         started = time.perf_counter()
         logits = step.run(inputs["input_ids"], inputs["seqlens_k"])
         self._run_s += time.perf_counter() - started
         step.runs += 1
-        if self.audit and step.runs % 64 == 1:
+        if self.options.audit and step.runs % 64 == 1:
             # Reading back every output costs about a tenth of a small model's replayed step: check the
             # recorded run and every 64th (a replay cannot move them; a re-recording would show).
             self._count_copies(arena, step.io.get_outputs()[1:], step.present)
-        every = self.check_replay_every
+        every = self.options.check_replay_every
         if every and (step.runs == 1 or step.runs % every == 0):
             self._check_replay(logits, inputs, arena, batch, step.runs)
         arena.advance(1)
@@ -268,6 +276,8 @@ class OrtBackend:
     def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
         """The prefill graph on input features instead of token ids (LlamaGen t2i: `caption_features`
         [B, S, dim]) into an empty arena; K/V and logits as from `step`."""
+        if not self.features_prefill:
+            return super().prefill_features(features, attention_mask, arena)
         batch, n_new = check_step(features, attention_mask, arena)
         if arena.length:
             raise ValueError(f"a features prefill needs an empty arena (it holds {arena.length} positions)")
@@ -293,19 +303,18 @@ class OrtBackend:
         logits = self._logits[:batch]
         started = time.perf_counter()
         # A session that may record CUDA graphs records none here (-1): this run's shapes change.
-        session.run_with_iobinding(io, run_options(-1) if self.cuda_graph and kind == self.graph else None)
+        session.run_with_iobinding(io, graph_run_options(-1) if self.cuda_graph and kind == self.graph else None)
         self._run_s += time.perf_counter() - started
-        if self.audit:
+        if self.options.audit:
             self._count_copies(arena, io.get_outputs()[1:], present)
         return logits
 
-    @staticmethod
-    def _count_copies(arena: KVArena, outputs, present: list[int]) -> None:
+    def _count_copies(self, arena: KVArena, outputs, present: list[int]) -> None:
         """Outputs come back in binding order (logits first, left out here); any present.* output not
         at its bound arena address was copied: count its bytes."""
         for value, address in zip(outputs, present):
             if value.data_ptr() != address:
-                arena.bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
+                self.kv_bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
 
     def _binding(self, session, kind: str, arena: KVArena, batch: int, past: int, n_new: int, bind_past: bool):
         """An IOBinding with the logits buffer and the cache bound, and the present addresses. A
@@ -314,17 +323,17 @@ class OrtBackend:
         layer's K and V each step."""
         key = (kind, batch)
         reusable = self._reusable
-        if arena.layout == "batch" and reusable is not None and reusable[0] is arena and reusable[1] == key:
-            return reusable[2:]
+        if arena.layout == "batch" and reusable is not None and reusable.arena is arena and reusable.key == key:
+            return reusable.io, reusable.present
         io = session.io_binding()
         logits = self._logits[:batch]
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         present = self._bind_cache(io, arena, past, n_new, bind_past)
-        if self.next_token and kind == self.graph:    # bound last, after the present.* outputs
+        if self.has_next_token and kind == self.graph:    # bound last, after the present.* outputs
             next_token = self._next_token[:batch]
             io.bind_output("next_token", "cpu", 0, np.int64, list(next_token.shape), next_token.ctypes.data)
         if arena.layout == "batch":           # holds the arena: its buffers stay alive while bound
-            self._reusable = (arena, key, io, present)
+            self._reusable = _Binding(arena, key, io, present)
         return io, present
 
     def _bind_cache(self, io, arena: KVArena, past: int, n_new: int, bind_past: bool) -> list[int]:

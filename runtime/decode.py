@@ -1,0 +1,96 @@
+"""The decode primitive: the rows of one batch in a KV arena, and the one place generation runs the model.
+
+    rows = Rows(backend, arena)
+    logits = rows.start(prompts, pad)            # a new batch: each row's prompt, left-padded to one length
+    while ...:
+        tokens = sample(logits)
+        logits = rows.feed(tokens[:, None])      # one step: S new tokens per row ([B, S])
+    rows.rollback(n)                             # drop the last n positions (rejected speculative tokens)
+
+Text generation and chat (runtime/generator.py), image tokens with their conditional and unconditional
+rows (runtime/image.py) and `ardeploy verify` (export/verify.py) all drive the model through a `Rows`;
+nothing else calls `backend.step`. Rows keeps the batch's attention mask (what every row may see) and
+applies the backend's declared prompt rule: long prompts go in pieces of `prefill_chunk` tokens, except a
+left-padded batch on a graph that keeps rows at their own lengths (`pieces_may_pad` False).
+
+How the next features use it (docs/ARCHITECTURE.md has the longer sketch):
+- speculative decoding: `feed` k+1 tokens of a row (the last sampled one and k drafted ones) with
+  `positions="all"` to get every position's logits, accept a prefix, `rollback` the rest: the row's
+  length moves back, no cache byte is copied;
+- continuous batching: rows join and leave a running batch between steps; `Slots` (runtime/batching.py)
+  keeps each arena row at its own length on graphs whose cache holds rows at their own lengths.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .kv_arena import KVArena
+from .padding import left_pad
+
+
+class Rows:
+    def __init__(self, backend, arena: KVArena):
+        self.backend, self.arena = backend, arena
+        self.mask: np.ndarray | None = None       # [B, length]: 1 where a row sees the position
+        self.logits = None                        # the last step's logits (backends/base.py: Logits)
+
+    @property
+    def n_rows(self) -> int:
+        return self.arena.batch
+
+    def start(self, prompts: list[list[int]], pad: int):
+        """A new batch in the arena: each row's prompt, left-padded to one length. Returns the logits of
+        each row's last position."""
+        self.arena.reset(len(prompts))
+        ids, mask = left_pad(prompts, fill=pad)
+        return self.prompt(ids, mask)
+
+    def start_features(self, features: np.ndarray, mask: np.ndarray):
+        """A new batch whose prompts are input features [B, S, dim] (LlamaGen t2i captions)."""
+        self.arena.reset(len(features))
+        self.mask = mask
+        return self._took(self.backend.prefill_features(features, mask, self.arena))
+
+    def resume(self, ids: list[int], cached: list[int]):
+        """One row (chat): keep the arena's K/V of the longest common prefix of `ids` and `cached` (the
+        tokens it holds) and run the rest; the last token always runs again, its logits are needed."""
+        keep, limit = 0, min(len(ids) - 1, len(cached))
+        while keep < limit and ids[keep] == cached[keep]:
+            keep += 1
+        self.arena.truncate(keep)
+        return self.prompt(np.asarray([ids[keep:]], dtype=np.int64), np.ones((1, len(ids)), dtype=np.int64))
+
+    def prompt(self, ids: np.ndarray, mask: np.ndarray):
+        """Run prompt tokens [B, S] after what the arena holds (`mask` covers both); long prompts go in
+        pieces of the backend's prefill_chunk, each attending to the ones before it through the arena:
+        ONNX Runtime keeps its largest activation buffers for good, and a 1536-token prompt in one piece
+        would leave the process 40 % larger for the rest of its life."""
+        backend = self.backend
+        chunk, n_new = backend.prefill_chunk, ids.shape[1]
+        self.mask = mask
+        # A graph that keeps rows at their own lengths takes a padded batch in one piece (ort.gqa_inputs).
+        padded = not backend.pieces_may_pad and not mask.all()
+        if not chunk or n_new <= chunk or padded:
+            return self._took(backend.step(ids, mask, self.arena))
+        past = mask.shape[1] - n_new
+        for start in range(0, n_new, chunk):
+            stop = min(n_new, start + chunk)
+            logits = backend.step(ids[:, start:stop], mask[:, :past + stop], self.arena)
+        return self._took(logits)
+
+    def feed(self, ids: np.ndarray, visible: np.ndarray | None = None):
+        """One decode step: new tokens [B, S] per row; `visible` [B, S] (default all 1) is 0 where a row
+        must not see a token (padding fed to a row that waits). Returns the logits."""
+        visible = np.ones_like(ids, dtype=np.int64) if visible is None else visible.astype(np.int64)
+        self.mask = np.concatenate([self.mask, visible], axis=1)
+        return self._took(self.backend.step(ids, self.mask, self.arena))
+
+    def rollback(self, n: int) -> None:
+        """Drop the last n positions of every row (their K/V stay in memory and are overwritten next)."""
+        if n:
+            self.arena.truncate(self.arena.length - n)
+            self.mask = self.mask[:, :self.mask.shape[1] - n]
+
+    def _took(self, logits):
+        self.logits = logits
+        return logits
