@@ -20,7 +20,8 @@ import numpy as np
 
 from ..runtime.kv_traffic import bytes_per_step, cache_copy_nodes
 from .errors import UserError
-from .options import add_backend_threads, add_device, add_flavor, add_json, add_verbosity, comma_ints, run_options
+from .options import (add_backend_threads, add_device, add_flavor, add_json, add_speculation, add_verbosity, comma_ints,
+                      run_options, speculation)
 
 
 def host_memory_mib() -> dict:
@@ -45,7 +46,8 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
     return rng.integers(min(1000, vocab // 4), vocab - 1, n).tolist()
 
 
-def run_once(gen, batch: int, prompt_len: int, new_tokens: int, seed: int, copy_nodes: int = 0) -> dict:
+def run_once(gen, batch: int, prompt_len: int, new_tokens: int, seed: int, copy_nodes: int = 0,
+             speculation=None) -> dict:
     from ardeploy.runtime import SamplingConfig
     prompts = [prompt_ids(gen.bundle.vocab_size, prompt_len, seed + r) for r in range(batch)]
     cfg = SamplingConfig(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
@@ -55,7 +57,7 @@ def run_once(gen, batch: int, prompt_len: int, new_tokens: int, seed: int, copy_
     started = time.perf_counter()
     from ardeploy.runtime.generator import Run
     step_ends, n_prefill = [], 0
-    for n_events, _ in enumerate(Run(gen.events(prompts, cfg)), start=1):
+    for n_events, _ in enumerate(Run(gen.events(prompts, cfg, speculation=speculation)), start=1):
         if n_events % batch == 0:
             step_ends.append(time.perf_counter())
         n_prefill = n_prefill or len(records)      # the prompt may take several calls (pieces)
@@ -111,13 +113,16 @@ def _check_fits(bundle, max_batch: int, prompt_lens, new_tokens: int) -> None:
 
 
 def bench(bundle_path, options=None, prompt_lens=(16, 512), new_tokens: int = 128, batches=(1,),
-          repeat: int = 3, warmup: bool = True, progress=print, **changes) -> dict:
+          repeat: int = 3, warmup: bool = True, progress=print, speculation=None, **changes) -> dict:
     """options: RunOptions (runtime/run_options.py; keywords override single fields); K/V copies are
-    always audited here."""
+    always audited here. speculation (batch 1): runtime/speculative.py; the prompts are random ids, so
+    only a draft model finds much to propose."""
     from ardeploy.runtime import Generator
     from ardeploy.runtime.bundle import Bundle
     from ardeploy.runtime.run_options import RunOptions
     check_counts(list(prompt_lens), new_tokens, list(batches), repeat)
+    if speculation is not None and max(batches) > 1:
+        raise UserError("speculative decoding runs one prompt at a time: --batch 1")
     options = (options or RunOptions()).replace(**changes)
     if options.backend == "ort":
         options = options.replace(audit=True)
@@ -144,7 +149,8 @@ def bench(bundle_path, options=None, prompt_lens=(16, 512), new_tokens: int = 12
                 # A shape's first run on the GPU pays one-time costs (kernel choice, memory pool growth,
                 # recording the step's CUDA graph): kept out of the timed runs.
                 run_once(gen, b, p, 4, seed=998)
-            runs = [run_once(gen, b, p, new_tokens, seed=r, copy_nodes=copy_nodes) for r in range(repeat)]
+            runs = [run_once(gen, b, p, new_tokens, seed=r, copy_nodes=copy_nodes, speculation=speculation)
+                    for r in range(repeat)]
             row = {"batch": b, "prompt_len": p, **summarize(runs), "step_by_context": runs[-1]["step_by_context"]}
             result["configs"].append(row)
             if progress:
@@ -174,8 +180,9 @@ def cmd_bench(args) -> int:
         progress = log.info if args.json else (lambda line: print(line, flush=True))
     prompt_lens = comma_ints(args.prompt_len, skip_empty=True, option="--prompt-len")
     batches = comma_ints(args.batch, skip_empty=True, option="--batch")
-    res = bench(args.bundle, run_options(args), prompt_lens=prompt_lens, new_tokens=args.new_tokens, batches=batches,
-                repeat=args.repeat, progress=progress)
+    options = run_options(args)
+    res = bench(args.bundle, options, prompt_lens=prompt_lens, new_tokens=args.new_tokens, batches=batches,
+                repeat=args.repeat, progress=progress, speculation=speculation(args, options))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -199,6 +206,7 @@ def register(sub) -> None:
     add_backend_threads(p)
     add_flavor(p)
     add_device(p)
+    add_speculation(p)
     add_json(p, "all numbers (with per-step times by context length)")
     add_verbosity(p)
     p.set_defaults(func=cmd_bench)

@@ -59,6 +59,36 @@ def run_options(args, **fields):
     return RunOptions(**{**given, **fields})
 
 
+def add_speculation(p) -> None:
+    """--speculate ngram / --draft BUNDLE, --draft-tokens, --ngram (runtime/speculative.py)."""
+    group = p.add_argument_group("speculative decoding (one prompt at a time; the same tokens as without, "
+                                 "or for sampling the same distribution)")
+    group.add_argument("--speculate", choices=["off", "ngram"], default="off",
+                       help="ngram: draft from the prompt and output so far (prompt lookup; no memory); fast "
+                            "where the answer repeats the prompt (editing code, filling tables)")
+    group.add_argument("--draft", metavar="BUNDLE", help="draft with a smaller or quantized bundle of the same "
+                                                         "tokenizer (e.g. the same model exported w4a16)")
+    group.add_argument("--draft-tokens", type=int, default=8, metavar="K",
+                       help="the most tokens drafted per step (1-31; adapted to how many are accepted)")
+    group.add_argument("--ngram", type=int, default=3, metavar="N",
+                       help="--speculate ngram: the longest run of last tokens matched (down to 1)")
+
+
+def speculation(args, options):
+    """The Speculation the flags describe (None: off); a --draft bundle is loaded with the same run options."""
+    from ardeploy.runtime.speculative import Speculation
+    if args.draft and args.speculate == "ngram":
+        raise UserError("give either --speculate ngram or --draft BUNDLE, not both")
+    if args.draft:
+        from ardeploy.runtime import Generator
+        draft = Generator.load(args.draft, options, max_batch=1)
+        return Speculation("draft", draft_tokens=args.draft_tokens, draft=draft)
+    if args.speculate == "ngram":
+        return Speculation("ngram", draft_tokens=args.draft_tokens, ngram=args.ngram)
+    Speculation(draft_tokens=args.draft_tokens, ngram=args.ngram)          # the values are checked anyway
+    return None
+
+
 def add_flavor(p) -> None:
     p.add_argument("--flavor", default="auto", choices=["auto", "ort", "portable"],
                    help="ONNX Runtime: which graph runs (auto: the bundle's ONNX Runtime graph when it has one, "

@@ -14,9 +14,9 @@ applies the backend's declared prompt rule: long prompts go in pieces of `prefil
 left-padded batch on a graph that keeps rows at their own lengths (`pieces_may_pad` False).
 
 How the next features use it (docs/ARCHITECTURE.md has the longer sketch):
-- speculative decoding: `feed` k+1 tokens of a row (the last sampled one and k drafted ones) with
-  `positions="all"` to get every position's logits, accept a prefix, `rollback` the rest: the row's
-  length moves back, no cache byte is copied;
+- speculative decoding (runtime/speculative.py): `verify` k+1 tokens of a row (the last sampled one and
+  k drafted ones) in one step that gives every position's logits, accept a prefix, `rollback` the rest:
+  the row's length moves back, no cache byte is copied;
 - continuous batching: rows join and leave a running batch between steps; `Slots` (runtime/batching.py)
   keeps each arena row at its own length on graphs whose cache holds rows at their own lengths.
 """
@@ -84,6 +84,17 @@ class Rows:
         visible = np.ones_like(ids, dtype=np.int64) if visible is None else visible.astype(np.int64)
         self.mask = np.concatenate([self.mask, visible], axis=1)
         return self._took(self.backend.step(ids, self.mask, self.arena))
+
+    def verify(self, ids: list[int]):
+        """A speculative verify step of one row: the last sampled token and the drafted ones, run at once;
+        returns every position's logits [S, vocab] (position i: the distribution after ids[i]). A backend
+        that gives only the last position's logits runs them one at a time (same result, no speed-up)."""
+        ids = np.asarray([ids], dtype=np.int64)
+        if self.backend.all_positions:
+            self.mask = np.concatenate([self.mask, np.ones_like(ids)], axis=1)
+            return self._took(self.backend.step(ids, self.mask, self.arena, all_positions=True))
+        rows = [np.array(self.feed(ids[:, i:i + 1]), np.float32)[0] for i in range(ids.shape[1])]
+        return self._took(np.stack(rows))
 
     def rollback(self, n: int) -> None:
         """Drop the last n positions of every row (their K/V stay in memory and are overwritten next)."""

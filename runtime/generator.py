@@ -28,6 +28,7 @@ from .kv_arena import KVArena
 from .backends import load_backend
 from .run_options import RunOptions
 from .sampling import LogitsProcessor, Sampler, SamplingConfig
+from .speculative import AdaptiveK, Draft, DraftModel, NgramDrafter, Speculation, Verifier
 from .text import Detokenizer, StopStrings, render_chat
 from .errors import UserError
 
@@ -167,32 +168,40 @@ class Generator:
         return ids
 
     # -- public API ---------------------------------------------------------------------------
-    def stream(self, prompt, cfg: SamplingConfig | None = None, chat: bool = False) -> Iterator[str]:
+    def stream(self, prompt, cfg: SamplingConfig | None = None, chat: bool = False,
+               speculation: Speculation | None = None) -> Iterator[str]:
         """Text pieces of one prompt as they are produced."""
-        for event in self.events([self.to_ids(prompt, chat)], cfg or SamplingConfig()):
+        for event in self.events([self.to_ids(prompt, chat)], cfg or SamplingConfig(), speculation=speculation):
             if event.text:
                 yield event.text
 
-    def generate(self, prompts, cfg: SamplingConfig | None = None, chat: bool = False):
-        """One prompt (str or id list) -> GenerationResult; a list of prompts -> list of results."""
+    def generate(self, prompts, cfg: SamplingConfig | None = None, chat: bool = False,
+                 speculation: Speculation | None = None):
+        """One prompt (str or id list) -> GenerationResult; a list of prompts -> list of results.
+        speculation (one prompt): runtime/speculative.py."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
-        run = Run(self.events([self.to_ids(one, chat) for one in batch], cfg or SamplingConfig()))
+        run = Run(self.events([self.to_ids(one, chat) for one in batch], cfg or SamplingConfig(),
+                              speculation=speculation))
         for _ in run:
             pass
         return run.results[0] if single else run.results
 
     # -- the loop: prefill, then sample / decode one step until every row has stopped ------------
     def events(self, prompt_ids: list[list[int]], cfg: SamplingConfig, continue_cache: bool = False,
-               processors: list[LogitsProcessor] | None = None):
+               processors: list[LogitsProcessor] | None = None, speculation: Speculation | None = None):
         """Generator of Events; it returns the list of GenerationResults (iterate it through `Run`).
 
         continue_cache (batch 1): keep the arena's K/V for the longest common prefix with the
         previous call and run only the new tokens (through the decode graph when a past exists).
+        speculation (batch 1): draft tokens and verify them several at a time (runtime/speculative.py);
+        the tokens are plain decoding's (greedy) or distributed as plain sampling's.
         """
         if self.backend is None:
             raise UserError("this generator was closed")
         self._check_prompts(prompt_ids)
+        if speculation is not None and len(prompt_ids) != 1:
+            raise UserError("speculative decoding runs one prompt at a time")
         started, graph_before = time.perf_counter(), self.backend.run_seconds()
         reuse = continue_cache and len(prompt_ids) == 1 and self.cached and self.arena.batch == 1
         # `cached` names exactly the tokens whose K/V the arena holds: emptied before the arena is
@@ -206,18 +215,69 @@ class Generator:
         rows = [RowProgress(ids, self.tokenizer, cfg.stop) for ids in prompt_ids]
         sampler = Sampler(cfg, len(rows), processors)
         eos = self._eos_ids(cfg)
+        extra = {}
+        if speculation is None:
+            first_token_at = yield from self._plain_loop(logits, rows, sampler, eos, cfg)
+        else:
+            verifier = Verifier(sampler)
+            first_token_at = yield from self._speculative_loop(logits, rows[0], sampler, eos, cfg, speculation,
+                                                               verifier)
+            extra["speculation"] = verifier.stats.to_json()
+        finished = time.perf_counter()
+        timings = RunTimings(started, first_token_at, finished, self.backend.run_seconds() - graph_before, extra)
+        return [row.result(timings, has_text=self.tokenizer is not None) for row in rows]
+
+    def _plain_loop(self, logits, rows: list["RowProgress"], sampler: Sampler, eos: set[int], cfg: SamplingConfig):
+        """Sample, let every running row take its token, one decode step; until all have stopped.
+        Returns when the first tokens were sampled."""
         first_token_at = None
         while True:
             tokens = sampler(logits, [row.history for row in rows])
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
+            first_token_at = first_token_at or time.perf_counter()
             yield from take_tokens(rows, tokens, eos, cfg.max_new_tokens)
             if self._all_stopped(rows):
-                break
+                return first_token_at
             logits = self._decode_step(tokens, rows)
-        finished = time.perf_counter()
-        timings = RunTimings(started, first_token_at, finished, self.backend.run_seconds() - graph_before)
-        return [row.result(timings, has_text=self.tokenizer is not None) for row in rows]
+
+    def _speculative_loop(self, logits, row: "RowProgress", sampler: Sampler, eos: set[int], cfg: SamplingConfig,
+                          speculation: Speculation, verifier: Verifier):
+        """One row: sample a token, draft up to K more after it, verify all in one step, keep what the
+        model agrees with (the cache rolled back over the rest) and the model's own next token."""
+        drafter = self._drafter(speculation, sampler)
+        k = AdaptiveK(speculation.draft_tokens, speculation.adaptive)
+        token = int(sampler(logits, [row.history])[0])
+        first_token_at = time.perf_counter()
+        yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
+        while not self._all_stopped([row]):
+            room = min(cfg.max_new_tokens - len(row.token_ids) - 1, self.arena.max_seq - self.arena.length - 1)
+            budget = min(k.budget(), room)
+            drafted_at = time.perf_counter()
+            draft = drafter.propose(row.history, budget) if budget > 0 else Draft([])
+            verifier.stats.draft_seconds += time.perf_counter() - drafted_at
+            if not draft.tokens:
+                logits = self._decode_step(np.array([token]), [row])
+                verifier.stats.plain_steps += 1
+                token = int(sampler(logits, [row.history])[0])
+                yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
+                continue
+            fed = [token] + draft.tokens
+            logits = self.batch.verify(fed)
+            kept, token = verifier.accept(logits, row.history, draft)
+            self.batch.rollback(len(draft.tokens) - kept)
+            self.cached += fed[:1 + kept]
+            k.update(len(draft.tokens), kept)
+            for accepted in draft.tokens[:kept] + [token]:
+                yield from take_tokens([row], [accepted], eos, cfg.max_new_tokens)
+                if row.stop_reason:
+                    break
+        return first_token_at
+
+    def _drafter(self, speculation: Speculation, sampler: Sampler):
+        if speculation.method == "ngram":
+            return NgramDrafter(speculation.ngram)
+        drafter = DraftModel(speculation.draft, self.bundle, self.tokenizer)
+        drafter.start(sampler.cfg, (sampler.seed + 7919) % (1 << 63))    # its own random stream, fixed by the seed
+        return drafter
 
     def _check_prompts(self, prompt_ids: list[list[int]]) -> None:
         if not prompt_ids:
@@ -263,12 +323,14 @@ class RunTimings:
     first_token_at: float         # the first tokens sampled
     finished: float
     graph_s: float                # inside the backend's graph runs
+    extra: dict = field(default_factory=dict)      # e.g. speculation statistics
 
     def of(self, n_tokens: int) -> dict:
         decode_s = self.finished - self.first_token_at
         rate = (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else 0.0
         return {"ttft_s": self.first_token_at - self.started, "decode_tokens_per_s": rate,
-                "timings": {"total_s": round(self.finished - self.started, 6), "graph_s": round(self.graph_s, 6)}}
+                "timings": {"total_s": round(self.finished - self.started, 6), "graph_s": round(self.graph_s, 6),
+                            **self.extra}}
 
 
 class RowProgress:
@@ -323,10 +385,10 @@ class ChatSession:
         self.gen = gen
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
-    def turn(self, user: str, cfg: SamplingConfig) -> Iterator[str]:
+    def turn(self, user: str, cfg: SamplingConfig, speculation: Speculation | None = None) -> Iterator[str]:
         self.messages.append({"role": "user", "content": user})
         ids = self.gen.encode_messages(self.messages)
-        run = Run(self.gen.events([ids], cfg, continue_cache=True))
+        run = Run(self.gen.events([ids], cfg, continue_cache=True, speculation=speculation))
         for event in run:
             if event.text:
                 yield event.text

@@ -143,6 +143,7 @@ class Sampler:
         self.cfg = cfg
         self.chain = list(extra or []) + processors_for(cfg)
         seed = cfg.seed if cfg.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
+        self.seed = seed
         self.rngs = [np.random.default_rng(seed + row) for row in range(batch)]
 
     def distribution(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:

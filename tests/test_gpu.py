@@ -89,7 +89,7 @@ def test_replayed_cuda_graph_equals_plain_runs(tiny_hf, export_once, name):
         assert replay.backend.cuda_graph and not plain.backend.cuda_graph
         for n in (1, 2, 4, 1, 4, 2):
             assert tokens(replay, prompts[:n]) == tokens(plain, prompts[:n])
-        assert sorted(b for _, b in replay.backend._captured) == [1, 2, 4]
+        assert sorted(b for _, b, _ in replay.backend._captured) == [1, 2, 4]
         seq = np.array([prompts[0] + [9]])
         out = []
         for gen in (plain, replay):

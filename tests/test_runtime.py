@@ -89,7 +89,7 @@ def test_replayed_step_path_matches_the_regular_one(tiny_bundle):
     replay.backend.cuda_graph = True
     for batch in ([prompts[0]], prompts, [prompts[1]]):
         assert [r.token_ids for r in replay.generate(batch, cfg)] == [r.token_ids for r in plain.generate(batch, cfg)]
-    assert sorted(batch for _, batch in replay.backend._captured) == [1, 2]
+    assert sorted(batch for _, batch, _ in replay.backend._captured) == [1, 2]
     assert replay.backend.kv_bytes_copied == 0
     x = np.array([prompts[0] + [7]])
     for gen in (plain, replay):
@@ -157,7 +157,7 @@ def test_warmup_records_the_step_and_leaves_the_arena_empty(tiny_bundle):
     cold = Generator.load(tiny_bundle[0], threads=threads(), flavor="ort")
     warm = _replaying_on_cpu(tiny_bundle[0])
     warm.warmup((1, 2))
-    assert sorted(batch for _, batch in warm.backend._captured) == [1, 2] and warm.warmup_s > 0
+    assert sorted(batch for _, batch, _ in warm.backend._captured) == [1, 2] and warm.warmup_s > 0
     assert warm.arena.length == 0 and warm.cached == []
     assert warm.generate(rng_ids(7, seed=2), cfg).token_ids == cold.generate(rng_ids(7, seed=2), cfg).token_ids
 

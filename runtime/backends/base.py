@@ -47,6 +47,7 @@ class Backend(ABC):
     prefill_chunk: int | None = None     # longer prompts are fed in pieces of this many tokens (None: whole)
     pieces_may_pad: bool = True          # a left-padded batch may be fed in pieces (see decode.Rows.prompt)
     features_prefill: bool = False       # prefill_features is available (LlamaGen t2i captions)
+    all_positions: bool = False          # step(..., all_positions=True) at batch 1: every new token's logits
 
     def __init__(self):
         self._run_s = 0.0
@@ -58,11 +59,16 @@ class Backend(ABC):
     def new_arena(self, max_batch: int | None = None) -> KVArena:
         """A zeroed KV arena in the layout and memory this backend's graph reads."""
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena):
-        """Run S new tokens per row ([B, S] ids, attention mask [B, length + S]); returns Logits [B, vocab]."""
-        _, n_new = check_step(input_ids, attention_mask, arena)
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False):
+        """Run S new tokens per row ([B, S] ids, attention mask [B, length + S]); returns Logits [B, vocab]
+        of each row's last position or, with all_positions (batch 1, where declared), [S, vocab] of
+        every new position (a speculative verify step)."""
+        batch, n_new = check_step(input_ids, attention_mask, arena)
+        if all_positions and not (self.all_positions and batch == 1):
+            raise ValueError(f"this backend gives every position's logits only at batch 1 on the ONNX Runtime "
+                             f"graph (asked at batch {batch}, {self.name}, graph {self.graph})")
         past, graph_before, started = arena.length, self._run_s, time.perf_counter()
-        logits = self._step(input_ids, attention_mask, arena)
+        logits = self._step(input_ids, attention_mask, arena, all_positions)
         if self.records is not None:
             self.records.append(StepRecord(past, n_new, time.perf_counter() - started, self._run_s - graph_before))
         return logits
@@ -85,7 +91,7 @@ class Backend(ABC):
 
     # -- what subclasses implement -------------------------------------------------------------------
     @abstractmethod
-    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena):
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool):
         """The step itself (arguments already checked); advances the arena."""
 
 

@@ -66,12 +66,14 @@ class SharedWeights:
             options.add_initializer(tensor.name, self.values[tensor.name])
 
 
-def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int) -> dict[str, np.ndarray]:
+def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int,
+               all_positions: bool = False) -> dict[str, np.ndarray]:
     """The ONNX Runtime graph's inputs for one step, from the runtime's contract (rows left-padded,
     attention_mask [B, past + S]). That graph keeps each row at its own length with no padding in the
     cache, so a padded row's real tokens move to the front of its S slots, and the graph is told each
-    row's length and where its last token is. Its attention takes a step's S tokens as the last S of
-    every row once the cache holds tokens: only a first step may carry padding."""
+    row's length and where its last token is (all_positions, batch 1: every token's index, so the graph
+    gives every position's logits). Its attention takes a step's S tokens as the last S of every row
+    once the cache holds tokens: only a first step may carry padding."""
     batch, n_new = input_ids.shape
     lengths = attention_mask.sum(axis=1)
     new = attention_mask[:, past:].sum(axis=1)
@@ -83,9 +85,9 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int) -> 
     ids = np.array(input_ids, dtype=np.int64)
     for row in np.nonzero(new != n_new)[0]:
         ids[row] = np.roll(ids[row], -(n_new - new[row]))       # real tokens first, padding after
+    last = np.arange(n_new) if all_positions else np.arange(batch) * n_new + new - 1
     return {"input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32),
-            "total_seq_len": np.array(lengths.max(), dtype=np.int32),
-            "last_token": (np.arange(batch) * n_new + new - 1).astype(np.int64)}
+            "total_seq_len": np.array(lengths.max(), dtype=np.int32), "last_token": last.astype(np.int64)}
 
 
 def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
@@ -113,6 +115,7 @@ def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
 # same kernels on the same inputs: they agree to rounding. A wrong replay (stale inputs, a graph recorded
 # on other buffers) is off by far more, or NaN.
 REPLAY_ATOL, REPLAY_RTOL = 1e-3, 1e-3
+MAX_VERIFY_WIDTH = 32           # tokens of a speculative verify step (the last sampled one and up to 31 drafted)
 
 
 class ReplayMismatch(RuntimeError):
@@ -149,6 +152,7 @@ class OrtBackend(Backend):
         # Pieces bound the host memory ONNX Runtime keeps on the CPU; on the GPU one piece is fastest.
         self.prefill_chunk = options.prefill_chunk if self.device == "cpu" else None
         self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
+        self.all_positions = self.flavor == "ort"           # the graph gathers any token positions' logits
         self.features_prefill = bundle.has_graph("prefill") and "caption_features" in {
             x["name"] for x in bundle.manifest["graphs"]["prefill"].get("inputs", [])}
         # The portable graph has shape nodes ONNX Runtime places on the CPU: it cannot be captured.
@@ -164,10 +168,11 @@ class OrtBackend(Backend):
         self.sessions = {}
         self._reusable: _Binding | None = None
         self.session(self.graph)
-        self._logits = np.zeros((bundle.max_batch, bundle.vocab_size), np.float32)
+        rows_out = max(bundle.max_batch, MAX_VERIFY_WIDTH)   # logits of a batch's rows, or of a verify step's tokens
+        self._logits = np.zeros((rows_out, bundle.vocab_size), np.float32)
         outputs = {x["name"] for x in bundle.manifest["graphs"][self.graph].get("outputs", [])}
         self.has_next_token = "next_token" in outputs      # the graph's own argmax (format version 2)
-        self._next_token = np.zeros(bundle.max_batch, np.int64)
+        self._next_token = np.zeros(rows_out, np.int64)
 
     def close(self) -> None:
         """Free what this backend holds: captured graphs, bindings and sessions (their device memory and
@@ -212,38 +217,42 @@ class OrtBackend(Backend):
         return KVArena(bundle.n_layers, bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
                        bundle.kv_dtype, allocate, layout=bundle.kv_layout(self.graph))
 
-    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena):
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False):
         batch, n_new = input_ids.shape
         if self.flavor == "ort":
-            return self._step_in_place(np.asarray(input_ids), np.asarray(attention_mask), arena)
+            return self._step_in_place(np.asarray(input_ids), np.asarray(attention_mask), arena, all_positions)
         # The decode graph also runs the prompt: with an empty arena its past is 0 positions long.
         inputs = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                   "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         return self._run("decode", inputs, arena, batch, n_new, bind_past=True)
 
-    def _step_in_place(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
+    def _step_in_place(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena,
+                       all_positions: bool = False) -> np.ndarray:
         """The ONNX Runtime graph's step. GroupQueryAttention takes several new tokens after a past only
-        for a batch of one, so a larger batch continuing with several tokens goes one position at a time."""
+        for a batch of one, so a larger batch continuing with several tokens goes one position at a time.
+        On the GPU the one-token step, and a batch of one's verify step of each width, are replayed as
+        captured CUDA graphs."""
         batch, n_new = input_ids.shape
         past = arena.length
         if batch > 1 and past and n_new > 1:
             for i in range(n_new):
                 logits = self._step_in_place(input_ids[:, i:i + 1], attention_mask[:, :past + i + 1], arena)
             return logits
-        inputs = gqa_inputs(input_ids, attention_mask, past)
-        if self.cuda_graph and past and n_new == 1:
-            return self._replay(inputs, arena, batch)
-        return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True)
+        inputs = gqa_inputs(input_ids, attention_mask, past, all_positions)
+        if self.cuda_graph and past and (n_new == 1 or all_positions) and n_new <= MAX_VERIFY_WIDTH:
+            return self._replay(inputs, arena, batch, n_new)
+        return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True, all_positions=all_positions)
 
-    def _replay(self, inputs: dict, arena: KVArena, batch: int):
-        """The one-token step as this arena and batch's captured CUDA graph (recorded on first use)."""
-        key = (arena, batch)
+    def _replay(self, inputs: dict, arena: KVArena, batch: int, width: int = 1):
+        """A step of `width` tokens per row as this arena's captured CUDA graph for (batch, width),
+        recorded on first use (width > 1: a batch of one's verify step, logits of every position)."""
+        key = (arena, batch, width)
         step = self._captured.get(key)
         if step is None:
             step = CapturedStep(self.session(self.graph), arena, batch, self.bundle.vocab_size,
                                 graph_id=len(self._captured) + 1,       # entries are never replaced or removed
-                                bind_cache=lambda io: self._bind_cache(io, arena, arena.length, 1, True),
-                                device=self.device, next_token=self.has_next_token)
+                                bind_cache=lambda io: self._bind_cache(io, arena, arena.length, width, True),
+                                device=self.device, next_token=self.has_next_token, width=width)
             self._captured[key] = step
         started = time.perf_counter()
         logits = step.run(inputs["input_ids"], inputs["seqlens_k"])
@@ -255,20 +264,21 @@ class OrtBackend(Backend):
             self._count_copies(arena, step.io.get_outputs()[1:], step.present)
         every = self.options.check_replay_every
         if every and (step.runs == 1 or step.runs % every == 0):
-            self._check_replay(logits, inputs, arena, batch, step.runs)
-        arena.advance(1)
+            self._check_replay(logits, inputs, arena, batch, width, step.runs)
+        arena.advance(width)
         return logits
 
-    def _check_replay(self, replayed, inputs: dict, arena: KVArena, batch: int, runs: int) -> None:
+    def _check_replay(self, replayed, inputs: dict, arena: KVArena, batch: int, width: int, runs: int) -> None:
         """Run the step just replayed again as a regular run (it writes the same K/V at the same cache
-        position) and compare the logits: a replay that went wrong stops here, never as wrong tokens."""
+        positions) and compare the logits: a replay that went wrong stops here, never as wrong tokens."""
         same_shapes = {**inputs, "total_seq_len": np.array(arena.max_seq, np.int32)}
-        regular = self._execute(self.graph, same_shapes, arena, batch, 1, bind_past=True)
-        got = np.asarray(replayed, np.float32)[:batch]
+        regular = self._execute(self.graph, same_shapes, arena, batch, width, bind_past=True,
+                                all_positions=width > 1)
+        got = np.asarray(replayed, np.float32)[:len(regular)]
         worst = float(np.max(np.abs(got - regular))) if np.isfinite(got).all() else float("inf")
         bound = REPLAY_ATOL + REPLAY_RTOL * float(np.max(np.abs(regular)))
         if not worst <= bound:
-            raise ReplayMismatch(f"the captured CUDA graph of the decode step (batch {batch}, replay {runs}) "
+            raise ReplayMismatch(f"the captured CUDA graph of the decode step (batch {batch}, width {width}, replay {runs}) "
                                  f"disagrees with a regular run of the same step (max |dlogits| {worst:.3g} > "
                                  f"{bound:.3g}); stopped rather than return wrong tokens. Load with "
                                  f"cuda_graph=False (--no-cuda-graph) and report this")
@@ -285,22 +295,26 @@ class OrtBackend(Backend):
                   "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         return self._run("prefill", inputs, arena, batch, n_new, bind_past=False)
 
-    def _run(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool) -> np.ndarray:
+    def _run(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool,
+             all_positions: bool = False) -> np.ndarray:
         """Run one graph (see _execute) and advance the arena by n_new."""
-        logits = self._execute(kind, inputs, arena, batch, n_new, bind_past)
+        logits = self._execute(kind, inputs, arena, batch, n_new, bind_past, all_positions)
         arena.advance(n_new)
         return logits
 
-    def _execute(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool) -> np.ndarray:
-        """Run one graph: host inputs, logits into this backend's buffer, the new positions' K/V bound
-        into the arena after its `length` cached ones (and those bound as the past when the graph takes
-        one). The arena's length is left as it was."""
+    def _execute(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool,
+                 all_positions: bool = False) -> np.ndarray:
+        """Run one graph: host inputs, logits into this backend's buffer (each row's last token's, or with
+        all_positions every token's), the new positions' K/V bound into the arena after its `length`
+        cached ones (and those bound as the past when the graph takes one). The arena's length is left
+        as it was."""
         past = arena.length
         session = self.session(kind)
-        io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past)
+        n_out = n_new if all_positions else batch
+        io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past, n_out)
         for name, value in inputs.items():
             io.bind_cpu_input(name, value)
-        logits = self._logits[:batch]
+        logits = self._logits[:n_out]
         started = time.perf_counter()
         # A session that may record CUDA graphs records none here (-1): this run's shapes change.
         session.run_with_iobinding(io, graph_run_options(-1) if self.cuda_graph and kind == self.graph else None)
@@ -316,21 +330,22 @@ class OrtBackend(Backend):
             if value.data_ptr() != address:
                 self.kv_bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
 
-    def _binding(self, session, kind: str, arena: KVArena, batch: int, past: int, n_new: int, bind_past: bool):
-        """An IOBinding with the logits buffer and the cache bound, and the present addresses. A
-        batch-major cache is bound whole, at the same addresses every step: its binding is made once
-        per arena and batch and reused (only the small inputs change), which saves rebinding every
-        layer's K and V each step."""
-        key = (kind, batch)
+    def _binding(self, session, kind: str, arena: KVArena, batch: int, past: int, n_new: int, bind_past: bool,
+                 n_out: int):
+        """An IOBinding with the logits buffer ([n_out, vocab]) and the cache bound, and the present
+        addresses. A batch-major cache is bound whole, at the same addresses every step: its binding is
+        made once per arena, batch and logits rows and reused (only the small inputs change), which
+        saves rebinding every layer's K and V each step."""
+        key = (kind, batch, n_out)
         reusable = self._reusable
         if arena.layout == "batch" and reusable is not None and reusable.arena is arena and reusable.key == key:
             return reusable.io, reusable.present
         io = session.io_binding()
-        logits = self._logits[:batch]
+        logits = self._logits[:n_out]
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         present = self._bind_cache(io, arena, past, n_new, bind_past)
         if self.has_next_token and kind == self.graph:    # bound last, after the present.* outputs
-            next_token = self._next_token[:batch]
+            next_token = self._next_token[:n_out]
             io.bind_output("next_token", "cpu", 0, np.int64, list(next_token.shape), next_token.ctypes.data)
         if arena.layout == "batch":           # holds the arena: its buffers stay alive while bound
             self._reusable = _Binding(arena, key, io, present)

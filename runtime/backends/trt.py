@@ -211,7 +211,8 @@ class TrtBackend(Backend):
         self.cuda.sync()            # host arrays above must outlive their (pageable, staged) copies
         arena.advance(S)
 
-    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena,
+              all_positions: bool = False) -> np.ndarray:
         B, S = input_ids.shape
         P = arena.length
         started = time.perf_counter()
