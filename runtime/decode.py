@@ -17,8 +17,9 @@ How the next features use it (docs/ARCHITECTURE.md has the longer sketch):
 - speculative decoding (runtime/speculative.py): `verify` k+1 tokens of a row (the last sampled one and
   k drafted ones) in one step that gives every position's logits, accept a prefix, `rollback` the rest:
   the row's length moves back, no cache byte is copied;
-- continuous batching: rows join and leave a running batch between steps; `Slots` (runtime/batching.py)
-  keeps each arena row at its own length on graphs whose cache holds rows at their own lengths.
+- continuous batching (runtime/batching.py): requests join and leave a running batch between steps;
+  `Slots` keeps each arena row at its own length on a graph whose cache holds rows at their own lengths
+  (backend.step_rows): a prompt goes into a free row alone, then every step runs all rows at once.
 """
 from __future__ import annotations
 
@@ -105,3 +106,45 @@ class Rows:
     def _took(self, logits):
         self.logits = logits
         return logits
+
+
+class Slots:
+    """The arena's rows as slots for continuous batching: each holds one request at its own length. A
+    request's prompt runs into a free row alone (in pieces of the backend's prefill_chunk), leaving the
+    other rows as they are; `step` then runs one token for every row at once (a free row is fed padding
+    at its start: harmless, it is overwritten when the row is taken)."""
+
+    def __init__(self, backend, arena: KVArena, pad: int):
+        if not backend.rows_own_lengths:
+            backend.step_rows(np.zeros((1, 1), np.int64), np.zeros(1, np.int64), arena, row=0)   # raises, says why
+        self.backend, self.arena, self.pad = backend, arena, pad
+        arena.reset(arena.max_batch)
+        self.lengths = np.zeros(arena.max_batch, np.int64)
+        self.busy = np.zeros(arena.max_batch, bool)
+
+    @property
+    def free(self) -> list[int]:
+        return [int(row) for row in np.nonzero(~self.busy)[0]]
+
+    def admit(self, prompt: list[int]) -> tuple[int, object]:
+        """Run a prompt into a free row; returns (row, logits [1, vocab] of its last position)."""
+        row = self.free[0]
+        self.busy[row], self.lengths[row] = True, 0
+        ids = np.asarray([prompt], dtype=np.int64)
+        chunk = self.backend.prefill_chunk or ids.shape[1]
+        for start in range(0, ids.shape[1], chunk):
+            piece = ids[:, start:start + chunk]
+            logits = self.backend.step_rows(piece, self.lengths[row:row + 1], self.arena, row=row)
+            self.lengths[row] += piece.shape[1]
+        return row, logits
+
+    def step(self, tokens: np.ndarray):
+        """One token for every busy row (tokens [max_batch]; free rows' entries are ignored)."""
+        ids = np.where(self.busy, tokens, self.pad).astype(np.int64)[:, None]
+        lengths = np.where(self.busy, self.lengths, 0)
+        logits = self.backend.step_rows(ids, lengths, self.arena)
+        self.lengths[self.busy] += 1
+        return logits
+
+    def release(self, row: int) -> None:
+        self.busy[row], self.lengths[row] = False, 0

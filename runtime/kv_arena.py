@@ -79,12 +79,19 @@ class KVArena:
             raise ValueError(f"batch {batch} exceeds the arena's max_batch {self.max_batch}")
         self.batch, self._length = batch, 0
 
-    def cache(self, layer: int, kv: int) -> tuple[int, list[int]]:
+    def cache(self, layer: int, kv: int, row: int | None = None) -> tuple[int, list[int]]:
         """(address, shape) of a batch-major arena's whole buffer for the current batch,
-        [B, n_kv, max_seq, hd]: the rows of a smaller batch are the buffer's first ones."""
+        [B, n_kv, max_seq, hd] (the rows of a smaller batch are the buffer's first ones), or of one row
+        of it, [1, n_kv, max_seq, hd] (continuous batching fills rows one at a time)."""
         if self.layout != "batch":
             raise ValueError("cache() is for batch-major arenas; time-major ones bind regions")
-        return self.buffers[layer][kv][1], [self.batch, self.n_kv, self.max_seq, self.head_dim]
+        base = self.buffers[layer][kv][1]
+        if row is None:
+            return base, [self.batch, self.n_kv, self.max_seq, self.head_dim]
+        if not 0 <= row < self.batch:
+            raise IndexError(f"row {row} outside the arena's batch {self.batch}")
+        row_bytes = self.n_kv * self.max_seq * self.head_dim * self.dtype.itemsize
+        return base + row * row_bytes, [1, self.n_kv, self.max_seq, self.head_dim]
 
     def region(self, layer: int, kv: int, start: int, stop: int) -> tuple[int, list[int]]:
         """(address, shape) of positions [start, stop) of one layer's K (kv=0) or V (kv=1)

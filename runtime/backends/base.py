@@ -48,6 +48,7 @@ class Backend(ABC):
     pieces_may_pad: bool = True          # a left-padded batch may be fed in pieces (see decode.Rows.prompt)
     features_prefill: bool = False       # prefill_features is available (LlamaGen t2i captions)
     all_positions: bool = False          # step(..., all_positions=True) at batch 1: every new token's logits
+    rows_own_lengths: bool = False       # step_rows: each arena row at its own length (continuous batching)
 
     def __init__(self):
         self._run_s = 0.0
@@ -72,6 +73,15 @@ class Backend(ABC):
         if self.records is not None:
             self.records.append(StepRecord(past, n_new, time.perf_counter() - started, self._run_s - graph_before))
         return logits
+
+    def step_rows(self, input_ids: np.ndarray, lengths: np.ndarray, arena: KVArena, row: int | None = None):
+        """Continuous batching, where declared (rows_own_lengths): every arena row continues at its own
+        length. row None: one token for each of the arena's rows ([B, 1]); row r: S tokens of that row
+        alone ([1, S]: its prompt, or a piece of it), the other rows untouched. lengths: the rows' cached
+        positions before the step ([B], or [1] for one row). Returns Logits [B or 1, vocab]; the arena's
+        own length is not used or moved: the caller keeps the rows' lengths (decode.Slots)."""
+        raise BundleError(f"continuous batching needs a graph whose cache keeps each row at its own length "
+                          f"(the ONNX Runtime graph; this is {self.name}, graph {self.graph})")
 
     def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena):
         """The prefill graph on input features [B, S, dim] into an empty arena; logits as `step`'s."""

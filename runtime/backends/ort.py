@@ -34,7 +34,7 @@ from ..kv_arena import KVArena
 from ..log import log
 from ..run_options import RunOptions
 from ..sessions import check_io, graph_run_options, open_session, providers, session_options
-from .base import Backend, check_step
+from .base import Backend, StepRecord, check_step
 from .cuda_graph import CapturedStep
 
 
@@ -153,6 +153,7 @@ class OrtBackend(Backend):
         self.prefill_chunk = options.prefill_chunk if self.device == "cpu" else None
         self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
         self.all_positions = self.flavor == "ort"           # the graph gathers any token positions' logits
+        self.rows_own_lengths = self.flavor == "ort"        # its cache keeps each row at its own length
         self.features_prefill = bundle.has_graph("prefill") and "caption_features" in {
             x["name"] for x in bundle.manifest["graphs"]["prefill"].get("inputs", [])}
         # The portable graph has shape nodes ONNX Runtime places on the CPU: it cannot be captured.
@@ -240,12 +241,40 @@ class OrtBackend(Backend):
             return logits
         inputs = gqa_inputs(input_ids, attention_mask, past, all_positions)
         if self.cuda_graph and past and (n_new == 1 or all_positions) and n_new <= MAX_VERIFY_WIDTH:
-            return self._replay(inputs, arena, batch, n_new)
+            logits = self._replay(inputs, arena, batch, n_new)
+            arena.advance(n_new)
+            return logits
         return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True, all_positions=all_positions)
+
+    def step_rows(self, input_ids: np.ndarray, lengths: np.ndarray, arena: KVArena, row: int | None = None):
+        if not self.rows_own_lengths:
+            return super().step_rows(input_ids, lengths, arena, row)
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        batch, n_new = ids.shape
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if row is None and (batch != arena.batch or n_new != 1):
+            raise ValueError(f"a step of all rows takes one token for each of the arena's {arena.batch} rows")
+        if row is not None and batch != 1:
+            raise ValueError("a step of one row takes that row's tokens only ([1, S])")
+        if (lengths + n_new).max() > arena.max_seq:
+            raise IndexError(f"{int((lengths + n_new).max())} positions exceed the cache's max_seq {arena.max_seq}")
+        inputs = {"input_ids": ids, "seqlens_k": (lengths + n_new - 1).astype(np.int32),
+                  "total_seq_len": np.array((lengths + n_new).max(), dtype=np.int32),
+                  "last_token": (np.arange(batch) * n_new + n_new - 1).astype(np.int64)}
+        started, graph_before = time.perf_counter(), self._run_s
+        if row is None and self.cuda_graph:
+            logits = self._replay(inputs, arena, batch, 1)
+        else:
+            logits = self._execute(self.graph, inputs, arena, batch, n_new, bind_past=True, row=row)
+        if self.records is not None:
+            self.records.append(StepRecord(int(lengths.max()), n_new, time.perf_counter() - started,
+                                           self._run_s - graph_before))
+        return logits
 
     def _replay(self, inputs: dict, arena: KVArena, batch: int, width: int = 1):
         """A step of `width` tokens per row as this arena's captured CUDA graph for (batch, width),
-        recorded on first use (width > 1: a batch of one's verify step, logits of every position)."""
+        recorded on first use (width > 1: a batch of one's verify step, logits of every position).
+        The arena is not advanced here."""
         key = (arena, batch, width)
         step = self._captured.get(key)
         if step is None:
@@ -265,7 +294,6 @@ class OrtBackend(Backend):
         every = self.options.check_replay_every
         if every and (step.runs == 1 or step.runs % every == 0):
             self._check_replay(logits, inputs, arena, batch, width, step.runs)
-        arena.advance(width)
         return logits
 
     def _check_replay(self, replayed, inputs: dict, arena: KVArena, batch: int, width: int, runs: int) -> None:
@@ -303,15 +331,15 @@ class OrtBackend(Backend):
         return logits
 
     def _execute(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool,
-                 all_positions: bool = False) -> np.ndarray:
+                 all_positions: bool = False, row: int | None = None) -> np.ndarray:
         """Run one graph: host inputs, logits into this backend's buffer (each row's last token's, or with
         all_positions every token's), the new positions' K/V bound into the arena after its `length`
-        cached ones (and those bound as the past when the graph takes one). The arena's length is left
-        as it was."""
+        cached ones (and those bound as the past when the graph takes one), or the batch-major cache of
+        one arena row alone (`row`). The arena's length is left as it was."""
         past = arena.length
         session = self.session(kind)
         n_out = n_new if all_positions else batch
-        io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past, n_out)
+        io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past, n_out, row)
         for name, value in inputs.items():
             io.bind_cpu_input(name, value)
         logits = self._logits[:n_out]
@@ -331,19 +359,19 @@ class OrtBackend(Backend):
                 self.kv_bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
 
     def _binding(self, session, kind: str, arena: KVArena, batch: int, past: int, n_new: int, bind_past: bool,
-                 n_out: int):
+                 n_out: int, row: int | None = None):
         """An IOBinding with the logits buffer ([n_out, vocab]) and the cache bound, and the present
         addresses. A batch-major cache is bound whole, at the same addresses every step: its binding is
         made once per arena, batch and logits rows and reused (only the small inputs change), which
         saves rebinding every layer's K and V each step."""
-        key = (kind, batch, n_out)
+        key = (kind, batch, n_out, row)
         reusable = self._reusable
         if arena.layout == "batch" and reusable is not None and reusable.arena is arena and reusable.key == key:
             return reusable.io, reusable.present
         io = session.io_binding()
         logits = self._logits[:n_out]
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        present = self._bind_cache(io, arena, past, n_new, bind_past)
+        present = self._bind_cache(io, arena, past, n_new, bind_past, row)
         if self.has_next_token and kind == self.graph:    # bound last, after the present.* outputs
             next_token = self._next_token[:n_out]
             io.bind_output("next_token", "cpu", 0, np.int64, list(next_token.shape), next_token.ctypes.data)
@@ -351,16 +379,17 @@ class OrtBackend(Backend):
             self._reusable = _Binding(arena, key, io, present)
         return io, present
 
-    def _bind_cache(self, io, arena: KVArena, past: int, n_new: int, bind_past: bool) -> list[int]:
+    def _bind_cache(self, io, arena: KVArena, past: int, n_new: int, bind_past: bool,
+                    row: int | None = None) -> list[int]:
         """past.* inputs at arena [0, past), present.* outputs at [past, past + n_new) (time-major), or
-        both on the whole cache (batch-major: the graph updates it in place); returns the present
-        addresses in binding order."""
+        both on the whole cache or one row of it (batch-major: the graph updates it in place); returns
+        the present addresses in binding order."""
         bind_in, bind_out = self._binders(io)
         present = []
         for layer in range(self.bundle.n_layers):
             for kv, name in ((0, "key"), (1, "value")):
                 if arena.layout == "batch":
-                    address, shape = arena.cache(layer, kv)
+                    address, shape = arena.cache(layer, kv, row)
                     bind_in(f"past.{layer}.{name}", arena.dtype, shape, address)
                     bind_out(f"present.{layer}.{name}", arena.dtype, shape, address)
                     present.append(address)
