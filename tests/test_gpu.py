@@ -153,6 +153,37 @@ def test_a_wrong_replay_on_the_gpu_is_caught(tiny_hf, export_once, monkeypatch):
 
 
 @needs_gpu
+def test_speculative_greedy_on_the_gpu_is_plain_greedy(tiny_hf, export_once):
+    """n-gram speculation on the GPU: verify steps of several widths replayed as captured CUDA graphs
+    (checked against regular runs), the tokens those of plain greedy decoding."""
+    from ardeploy.runtime.speculative import Speculation
+    bundle = export_once(tiny_hf("qwen3_qknorm")[0], max_seq=128, max_batch=4, dtype="fp16")
+    with Generator.load(bundle, device="cuda", check_replay_every=1) as gen:
+        for seed in range(3):
+            span = rng_ids(7, seed=seed)
+            prompt = rng_ids(5, seed=seed + 50) + span + rng_ids(3, seed=seed + 60) + span[:4]
+            result = gen.generate(prompt, GREEDY, speculation=Speculation("ngram", draft_tokens=6))
+            assert result.token_ids == gen.generate(prompt, GREEDY).token_ids
+        assert any(width > 1 for _, _, width in gen.backend._captured)
+
+
+@needs_gpu
+def test_continuous_batching_on_the_gpu_gives_each_request_its_tokens_alone(tiny_hf, export_once):
+    from ardeploy.runtime.batching import BatchingScheduler
+    from ardeploy.runtime.scheduling import Request
+    bundle = export_once(tiny_hf("qwen3_qknorm")[0], max_seq=128, max_batch=4, dtype="fp16")
+    requests = [Request(rng_ids(3 + 3 * i, seed=i), SamplingConfig(greedy=True, max_new_tokens=8 + 4 * (i % 3),
+                                                                   ignore_eos=True)) for i in range(9)]
+    with Generator.load(bundle, device="cuda", max_batch=1) as one:
+        alone = [one.generate(r.prompt_ids, r.sampling).token_ids for r in requests]
+    scheduler = BatchingScheduler(Generator.load(bundle, device="cuda"), max_queue=16)
+    handles = [scheduler.submit(r) for r in requests]
+    got = [[e.token for e in h.events(timeout=120)] for h in handles]
+    scheduler.close()
+    assert got == alone
+
+
+@needs_gpu
 @pytest.mark.slow
 def test_five_reload_cycles_leave_gpu_memory_flat(smollm2_gguf, export_once):
     """load -> generate -> close, five times: device memory in use after the fifth cycle within 1 % of
