@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
+
+from ardeploy.runtime.text import check_text
 
 from .errors import UserError
 from .options import (add_backend_threads, add_device, add_flavor, add_json, add_out_force, add_sampling, add_threads,
@@ -59,6 +62,8 @@ def cmd_generate(args) -> int:
     cfg = sampling_config(args)
     if (args.prompt is None) == (args.prompt_ids is None):
         raise UserError("give exactly one of --prompt or --prompt-ids")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
     gen = load_generator(args, warmup=False)
     prompt = args.prompt if args.prompt is not None else comma_ints(args.prompt_ids, option="--prompt-ids")
     ids = gen.to_ids(prompt, args.chat)
@@ -84,14 +89,16 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from ardeploy.runtime import ChatSession
     cfg = sampling_config(args)
+    if args.system is not None:
+        check_text(args.system, "--system")
+    if sys.stdin is None or sys.stdin.closed:
+        raise UserError("chat reads your messages from standard input, which is closed (run it in a terminal, "
+                        "or pipe the messages in)")
     session = ChatSession(load_generator(args), system=args.system)
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            user = input("> ")
-        except EOFError:
-            break
-        if not user.strip():
+    for number in itertools.count(1):
+        user = read_message(number)
+        if user is None or not user.strip():
             break
         for piece in session.turn(user, cfg):
             sys.stdout.write(piece)
@@ -101,6 +108,17 @@ def cmd_chat(args) -> int:
         print(f"[{len(last.token_ids)} tokens, {last.decode_tokens_per_s:.1f} tok/s, stop: {last.stop_reason}]",
               file=sys.stderr)
     return 0
+
+
+def read_message(number: int) -> str | None:
+    """The next line of standard input (None at its end); a line that is not UTF-8 is refused, naming it."""
+    try:
+        return check_text(input("> "), f"standard input, line {number}")
+    except EOFError:
+        return None
+    except UnicodeDecodeError as e:
+        raise UserError(f"standard input, line {number}: not valid UTF-8 (byte 0x{e.object[e.start:e.start + 1].hex()}); "
+                        f"type or pipe the messages in UTF-8") from None
 
 
 # -- parsers --------------------------------------------------------------------------------------
