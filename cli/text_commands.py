@@ -54,7 +54,10 @@ def cmd_verify(args) -> int:
 # -- generate / chat ------------------------------------------------------------------------------
 def load_generator(args, warmup: bool = True):
     """The generator, warmed up unless told not to (load and warm-up are reported apart from the first token)."""
-    from ardeploy.runtime import Generator
+    from ardeploy.runtime import Bundle, Generator
+    from ardeploy.runtime.manifest_checks import check_kv_memory
+    if args.backend == "ort" and getattr(args, "device", "cpu") == "cpu":
+        check_kv_memory(Bundle.load(args.bundle).manifest, args.bundle)     # before the cache is allocated
     return Generator.load(args.bundle, backend=args.backend, warmup=warmup, **backend_options(args))
 
 

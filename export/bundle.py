@@ -17,6 +17,7 @@ from ..runtime import atomic
 from ..runtime.bundle import FORMAT_VERSION
 from ..runtime.errors import UserError
 from ..runtime.log import log, progress_enabled
+from ..runtime.manifest_checks import BOUNDS
 from .assemble import ExternalWeights
 from .checkpoint import Checkpoint
 from .contract import describe, value_infos
@@ -82,10 +83,10 @@ def _check_options(dtype: str, max_seq: int, max_batch: int, opset: int = DEFAUL
         raise ExportError(f"--opset {opset} is not supported (choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()})")
     if dtype not in TORCH_DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r} (choose fp32, fp16 or bf16)")
-    if max_seq < 2:
-        raise ExportError(f"--max-seq must be at least 2 (got {max_seq})")
-    if max_batch < 1:
-        raise ExportError(f"--max-batch must be at least 1 (got {max_batch})")
+    if not 2 <= max_seq <= BOUNDS["max_seq"]:
+        raise ExportError(f"--max-seq must be in [2, {BOUNDS['max_seq']}] (got {max_seq})")
+    if not 1 <= max_batch <= BOUNDS["max_batch"]:
+        raise ExportError(f"--max-batch must be in [1, {BOUNDS['max_batch']}] (got {max_batch})")
 
 
 def _trace(graphs: TextGraphs, dtype: torch.dtype, opset: int, score_graph: bool, quiet: bool) -> dict:
