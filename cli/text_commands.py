@@ -97,6 +97,8 @@ def cmd_chat(args) -> int:
     if sys.stdin is None or sys.stdin.closed:
         raise UserError("chat reads your messages from standard input, which is closed (run it in a terminal, "
                         "or pipe the messages in)")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")     # a line not in UTF-8 is then refused by its number
     session = ChatSession(load_generator(args), system=args.system)
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     for number in itertools.count(1):

@@ -122,7 +122,8 @@ def repetition_penalty(penalty: float) -> LogitsProcessor:
             if seen:
                 ids = np.unique(np.asarray(seen, dtype=np.int64))
                 values = logits[row, ids]
-                logits[row, ids] = np.where(values < 0, values * penalty, values / penalty)
+                with np.errstate(over="ignore", divide="ignore"):     # overflow: see overflow_to_limit
+                    logits[row, ids] = np.where(values < 0, values * penalty, values / penalty)
         return logits
     return apply
 

@@ -77,6 +77,13 @@ def spec_from_config(cfg: dict, source: str) -> ModelSpec:
         raise CheckpointError(f"{source}: rope scaling settings unreadable ({type(e).__name__}: {e})") from None
     number = lambda key, default=None, kind=int: config_number(cfg, key, source, default, kind)  # noqa: E731
     heads, hidden = number("num_attention_heads"), number("hidden_size")
+    try:
+        return _spec(cfg, arch, number, heads, hidden, theta, scaling)
+    except CheckpointError as e:                   # "invalid model spec: ...": name the file
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _spec(cfg: dict, arch: str, number, heads: int, hidden: int, theta: float, scaling) -> ModelSpec:
     return ModelSpec(
         vocab_size=number("vocab_size"), hidden_size=hidden, intermediate_size=number("intermediate_size"),
         n_layers=number("num_hidden_layers"), n_heads=heads, n_kv_heads=number("num_key_value_heads", heads),
