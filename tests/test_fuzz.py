@@ -69,7 +69,7 @@ def tiny_bundle(tiny_hf, export_once, tmp_path_factory) -> Path:
     (out / "tokenizer.json").write_text(_byte_tokenizer_json())
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["tokenizer"] = "tokenizer.json"
-    manifest["files"] = sorted(set(manifest["files"]) | {"tokenizer.json"})
+    manifest["files"] = sorted(set(manifest.get("files", [])) | {"tokenizer.json"})
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
