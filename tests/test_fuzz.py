@@ -4,7 +4,12 @@ outside --out touched. Fixed seeds, tiny inputs: the whole file runs in well und
 
 Input kinds: bundle manifest.json, weights.bin, the .onnx graphs, tokenizer.json, GGUF files,
 safetensors files, Meta params.json, LlamaGen .pt files, calibration/evaluation text files and
-out-of-range command-line values. CASES counts the cases per kind (the issue's closing note quotes them).
+out-of-range command-line values; then (issue 21) paths that leave the bundle, --force and writers
+racing for --out, full or read-only disks, signals during export/calibrate and a SIGKILL'd run's
+leftovers, absurd config values, manifests disagreeing with their graphs, failing chat templates,
+text that is not UTF-8 and closed streams, broken pipes, argparse errors, non-finite numerics and
+mistyped Python API values. CASES counts the cases per kind (the issue's closing note quotes them).
+Signals and broken pipes run the CLI in a subprocess; a full disk is an injected OSError.
 """
 from __future__ import annotations
 
@@ -1243,9 +1248,22 @@ CASES = {
     "LlamaGen .pt": len(PT_DAMAGE),
     "calibration/eval text": len(TEXT_DAMAGE) + 3 + 2,
     "CLI values": len(GENERATE_ARGS) + len(EXPORT_ARGS) + len(OTHER_ARGS),
+    # the second pass (issue 21)
+    "path confinement (bundle, engines.json, calibrate)": len(PATH_ESCAPES) + 1 + len(ENGINE_ESCAPES),
+    "--force and concurrent writers": 7,
+    "file system (ENOSPC, EDQUOT, EROFS, EACCES, non-empty --out)": len(FS_ERRORS) + 2,
+    "signals and killed runs": len(SIGNAL_CASES) + 1,
+    "absurd or mistyped checkpoint values": len(HF_CONFIG_VALUES) + len(CHECKPOINT_FILES) + len(SAFETENSORS_ENTRIES) + 2,
+    "manifest against its graphs and bounds": len(MANIFEST_VS_GRAPHS) + 1,
+    "chat templates": len(TEMPLATES),
+    "text encodings and standard input": len(TEXT_OPTIONS) + len(STDIN_CASES) + 1,
+    "broken pipes": len(BROKEN_PIPES),
+    "argparse errors": len(ARGPARSE_CASES),
+    "numerics": 4,
+    "Python API types": len(API_VALUES),
 }
 
 
 def test_case_counts():
     print("fuzz cases per input kind:", json.dumps(CASES))
-    assert sum(CASES.values()) >= 100
+    assert sum(CASES.values()) >= 250
