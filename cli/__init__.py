@@ -8,8 +8,11 @@
 
 Each group of commands lives in its own module (text_commands, image_commands, calibration_commands,
 engine_commands, bench) with a register(subparsers) function; options they share come from options.py.
-Errors in what the user gave (paths, values, bundles) print one line and exit with status 2; anything
-else is a bug in ardeploy: one line saying so and exit status 3 (`--debug` shows the traceback instead).
+Errors in what the user gave (paths, values, bundles; a full or read-only disk, too little memory;
+argparse's own complaints) print one line and exit with status 2; anything else is a bug in ardeploy:
+one line saying so and exit status 3 (`--debug` shows the traceback instead). SIGTERM and SIGHUP end a
+command as Ctrl-C does (128 + the signal; what it was writing is removed), and a reader of stdout that
+went away (`| head`) ends it quietly with 141.
 """
 from __future__ import annotations
 
