@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+from ardeploy.runtime.sampling import MIN_TEMPERATURE
 
 from .errors import UserError
 
@@ -99,7 +102,9 @@ def add_token_filters(group, prefix: str = "--", family_defaults: bool = False) 
     """--temperature / --top-k / --top-p; family_defaults: unset means the bundle family's published value."""
     unset = (lambda value: None) if family_defaults else (lambda value: value)
     tail = " (default: the family's)" if family_defaults else ""
-    group.add_argument(f"{prefix}temperature", type=float, default=unset(1.0), help=f"1.0 = as the model gives{tail}")
+    group.add_argument(f"{prefix}temperature", type=float, default=unset(1.0),
+                       help=f"1.0 = as the model gives; 0, or below {MIN_TEMPERATURE:g} (which would overflow), "
+                            f"= greedy{tail}")
     group.add_argument(f"{prefix}top-k", type=int, default=unset(0), help=f"0 = off{tail}")
     group.add_argument(f"{prefix}top-p", type=float, default=unset(1.0), help=f"1.0 = off{tail}")
 
@@ -113,7 +118,11 @@ def add_sampling(p) -> None:
     group.add_argument("--min-p", type=float, default=0.0, help="0.0 = off")
     group.add_argument("--repetition-penalty", type=float, default=1.0)
     group.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n escapes allowed)")
+    group.add_argument("--stop", action="append", default=[],
+                       help="stop string, taken literally (repeatable; for a newline use $'\\n' in bash, or "
+                            "--stop-escaped)")
+    group.add_argument("--stop-escaped", action="append", default=[], metavar="STOP",
+                       help="stop string with backslash escapes: \\n \\t \\r \\\\ \\xHH \\uXXXX (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
 
 
@@ -123,7 +132,32 @@ def sampling_config(args: argparse.Namespace):
     return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=[s.encode().decode("unicode_escape") for s in args.stop], ignore_eos=args.ignore_eos)
+                          stop=stop_strings(args), ignore_eos=args.ignore_eos)
+
+
+def stop_strings(args: argparse.Namespace) -> list[str]:
+    """--stop as given, --stop-escaped with its escapes read; text that is not UTF-8 is refused."""
+    from ardeploy.runtime.text import check_text
+    literal = [check_text(stop, f"--stop {stop!r}") for stop in args.stop]
+    return literal + [unescape(check_text(stop, f"--stop-escaped {stop!r}"), "--stop-escaped")
+                      for stop in args.stop_escaped]
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0", "'": "'", '"': '"'}
+ESCAPE = re.compile(r"\\(?:x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.)|$)", re.DOTALL)
+
+
+def unescape(text: str, option: str) -> str:
+    r"""Backslash escapes read (ESCAPES, \xHH, \uXXXX, \UXXXXXXXX); any other backslash is refused."""
+    def one(match) -> str:
+        digits = match[1] or match[2] or match[3]
+        if digits and int(digits, 16) <= 0x10FFFF:
+            return chr(int(digits, 16))
+        if match[4] in ESCAPES:
+            return ESCAPES[match[4]]
+        raise UserError(f"{option} {text!r}: bad escape {match[0]!r} at character {match.start()} (known: \\n \\t "
+                        f"\\r \\\\ \\0 \\' \\\" \\xHH \\uXXXX \\UXXXXXXXX; --stop takes text literally)")
+    return ESCAPE.sub(one, text)
 
 
 def comma_ints(text: str, skip_empty: bool = False, option: str = "") -> list[int]:

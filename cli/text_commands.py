@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
+
+from ardeploy.runtime.text import check_text
 
 from .errors import UserError
 from .options import (add_backend_threads, add_device, add_flavor, add_json, add_out_force, add_sampling,
@@ -52,8 +55,11 @@ def cmd_verify(args) -> int:
 def load_generator(args, warmup: bool = True):
     """The generator, warmed up unless told not to (load and warm-up are reported apart from the first
     token), and the speculation its flags ask for (None: off)."""
-    from ardeploy.runtime import Generator
+    from ardeploy.runtime import Bundle, Generator
+    from ardeploy.runtime.manifest_checks import check_kv_memory
     options = run_options(args)
+    if options.backend == "ort" and options.where == "cpu":
+        check_kv_memory(Bundle.load(args.bundle).manifest, args.bundle)     # before the cache is allocated
     gen = Generator.load(args.bundle, options, warmup=warmup)
     return gen, speculation(args, options)
 
@@ -75,6 +81,8 @@ def cmd_generate(args) -> int:
     given = [name for name in ("prompt", "prompt_ids", "prompt_file") if getattr(args, name) is not None]
     if len(given) != 1:
         raise UserError("give exactly one of --prompt, --prompt-file or --prompt-ids")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
     gen, spec = load_generator(args, warmup=False)
     if args.prompt_ids is not None:
         prompt = comma_ints(args.prompt_ids, option="--prompt-ids")
@@ -106,15 +114,19 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from ardeploy.runtime import ChatSession
     cfg = sampling_config(args)
+    if args.system is not None:
+        check_text(args.system, "--system")
+    if sys.stdin is None or sys.stdin.closed:
+        raise UserError("chat reads your messages from standard input, which is closed (run it in a terminal, "
+                        "or pipe the messages in)")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")     # a line not in UTF-8 is then refused by its number
     gen, spec = load_generator(args)
     session = ChatSession(gen, system=args.system)
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            user = input("> ")
-        except EOFError:
-            break
-        if not user.strip():
+    for number in itertools.count(1):
+        user = read_message(number)
+        if user is None or not user.strip():
             break
         for piece in session.turn(user, cfg, speculation=spec):
             sys.stdout.write(piece)
@@ -124,6 +136,17 @@ def cmd_chat(args) -> int:
         print(f"[{len(last.token_ids)} tokens, {last.decode_tokens_per_s:.1f} tok/s, stop: {last.stop_reason}]",
               file=sys.stderr)
     return 0
+
+
+def read_message(number: int) -> str | None:
+    """The next line of standard input (None at its end); a line that is not UTF-8 is refused, naming it."""
+    try:
+        return check_text(input("> "), f"standard input, line {number}")
+    except EOFError:
+        return None
+    except UnicodeDecodeError as e:
+        raise UserError(f"standard input, line {number}: not valid UTF-8 (byte 0x{e.object[e.start:e.start + 1].hex()}); "
+                        f"type or pipe the messages in UTF-8") from None
 
 
 # -- parsers --------------------------------------------------------------------------------------

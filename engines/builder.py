@@ -344,6 +344,8 @@ def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, ma
     """Build BUNDLE/engines/ and return the engines.json record. `trt` names the TensorRT flavour; `quiet`
     hides the progress bars (messages follow the level of runtime.log's logger); `verbose` prints TensorRT's own."""
     request = _build_request(bundle_path, precision, max_seq, max_batch, opt_seq, workspace, opt_level)
+    # earlier engines are replaced, but only while their folder holds nothing but what ardeploy wrote
+    replace = atomic.check_out(engines_dir(request.bundle), True, EngineError)
     tensorrt = compat.load(trt)
     ccs, target = _target(tensorrt, compute_capability)
     trt_logger = compat.logger(tensorrt, verbose)
@@ -351,10 +353,10 @@ def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, ma
     _configure(tensorrt, parsed, request, ccs)
     timing = _attach_timing_cache(tensorrt, parsed.config, target, timing_cache)
     _announce(tensorrt, request, target)
-    with atomic.folder_written_whole(engines_dir(request.bundle), EngineError) as folder:
+    with atomic.folder_written_whole(engines_dir(request.bundle), EngineError, replace=replace) as folder:
         built = _build_into(folder, tensorrt, trt_logger, parsed, request,
                             show_progress=not quiet and progress_enabled())
-        rec = _engines_record(request, tensorrt, target, parsed, built)
+        rec = atomic.record_files(folder, _engines_record(request, tensorrt, target, parsed, built), record.RECORD)
         record.write(folder, rec)
     if timing is not None:
         _save_timing_cache(*timing)

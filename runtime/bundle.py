@@ -7,13 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from . import manifest_checks
+from .errors import BundleError, UserError  # noqa: F401  (BundleError lives in errors.py: paths.py raises it too)
 
 FORMAT_VERSION = 1          # the newest bundle format this runtime reads (export writes it)
-
-
-class BundleError(UserError):
-    """A bundle we cannot use; the message names the file or field at fault."""
 
 
 def numpy_dtype(name: str):
@@ -96,10 +93,12 @@ class Bundle:
         problem = manifest_problem(manifest)
         if problem:
             raise BundleError(f"{mpath}: {problem}")
+        manifest_checks.check_manifest(path, manifest)      # files inside the folder, sane bounds
         bundle = cls(path, manifest)
         missing = [name for name in bundle.required_files() if not (path / name).exists()]
         if missing:
             raise BundleError(f"{path}: missing file(s) named in manifest.json: {', '.join(missing)}")
+        manifest_checks.check_graphs(path, manifest)       # the graphs' external data and rotary tables
         bundle.check_weights_size()
         return bundle
 

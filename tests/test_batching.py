@@ -60,15 +60,17 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(bundle):
 
 
 class Gate:
-    """A constraint that allows everything but holds the scheduler before the long request's third token
-    until the test opens it: the cancel below then lands at a known step."""
+    """A constraint that allows everything but holds the scheduler while it picks the long request's
+    second token, until the test (told that the gate was reached) opens it: the cancel then lands at a
+    known step."""
 
     def __init__(self):
-        self.open, self.calls = threading.Event(), 0
+        self.reached, self.open, self.calls = threading.Event(), threading.Event(), 0
 
     def allowed(self):
         self.calls += 1
-        if self.calls == 3:
+        if self.calls == 2:
+            self.reached.set()
             self.open.wait(10)
         return np.ones(256, bool)
 
@@ -86,11 +88,11 @@ def test_cancel_frees_the_row_at_the_next_step(bundle):
                                     gate))
     short_request = Request(rng_ids(4, seed=3), SamplingConfig(greedy=True, max_new_tokens=5, ignore_eos=True))
     short = scheduler.submit(short_request)
-    next(long.events(timeout=30))
+    assert gate.reached.wait(30)
     long.cancel()
     gate.open.set()
     assert [e.token for e in short.events(timeout=30)] == alone(bundle, short_request)   # it got the one row
-    assert long.wait(5) and long.result.stop_reason == "cancelled" and len(long.result.token_ids) == 3
+    assert long.wait(5) and long.result.stop_reason == "cancelled" and len(long.result.token_ids) == 2
     scheduler.close()
     assert scheduler.stats()["cancelled"] == 1
 
