@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto
 
 from ..runtime import atomic
-from ..runtime.bundle import Bundle, numpy_dtype
+from ..runtime.bundle import Bundle, numpy_dtype, write_manifest
 from ..runtime.paths import inside
 from ..runtime.weights_file import WeightsFile
 from . import evaluate as ev
@@ -65,7 +65,7 @@ def _copy_entry(source: Path, folder: Path, name: str, field: str) -> None:
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
     atomic.record_files(folder, manifest)          # what a later --force may replace
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_manifest(folder, manifest)
 
 
 def ort_flavor(cal: Calibrator) -> dict[str, onnx.ModelProto]:

@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from ..runtime import atomic
-from ..runtime.bundle import FORMAT_VERSION
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, write_manifest
 from ..runtime.errors import UserError
 from ..runtime.log import log, progress_enabled
 from ..runtime.manifest_checks import BOUNDS
@@ -74,7 +74,7 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         manifest.update(graphs.manifest_sections(folder))
         atomic.record_files(folder, manifest)          # what a later --force may replace
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_manifest(folder, manifest)
     return manifest
 
 
@@ -129,7 +129,7 @@ def _manifest(ckpt: Checkpoint, dtype: str, max_seq: int, max_batch: int, opset:
     """manifest.json's fields (docs/ARCHITECTURE.md, "Bundle format"); export_seconds comes last."""
     spec = ckpt.spec
     return {
-        "format": "ardeploy-bundle",
+        "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "toolkit_version": toolkit_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

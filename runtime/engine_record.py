@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bundle import Bundle, BundleError
+from .bundle import SCHEME_PRECISION, Bundle, BundleError
 from .files import sha256_file
 from .paths import inside
 
@@ -33,7 +33,7 @@ def load(bundle: Bundle) -> dict:
     path = engines_dir(bundle) / RECORD
     if not path.exists():
         quantization = bundle.manifest.get("quantization")
-        precision = (("int4" if quantization.get("scheme") == "w4a16" else INT8) if quantization
+        precision = (SCHEME_PRECISION.get(quantization.get("scheme"), INT8) if quantization
                      else bundle.manifest.get("dtype", "fp16"))
         raise BundleError(f"{bundle.path}: no TensorRT engines (build them with `ardeploy build {bundle.path} "
                           f"--precision {precision}`)")

@@ -192,7 +192,7 @@ class ImageGenerator:
     @property
     def condition(self) -> str:
         """What an image is conditioned on: "class" (LlamaGen c2i), "caption" (LlamaGen t2i) or "prompt"."""
-        return "class" if "class_conditional" in self.image else "caption" if "caption" in self.image else "prompt"
+        return self.image["condition"]           # stated in the manifest (read_manifest fills it for version 1)
 
     @property
     def has_decoder(self) -> bool:

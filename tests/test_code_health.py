@@ -175,3 +175,18 @@ def test_one_definition_of_each_shared_piece():
     assert defs["graph_run_options"] == ["runtime/sessions.py"]
     assert defs["RunOptions"] == ["runtime/run_options.py"]
     assert defs["run_options"] == ["cli/options.py"]
+
+
+def test_one_reader_and_one_writer_of_the_manifest():
+    """manifest.json is parsed by runtime/bundle.read_manifest and written by write_manifest, nowhere else
+    (runtime/atomic.py reads only the list of files a record owns)."""
+    defs = {}
+    for folder in STAGES:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.FunctionDef):
+                    defs.setdefault(node.name, []).append(path.relative_to(ROOT).as_posix())
+    assert defs["read_manifest"] == defs["write_manifest"] == ["runtime/bundle.py"]
+    writers = [f"{f}:{line}" for f, line, receiver in calls(STAGES, {"write_text"})
+               if "manifest" in receiver.lower() and f != "runtime/bundle.py"]
+    assert not writers, writers

@@ -20,6 +20,7 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from ...runtime.bundle import image_condition
 from ..assemble import ONNX_DTYPE, ExternalWeights
 from ..contract import describe, graph_io
 from ..pieces import Piece, export_program, to_piece, trace_model
@@ -62,6 +63,7 @@ class ImageGraphs(TextGraphs):
 
     def manifest_sections(self, folder) -> dict:
         image = dict(self.ckpt.image)
+        image["condition"] = image_condition(image)          # format version 2 states it
         for name, tensor in self.ckpt.arrays.items():
             np.save(folder / f"{name}.npy", tensor.load().detach().cpu().numpy())
         if self.ckpt.vq is not None:

@@ -154,8 +154,7 @@ class OrtBackend(Backend):
         self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
         self.all_positions = self.flavor == "ort"           # the graph gathers any token positions' logits
         self.rows_own_lengths = self.flavor == "ort"        # its cache keeps each row at its own length
-        self.features_prefill = bundle.has_graph("prefill") and "caption_features" in {
-            x["name"] for x in bundle.manifest["graphs"]["prefill"].get("inputs", [])}
+        self.features_prefill = bundle.has_graph("prefill") and "caption_features" in bundle.graph("prefill").inputs
         # The portable graph has shape nodes ONNX Runtime places on the CPU: it cannot be captured.
         # A session made for CUDA graphs must name a graph id in every run (None would record graph 0),
         # so this is fixed here, before the session exists.
@@ -171,8 +170,7 @@ class OrtBackend(Backend):
         self.session(self.graph)
         rows_out = max(bundle.max_batch, MAX_VERIFY_WIDTH)   # logits of a batch's rows, or of a verify step's tokens
         self._logits = np.zeros((rows_out, bundle.vocab_size), np.float32)
-        outputs = {x["name"] for x in bundle.manifest["graphs"][self.graph].get("outputs", [])}
-        self.has_next_token = "next_token" in outputs      # the graph's own argmax (format version 2)
+        self.has_next_token = "next_token" in bundle.graph(self.graph).outputs   # its argmax (format version 2)
         self._next_token = np.zeros(rows_out, np.int64)
 
     def close(self) -> None:
@@ -198,7 +196,7 @@ class OrtBackend(Backend):
                     raise BundleError(f"{path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 "
                                       f"graphs: export fp32 or fp16, or run it with --backend trt") from e
                 raise
-            check_io(self.sessions[kind], self.bundle.manifest["graphs"][kind], path)
+            check_io(self.sessions[kind], self.bundle.graph(kind).raw, path)
         return self.sessions[kind]
 
     def new_arena(self, max_batch: int | None = None) -> KVArena:

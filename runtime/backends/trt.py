@@ -141,7 +141,7 @@ class TrtBackend(Backend):
         if engine is None:
             raise BundleError(f"{path}: {tensorrt.label} could not load it ({compat.last_error(tensorrt)})")
         names = {x["name"] for x in compat.engine_io(tensorrt, engine)}
-        graph = self.bundle.manifest["graphs"][engine_record.GRAPH]
+        graph = self.bundle.graph(engine_record.GRAPH).raw
         want = {x["name"] for x in graph["inputs"] + graph["outputs"]}
         if names != want:
             raise BundleError(f"{path}: engine I/O {sorted(names ^ want)} differ from the decode graph's")
