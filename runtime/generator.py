@@ -244,7 +244,9 @@ class Generator:
         """One row: sample a token, draft up to K more after it, verify all in one step, keep what the
         model agrees with (the cache rolled back over the rest) and the model's own next token."""
         drafter = self._drafter(speculation, sampler)
-        k = AdaptiveK(speculation.draft_tokens, speculation.adaptive)
+        # sampling with a draft model draws as many random numbers as were drafted: size drafts without timing
+        timed = speculation.method == "ngram" or sampler.cfg.is_greedy
+        k = AdaptiveK(speculation.draft_tokens, speculation.adaptive, timed)
         token = int(sampler(logits, [row.history])[0])
         first_token_at = time.perf_counter()
         yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
@@ -253,11 +255,13 @@ class Generator:
             budget = min(k.budget(), room)
             drafted_at = time.perf_counter()
             draft = drafter.propose(row.history, budget) if budget > 0 else Draft([])
-            verifier.stats.draft_seconds += time.perf_counter() - drafted_at
+            stepped_at = time.perf_counter()
+            verifier.stats.draft_seconds += stepped_at - drafted_at
             if not draft.tokens:
                 logits = self._decode_step(np.array([token]), [row])
                 verifier.stats.plain_steps += 1
                 token = int(sampler(logits, [row.history])[0])
+                k.plain_step(time.perf_counter() - stepped_at)
                 yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
                 continue
             fed = [token] + draft.tokens
@@ -265,7 +269,7 @@ class Generator:
             kept, token = verifier.accept(logits, row.history, draft)
             self.batch.rollback(len(draft.tokens) - kept)
             self.cached += fed[:1 + kept]
-            k.update(len(draft.tokens), kept)
+            k.update(len(draft.tokens), kept, time.perf_counter() - stepped_at)
             for accepted in draft.tokens[:kept] + [token]:
                 yield from take_tokens([row], [accepted], eos, cfg.max_new_tokens)
                 if row.stop_reason:

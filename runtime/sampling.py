@@ -223,10 +223,18 @@ class Sampler:
         processed = self.distribution(logits, history)
         if self.cfg.is_greedy:
             return np.argmax(processed, axis=-1)
-        cdf = np.cumsum(softmax(overflow_to_limit(processed).astype(np.float64)), axis=-1)
-        tokens = np.empty(len(processed), dtype=np.int64)
-        for row, rng in enumerate(self.rngs):
-            draw = rng.random() * cdf[row, -1]          # inverse CDF: one uniform draw per row
-            tokens[row] = min(int(np.searchsorted(cdf[row], draw, side="right")), processed.shape[-1] - 1)
-        return tokens
+        cdf = self.cdf(processed)
+        return np.array([self.pick(cdf[row], rng) for row, rng in enumerate(self.rngs)], dtype=np.int64)
+
+    @staticmethod
+    def cdf(processed: np.ndarray) -> np.ndarray:
+        """The cumulative distribution [B, V] of processed logits (float64)."""
+        return np.cumsum(softmax(overflow_to_limit(processed).astype(np.float64)), axis=-1)
+
+    @staticmethod
+    def pick(cdf: np.ndarray, rng) -> int:
+        """One draw by inverse CDF: one uniform number per token (speculative sampling of certain drafts
+        draws the same way, so a seed gives the same tokens with and without them)."""
+        draw = rng.random() * cdf[-1]
+        return min(int(np.searchsorted(cdf, draw, side="right")), len(cdf) - 1)
 

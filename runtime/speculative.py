@@ -24,8 +24,8 @@ Acceptance, so the output is what plain decoding would give:
   replaced by a draw from max(0, p - q), renormalized; if all stay, one more token is drawn from p. Each
   output token is then distributed exactly as plain sampling's (an n-gram draft is certain: q(x) = 1).
 
-`AdaptiveK` sizes the next draft from the last acceptances and pauses drafting after repeated misses,
-so a prompt where drafts fail costs little more than plain decoding.
+`AdaptiveK` sizes the next draft from how often drafts are kept and what a verify step costs at each
+width, measured as it goes, so a prompt where drafts fail costs little more than plain decoding.
 """
 from __future__ import annotations
 
@@ -165,29 +165,77 @@ def check_same_vocabulary(draft, target_bundle, target_tokenizer) -> None:
 
 
 class AdaptiveK:
-    """How many tokens to draft next: grows by one after a fully accepted draft, shrinks to one more than
-    was accepted otherwise; after a draft with nothing accepted, drafting pauses for 1, 2, 4 ... steps
-    (up to 16) until one is accepted again."""
+    """How many tokens to draft next, from what drafts have been worth here: the chance that a drafted token
+    is kept (alpha, estimated from recent drafts) and what a step costs at each verify width (measured:
+    on a GPU a step of 8 tokens costs about what one does, on a CPU several times more). It picks the k
+    in [0, K] with the most expected tokens per second, (1 - alpha^(k+1)) / (1 - alpha) / cost(k + 1);
+    k = 0 is a plain step. After a run of plain steps it tries a small draft again, since what the text
+    repeats changes as it goes. adaptive=False always drafts K. timed=False sizes drafts from acceptance
+    alone (one more after a fully kept draft, one more than was kept otherwise), so that sampling with a
+    draft model, whose random draws depend on how much was drafted, stays reproducible for a seed."""
 
-    def __init__(self, k_max: int, adaptive: bool = True):
-        self.k_max, self.adaptive = k_max, adaptive
-        self.k, self.pause, self.misses = k_max, 0, 0
+    PROBE_AFTER = 8                  # plain steps in a row before a draft is tried again
+    MEMORY = 0.8                     # weight of the past in the running estimates
+
+    def __init__(self, k_max: int, adaptive: bool = True, timed: bool = True):
+        self.k_max, self.adaptive, self.timed = k_max, adaptive, timed
+        self.k = k_max                            # untimed: the next draft's size
+        self.kept, self.ended = 2.0, 1.0          # running counts: kept drafted tokens, drafts cut short
+        self.cost: dict[int, float] = {}          # verify width -> seconds per step (width 1: a plain step)
+        self.plain_run = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.kept / (self.kept + self.ended)
 
     def budget(self) -> int:
-        if self.pause:
-            self.pause -= 1
-            return 0
-        return self.k
+        if not self.adaptive:
+            return self.k_max
+        if not self.timed:
+            return self.k
+        if 1 not in self.cost:
+            return self.k_max                      # nothing measured yet: try the most
+        best = max(range(self.k_max + 1), key=self.tokens_per_second)
+        if best == 0 and self.plain_run >= self.PROBE_AFTER:
+            return 2
+        return best
 
-    def update(self, drafted: int, accepted: int) -> None:
-        if not self.adaptive or not drafted:
+    def tokens_per_second(self, k: int) -> float:
+        a = min(self.alpha, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a) / self._cost(k + 1)
+
+    def _cost(self, width: int) -> float:
+        """Measured, else interpolated between measured widths, else as the widest measured (a guess
+        that leans to trying wider drafts: they get measured once tried)."""
+        if width in self.cost:
+            return self.cost[width]
+        known = sorted(self.cost)
+        below = [w for w in known if w < width]
+        above = [w for w in known if w > width]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return self.cost[lo] + (self.cost[hi] - self.cost[lo]) * (width - lo) / (hi - lo)
+        return self.cost[below[-1] if below else above[0]]
+
+    def update(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
+        """A verify step of `drafted` tokens kept `accepted` of them and took `seconds`."""
+        if not drafted:
             return
         self.k = min(self.k_max, self.k + 1) if accepted == drafted else max(1, accepted + 1)
-        if accepted:
-            self.misses = 0
-        else:
-            self.pause = min(16, 2 ** self.misses)
-            self.misses += 1
+        m = self.MEMORY
+        self.kept = m * self.kept + accepted
+        self.ended = m * self.ended + (accepted < drafted)
+        self.plain_run = 0
+        if seconds is not None:
+            self._measure(drafted + 1, seconds)
+
+    def plain_step(self, seconds: float) -> None:
+        self.plain_run += 1
+        self._measure(1, seconds)
+
+    def _measure(self, width: int, seconds: float) -> None:
+        old = self.cost.get(width)
+        self.cost[width] = seconds if old is None else self.MEMORY * old + (1 - self.MEMORY) * seconds
 
 
 def draw(probs: np.ndarray, rng) -> int:
@@ -203,6 +251,18 @@ def accept_greedy(argmaxes: np.ndarray, drafted: list[int]) -> tuple[int, int]:
     while kept < len(drafted) and int(argmaxes[kept]) == drafted[kept]:
         kept += 1
     return kept, int(argmaxes[kept])
+
+
+def accept_certain(cdf: np.ndarray, drafted: list[int], rng) -> tuple[int, int]:
+    """Sampling with certain drafts (n-gram): at each position draw the token as plain sampling does (one
+    uniform number, inverse CDF in vocabulary order) and keep the draft while they agree. A draft x is then
+    kept with probability p(x), the speculative sampling rule for a certain draft, and the tokens are
+    exactly plain sampling's for the same seed, whatever was drafted."""
+    for i, token in enumerate(drafted):
+        drawn = Sampler.pick(cdf[i], rng)
+        if drawn != token:
+            return i, drawn
+    return len(drafted), Sampler.pick(cdf[len(drafted)], rng)
 
 
 def accept_sampled(p: np.ndarray, draft: Draft, rng) -> tuple[int, int]:
@@ -242,6 +302,8 @@ class Verifier:
                                         for i in range(k + 1)])
             if greedy:
                 kept, token = accept_greedy(np.argmax(processed, axis=-1), draft.tokens)
+            elif draft.q is None:
+                kept, token = accept_certain(Sampler.cdf(processed), draft.tokens, self.sampler.rngs[0])
             else:
                 kept, token = accept_sampled(softmax(processed.astype(np.float64)), draft, self.sampler.rngs[0])
         self.stats.verify_steps += 1

@@ -55,20 +55,35 @@ def test_greedy_acceptance_keeps_the_agreeing_prefix_and_the_models_token():
     assert accept_greedy(np.array([4, 6, 7, 1]), [5, 6, 7]) == (0, 4)
 
 
-def test_adaptive_k_shrinks_grows_and_pauses_after_misses():
-    k = AdaptiveK(8)
-    assert k.budget() == 8
-    k.update(8, 2)
-    assert k.budget() == 3
-    k.update(3, 3)
-    assert k.budget() == 4
-    k.update(4, 0)                                   # a miss: K 1, one step without drafting
-    assert [k.budget() for _ in range(2)] == [0, 1]
-    k.update(1, 0)                                   # a second miss in a row: two steps paused
-    assert [k.budget() for _ in range(3)] == [0, 0, 1]
+def test_adaptive_k_weighs_acceptance_against_the_measured_cost_of_wider_steps():
+    gpu_like = AdaptiveK(8)
+    assert gpu_like.budget() == 8                        # nothing measured: try the most
+    for _ in range(20):
+        gpu_like.plain_step(1.0)
+        gpu_like.update(8, 6, 1.05)                      # wide steps cost about what one does
+    assert gpu_like.budget() == 8
+    cpu_like = AdaptiveK(8)
+    for _ in range(20):
+        cpu_like.plain_step(1.0)
+        cpu_like.update(8, 6, 4.0)                       # 9 tokens cost 4 steps: with alpha 0.85, drafting less pays
+        cpu_like.update(2, 2, 1.3)
+    assert 1 <= cpu_like.budget() < 8
+    failing = AdaptiveK(8)
+    for _ in range(10):
+        failing.plain_step(1.0)
+        failing.update(4, 0, 1.6)                        # drafts never kept: plain steps pay more
+    assert failing.budget() == 0
+    for _ in range(AdaptiveK.PROBE_AFTER):
+        failing.plain_step(1.0)
+    assert failing.budget() == 2                         # ... but a small draft is tried again later
     fixed = AdaptiveK(5, adaptive=False)
-    fixed.update(5, 0)
+    fixed.update(5, 0, 9.0)
     assert fixed.budget() == 5
+    untimed = AdaptiveK(8, timed=False)                  # from acceptance alone
+    untimed.update(8, 2, 9.0)
+    assert untimed.budget() == 3
+    untimed.update(3, 3, 0.1)
+    assert untimed.budget() == 4
 
 
 @pytest.mark.parametrize("with_q", [False, True])
@@ -182,10 +197,23 @@ def test_sampling_with_drafts_has_plain_samplings_distribution(tiny, draft_of):
     assert stats["verify_steps"] >= 1 and stats["drafted"] >= 3
 
 
-def test_seeded_speculative_sampling_is_reproducible(tiny):
+def test_seeded_sampling_with_ngram_drafts_gives_plain_samplings_tokens(tiny):
+    """Certain (n-gram) drafts are checked against the token plain sampling draws with the same random
+    number, so a seed gives exactly plain sampling's tokens, however much was drafted."""
     gen = Generator.load(tiny["qwen3_qknorm"], threads=threads())
-    cfg = SamplingConfig(temperature=0.9, top_k=50, top_p=0.95, seed=21, max_new_tokens=30, ignore_eos=True)
-    runs = [gen.generate(copying_prompt(2), cfg, speculation=Speculation("ngram")).token_ids for _ in range(2)]
+    for seed in range(3):
+        cfg = SamplingConfig(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.05, seed=21 + seed,
+                             max_new_tokens=30, ignore_eos=True)
+        result = gen.generate(copying_prompt(2), cfg, speculation=Speculation("ngram", adaptive=False))
+        assert result.token_ids == gen.generate(copying_prompt(2), cfg).token_ids
+        assert result.timings["speculation"]["verify_steps"] > 0
+
+
+def test_seeded_sampling_with_a_draft_model_is_reproducible(tiny, draft_of):
+    gen = Generator.load(tiny["qwen3_qknorm"], threads=threads())
+    cfg = SamplingConfig(temperature=0.9, top_k=50, seed=21, max_new_tokens=30, ignore_eos=True)
+    spec = Speculation("draft", draft_tokens=4, draft=draft_of("qwen3_qknorm"))
+    runs = [gen.generate(copying_prompt(2), cfg, speculation=spec).token_ids for _ in range(2)]
     assert runs[0] == runs[1]
 
 
