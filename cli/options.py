@@ -85,6 +85,7 @@ def speculation(args, options):
     if args.draft:
         from ardeploy.runtime import Generator
         draft = Generator.load(args.draft, options, max_batch=1)
+        draft.warmup(verify_widths=range(2, args.draft_tokens + 2))     # the lengths its catch-up steps take
         return Speculation("draft", draft_tokens=args.draft_tokens, draft=draft)
     if args.speculate == "ngram":
         return Speculation("ngram", draft_tokens=args.draft_tokens, ngram=args.ngram)

@@ -64,6 +64,11 @@ def load_generator(args, warmup: bool = True):
     return gen, speculation(args, options)
 
 
+def verify_widths(spec) -> range:
+    """The speculative verify steps to warm up: the last token and 1..K drafted ones."""
+    return range(2, spec.draft_tokens + 2) if spec is not None else range(0)
+
+
 def read_prompt_file(path: str) -> str:
     """--prompt-file PATH (- for standard input), as UTF-8 text."""
     try:
@@ -89,7 +94,7 @@ def cmd_generate(args) -> int:
     else:
         prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     ids = gen.to_ids(prompt, args.chat)
-    gen.warmup(prompt_lengths=(len(ids),))          # the prompt's own length: its first token is then its cost
+    gen.warmup(prompt_lengths=(len(ids),), verify_widths=verify_widths(spec))   # the first token: the prompt's cost
     from ardeploy.runtime.generator import Run
     run = Run(gen.events([ids], cfg, speculation=spec))
     for event in run:
@@ -122,6 +127,8 @@ def cmd_chat(args) -> int:
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")     # a line not in UTF-8 is then refused by its number
     gen, spec = load_generator(args)
+    if spec is not None:
+        gen.warmup(verify_widths=verify_widths(spec))
     session = ChatSession(gen, system=args.system)
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     for number in itertools.count(1):

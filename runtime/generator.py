@@ -94,12 +94,14 @@ class Generator:
             gen.warmup()
         return gen
 
-    def warmup(self, batch_sizes=(1,), prompt_lengths=(8,)) -> float:
+    def warmup(self, batch_sizes=(1,), prompt_lengths=(8,), verify_widths=()) -> float:
         """Run prompts of each length and two decode steps at each batch size, so that one-time costs
         (ONNX Runtime's first runs, recording each batch size's CUDA graph and checking its first replay)
         are paid here and not by the first request's first token. On the GPU a prompt length ONNX Runtime
         has not seen costs about 40 ms once (its first GroupQueryAttention of that length, H100): give the
-        lengths to come when they are known. The arena is left empty. Returns the seconds spent."""
+        lengths to come when they are known. verify_widths (speculation, batch 1): the verify steps of
+        those widths too (each a new length and a captured graph; unwarmed, they made n-gram speculation
+        on SmolLM2 slower than plain decoding on an H100). The arena is left empty. Returns the seconds."""
         started = time.perf_counter()
         pad = self.bundle.pad_id
         for batch in batch_sizes:
@@ -110,10 +112,22 @@ class Generator:
                 self.batch.start([[pad] * length] * batch, pad)
             for _ in range(2):
                 self.batch.feed(np.full((batch, 1), pad, np.int64))
+        self._warm_verify_widths(verify_widths, pad)
         self.arena.reset(1)
         self.cached = []
         self.warmup_s += time.perf_counter() - started
         return time.perf_counter() - started
+
+    def _warm_verify_widths(self, widths, pad: int) -> None:
+        widths = [w for w in widths if w > 1]
+        if not widths:
+            return
+        self.batch.start([[pad] * 8], pad)
+        for width in widths:
+            if self.arena.length + width > self.arena.max_seq:
+                break
+            self.batch.verify([pad] * width)
+            self.batch.rollback(width)
 
     def close(self) -> None:
         """Free the backend's sessions, captured graphs and device buffers, and the arena. Idempotent."""

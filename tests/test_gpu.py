@@ -135,12 +135,14 @@ def test_a_new_device_cache_starts_zeroed(tiny_hf, export_once):
 
 
 @needs_gpu
-def test_a_wrong_replay_on_the_gpu_is_caught(tiny_hf, export_once, monkeypatch):
+@pytest.mark.slow
+def test_a_wrong_replay_on_the_gpu_is_caught(smollm2_gguf, export_once, monkeypatch):
     """A captured step whose per-row lengths stop being updated (a deliberately broken replay) raises
-    ReplayMismatch at the first check instead of returning tokens."""
+    ReplayMismatch at the first check instead of returning tokens. (Real weights: the fp16 bound allows
+    rounding of 0.05 + 0.5 % of the logits, more than a tiny random model's logits move with context.)"""
     from ardeploy.runtime.backends import cuda_graph
     from ardeploy.runtime.backends.ort import ReplayMismatch
-    bundle = export_once(tiny_hf("gqa_tied_llama3_bias")[0], max_seq=128, max_batch=4, dtype="fp16")
+    bundle = export_once(smollm2_gguf, max_seq=512, max_batch=1, dtype="fp16")
 
     def stale_lengths(self, input_ids, seqlens_k):
         self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))

@@ -156,8 +156,10 @@ def test_warmup_records_the_step_and_leaves_the_arena_empty(tiny_bundle):
     cfg = SamplingConfig(greedy=True, max_new_tokens=10, ignore_eos=True)
     cold = Generator.load(tiny_bundle[0], threads=threads(), flavor="ort")
     warm = _replaying_on_cpu(tiny_bundle[0])
-    warm.warmup((1, 2))
-    assert sorted(batch for _, batch, _ in warm.backend._captured) == [1, 2] and warm.warmup_s > 0
+    warm.warmup((1, 2), verify_widths=range(2, 5))
+    assert sorted(batch for _, batch, width in warm.backend._captured if width == 1) == [1, 2]
+    assert sorted(width for _, _, width in warm.backend._captured if width > 1) == [2, 3, 4]  # speculation's
+    assert warm.warmup_s > 0
     assert warm.arena.length == 0 and warm.cached == []
     assert warm.generate(rng_ids(7, seed=2), cfg).token_ids == cold.generate(rng_ids(7, seed=2), cfg).token_ids
 
