@@ -25,11 +25,12 @@ import numpy as np
 from .bundle import Bundle, BundleError
 from .decode import Rows
 from .kv_arena import KVArena
+from .manifest_checks import check_kv_memory
 from .backends import load_backend
 from .run_options import RunOptions
 from .sampling import LogitsProcessor, Sampler, SamplingConfig
 from .speculative import AdaptiveK, Draft, DraftModel, NgramDrafter, Speculation, Verifier
-from .text import Detokenizer, StopStrings, render_chat
+from .text import Detokenizer, StopStrings, check_text, render_chat
 from .errors import UserError
 
 
@@ -88,6 +89,8 @@ class Generator:
         started = time.perf_counter()
         options = (options or RunOptions()).replace(**changes)
         bundle = Bundle.load(path)
+        if options.backend == "ort" and options.where == "cpu":     # before a host cache is allocated
+            check_kv_memory(bundle.manifest, bundle.path, max_batch)
         gen = cls(bundle, load_backend(bundle, options), max_batch)
         gen.load_s = time.perf_counter() - started
         if warmup or (warmup is None and gen.backend.device == "cuda"):
@@ -152,9 +155,11 @@ class Generator:
         template = self.bundle.manifest.get("chat_template")
         if not template:
             raise BundleError(f"{self.bundle.path}: the bundle has no chat template (drop --chat)")
-        return render_chat(template, messages, self._special("bos_token_id"), self._special("eos_token_id"))
+        return render_chat(template, messages, self._special("bos_token_id"), self._special("eos_token_id"),
+                           where=f"{self.bundle.path}: the chat template (manifest.json chat_template)")
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        check_text(prompt, "the prompt")
         if chat:
             return self.encode_messages([{"role": "user", "content": prompt}])
         self._need_tokenizer()

@@ -38,6 +38,7 @@ from .bundle import Bundle, BundleError
 from .decode import Rows
 from .guidance import Guidance, RangeSampler, guide, image_generators
 from .image_layout import ImageLayout
+from .manifest_checks import check_kv_memory
 from .padding import left_pad
 from .backends import load_backend
 from .run_options import RunOptions
@@ -166,6 +167,8 @@ class ImageGenerator:
         if not bundle.manifest.get("image"):
             raise BundleError(f"{path}: not an image-token bundle (manifest.json has no image section)")
         providers(options.where if options.backend == "ort" else "cpu")   # one line, before any session
+        if options.backend == "ort" and options.where == "cpu":
+            check_kv_memory(bundle.manifest, bundle.path)                  # before a host cache is allocated
         return cls(bundle, load_backend(bundle, options), options)
 
     def close(self) -> None:
