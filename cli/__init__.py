@@ -28,7 +28,9 @@ from . import bench, calibration_commands, engine_commands, image_commands, text
 from .errors import describe_bug, describe_user_error, is_user_error
 
 COMMAND_MODULES = [text_commands, engine_commands, calibration_commands, image_commands, bench]
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)      # SIGINT already raises KeyboardInterrupt
+# SIGINT already raises KeyboardInterrupt; SIGHUP exists on POSIX only
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+SIGPIPE_STATUS = 128 + 13
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,7 +85,7 @@ def _stdout_gone() -> int:
     with contextlib.suppress(Exception):
         devnull = os.open(os.devnull, os.O_WRONLY)       # the interpreter's final flush must not fail again
         os.dup2(devnull, sys.stdout.fileno())
-    return 128 + signal.SIGPIPE
+    return SIGPIPE_STATUS
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 # OS errors of the machine's resources rather than of ardeploy: a full or read-only disk, a quota,
 # memory the user asked for (a --max-seq too large for the machine).
-RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENOMEM}
+RESOURCE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG", "ENOMEM")
+                   if hasattr(errno, name)}
 
 
 def is_user_error(e: BaseException) -> bool:

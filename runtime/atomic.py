@@ -34,8 +34,8 @@ OWN_FOLDER_MARKS = {"manifest.json": "ardeploy-bundle", "engines.json": "ardeplo
 ENGINES = "engines"
 FILES = "files"
 # Errors of the file system under --out that the user can fix (free space, a writable place).
-FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+FULL_OR_READ_ONLY = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, name)}
+HELD_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
 
 
 # -- which files are ardeploy's ------------------------------------------------------------------
