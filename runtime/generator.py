@@ -266,21 +266,21 @@ class Generator:
         # sampling with a draft model draws as many random numbers as were drafted: size drafts without timing
         timed = speculation.method == "ngram" or sampler.cfg.is_greedy
         k = AdaptiveK(speculation.draft_tokens, speculation.adaptive, timed)
+        drafter.prepare(row.history)          # a draft model reads the prompt now: part of the first token's time
         token = int(sampler(logits, [row.history])[0])
         first_token_at = time.perf_counter()
         yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
         while not self._all_stopped([row]):
             room = min(cfg.max_new_tokens - len(row.token_ids) - 1, self.arena.max_seq - self.arena.length - 1)
             budget = min(k.budget(), room)
-            drafted_at = time.perf_counter()
+            drafted_at = time.perf_counter()       # a round's cost, drafting included, sizes the next draft
             draft = drafter.propose(row.history, budget) if budget > 0 else Draft([])
-            stepped_at = time.perf_counter()
-            verifier.stats.draft_seconds += stepped_at - drafted_at
+            verifier.stats.draft_seconds += time.perf_counter() - drafted_at
             if not draft.tokens:
                 logits = self._decode_step(np.array([token]), [row])
                 verifier.stats.plain_steps += 1
                 token = int(sampler(logits, [row.history])[0])
-                k.plain_step(time.perf_counter() - stepped_at)
+                k.plain_step(time.perf_counter() - drafted_at)
                 yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
                 continue
             fed = [token] + draft.tokens
@@ -288,7 +288,7 @@ class Generator:
             kept, token = verifier.accept(logits, row.history, draft)
             self.batch.rollback(len(draft.tokens) - kept)
             self.cached += fed[:1 + kept]
-            k.update(len(draft.tokens), kept, time.perf_counter() - stepped_at)
+            k.update(len(draft.tokens), kept, time.perf_counter() - drafted_at)
             for accepted in draft.tokens[:kept] + [token]:
                 yield from take_tokens([row], [accepted], eos, cfg.max_new_tokens)
                 if row.stop_reason:

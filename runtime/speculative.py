@@ -93,6 +93,9 @@ class NgramDrafter:
     def __init__(self, ngram: int = 3):
         self.ngram = ngram
 
+    def prepare(self, prompt: list[int]) -> None:
+        pass
+
     def propose(self, history: list[int], k: int) -> Draft:
         seq = np.asarray(history, dtype=np.int64)
         for n in range(min(self.ngram, len(seq) - 1), 0, -1):
@@ -125,6 +128,12 @@ class DraftModel:
         from .sampling import SamplingConfig
         self.sampler = Sampler(SamplingConfig(**{**cfg.__dict__, "seed": seed, "stop": []}), 1)
         self.tokens = []
+
+    def prepare(self, prompt: list[int]) -> None:
+        """Read the prompt into the draft's arena before the first token (its prefill belongs there)."""
+        if len(prompt) < self.gen.arena.max_seq:
+            self.gen.batch.start([list(prompt)], self.gen.bundle.pad_id)
+            self.tokens = list(prompt)
 
     def propose(self, history: list[int], k: int) -> Draft:
         gen = self.gen
