@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from ardeploy.runtime.log import log
 
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body, pick_error
 from .service import FINISH_REASONS, ApiError, Job, ModelService
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -122,7 +123,7 @@ async def _complete(request: HttpRequest, model, endpoint: str, service: ModelSe
         body = model.model_validate_json(await request.body())
         job = service.admit(body, received)
     except ValidationError as e:
-        message, param = describe_validation_error(e.errors(include_url=False)[0])
+        message, param = describe_validation_error(pick_error(e.errors(include_url=False)))
         metrics.requests.labels(endpoint, "client_error").inc()
         return _error(ApiError(400, message, param))
     except ApiError as e:
@@ -163,21 +164,33 @@ async def _cancel_on_disconnect(request: HttpRequest, job: Job) -> None:
 async def _sse(service, metrics, endpoint, job: Job, shape, include_usage: bool):
     """Server-sent events: one chunk per printable piece, the finish reason, [DONE]. If the client goes away
     the generator is closed at the next piece and `service.events` cancels the request."""
-    yield _data(shape.first())
+    finished = False
     try:
-        async for event in service.events(job):
-            if event.text:
-                yield _data(shape.piece(event.text))
-    except Exception as e:                           # noqa: BLE001
-        _failed(metrics, endpoint, e)
-        yield _data(error_body(f"generation failed: {e}", "server_error"))
-        return
-    result = job.handle.result
-    _record(metrics, endpoint, job, result)
-    yield _data(shape.last(result))
-    if include_usage:
-        yield _data(shape.usage_chunk(result))
-    yield "data: [DONE]\n\n"
+        yield _data(shape.first())
+        try:
+            async for event in service.events(job):
+                if event.text:
+                    yield _data(shape.piece(event.text))
+        except Exception as e:                       # noqa: BLE001
+            finished = True
+            _failed(metrics, endpoint, e)
+            yield _data(error_body(f"generation failed: {e}", "server_error"))
+            return
+        result = job.handle.result
+        finished = True
+        _record(metrics, endpoint, job, result)
+        yield _data(shape.last(result))
+        if include_usage:
+            yield _data(shape.usage_chunk(result))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:                             # the client left: count the request once it has stopped
+            threading.Thread(target=_record_when_done, args=(metrics, endpoint, job), daemon=True).start()
+
+
+def _record_when_done(metrics: ServerMetrics, endpoint: str, job: Job) -> None:
+    if job.handle.wait(600) and job.handle.result is not None:
+        _record(metrics, endpoint, job, job.handle.result)
 
 
 def _data(payload: dict) -> str:

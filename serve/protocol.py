@@ -136,13 +136,27 @@ def param_name(loc) -> str | None:
     return name or None
 
 
+TYPE_ERRORS = {"string_type", "int_type", "float_type", "bool_type", "list_type", "dict_type", "model_type",
+               "literal_error", "union_tag_invalid", "is_instance_of", "model_attributes_type"}
+
+
+def pick_error(errors: list[dict]) -> dict:
+    """The error to report: for a union (`stop`: a string or a list), one that says more than 'not a string'."""
+    first = errors[0]
+    root = param_name(first.get("loc", ()))
+    same = [e for e in errors if param_name(e.get("loc", ())) and
+            param_name(e.get("loc", ())).split("[")[0] == (root or "").split("[")[0]]
+    telling = [e for e in same if e.get("type") not in TYPE_ERRORS]
+    return telling[0] if telling else first
+
+
 def describe_validation_error(error: dict) -> tuple[str, str | None]:
-    """(message, param) for the first pydantic error of a request body."""
+    """(message, param) for a pydantic error of a request body (see pick_error)."""
     kind, loc = error.get("type", ""), tuple(error.get("loc", ()))
     if kind == "json_invalid":
         detail = error.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON ({detail})", None
-    if kind == "model_attributes_type" and len(loc) <= 1:
+    if kind in ("model_type", "model_attributes_type") and not [part for part in loc if part != "body"]:
         return "the request body must be a JSON object", None
     param = param_name(loc)
     if kind == "extra_forbidden":

@@ -67,7 +67,7 @@ class ModelService:
             raise ApiError(429, f"the server is busy ({e}); retry later", kind="rate_limit_error",
                            code="queue_full") from None
         except UserError as e:
-            raise ApiError(400, str(e), where) from None
+            raise ApiError(400, f"{where}: {e}", where) from None
         prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
         return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", handle, len(prompt_ids), received)
 
@@ -86,16 +86,17 @@ class ModelService:
                     raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", "prompt")
                 ids = gen.to_ids(prompt)
         except UserError as e:
-            raise ApiError(400, str(e), "prompt" if isinstance(body, CompletionRequest) else "messages") from None
+            where = "prompt" if isinstance(body, CompletionRequest) else "messages"
+            raise ApiError(400, f"{where}: {e}", where) from None
         except Exception as e:                         # the chat template refused the conversation
             if type(e).__module__.startswith("jinja2"):
                 raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
             raise
         if not ids:
-            raise ApiError(400, f"{where} gives an empty prompt", where)
+            raise ApiError(400, f"{where}: the prompt is empty", where)
         if len(ids) >= self.max_seq:
-            raise ApiError(400, f"This model's maximum context length is {self.max_seq} tokens; the {where} "
-                                f"have {len(ids)} tokens", where, code="context_length_exceeded")
+            raise ApiError(400, f"{where}: this model's maximum context length is {self.max_seq} tokens and the "
+                                f"prompt has {len(ids)}", where, code="context_length_exceeded")
         return ids, where
 
     def _sampling(self, body, n_prompt: int) -> SamplingConfig:
@@ -103,8 +104,8 @@ class ModelService:
         room = self.max_seq - n_prompt
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
         if budget is not None and budget > room:
-            raise ApiError(400, f"This model's maximum context length is {self.max_seq} tokens; you requested "
-                                f"{n_prompt + budget} ({n_prompt} in the prompt, {budget} to generate)", param,
+            raise ApiError(400, f"{param} {budget}: this model's maximum context length is {self.max_seq} tokens and "
+                                f"the prompt has {n_prompt}, leaving room for {room}", param,
                            code="context_length_exceeded")
         return SamplingConfig(max_new_tokens=budget if budget is not None else room,
                               greedy=body.temperature == 0, temperature=body.temperature, top_p=body.top_p,
@@ -122,7 +123,7 @@ class ModelService:
         except SchemaError as e:
             raise ApiError(400, str(e), e.param) from None
         except UserError as e:
-            raise ApiError(400, str(e), "response_format") from None
+            raise ApiError(400, f"response_format: {e}", "response_format") from None
 
     def grammar(self) -> GrammarCompiler:
         with self._grammar_lock:
