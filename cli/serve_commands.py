@@ -17,8 +17,8 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise UserError(f"ardeploy serve needs its extra packages ({e.name} is missing): "
                         f"pip install 'ardeploy[serve]'") from None
-    if not 1 <= args.port <= 65535:
-        raise UserError(f"--port {args.port} is outside [1, 65535]")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is outside [0, 65535]")
     if args.max_queue < 1:
         raise UserError(f"--max-queue must be at least 1 (got {args.max_queue})")
     if args.drain_timeout < 0:
@@ -62,7 +62,7 @@ def _register_serve(sub) -> None:
     p.add_argument("bundle")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="requests run at once, at most the bundle's --max-batch (default: the bundle's)")
     p.add_argument("--max-queue", type=int, default=64,
