@@ -121,9 +121,12 @@ class TritonPythonModel:
                 sender.send(self._response(event.text, [event.token]))
             result = handle.result
             sender.send(self._response("", [], FINISH.get(result.stop_reason, result.stop_reason)), flags=final)
-        except Exception as e:                        # noqa: BLE001
+        except Exception as e:                        # noqa: BLE001 - e.g. the client went away mid-stream
             handle.cancel()
-            sender.send(self._error(e), flags=final)
+            try:
+                sender.send(self._error(e), flags=final)
+            except Exception:                         # noqa: BLE001 - nobody left to tell
+                pass
 
     def _whole(self, handle):
         if isinstance(handle, BaseException):
