@@ -6,8 +6,8 @@
 
 For each number of concurrent clients: `requests` streamed greedy chat requests (max_tokens each), p50/p99
 time to first piece, p50 per-stream tokens/s and the total tokens/s over the run. --disconnect P: each request
-hangs up after its first few pieces with probability P; the script then checks that every request either
-completed or was counted cancelled by the server (its /metrics) and, with --pid, that the server's resident
+hangs up after its first few pieces with probability P; the script then reports how many requests the server
+counted completed and cancelled (its /metrics; "lost" should be 0) and, with --pid, that the server's resident
 memory after the run is within 2 % of its memory after a warm-up run. Loopback only: the URL must name
 127.0.0.1, localhost or ::1.
 """
@@ -101,13 +101,16 @@ def main() -> None:
         raise SystemExit("serve_load.py only loads a server on this machine (127.0.0.1, localhost, ::1)")
     run_level(args.url, args.model, 2, 4, args.max_tokens, 0.0, 0)          # warm-up
     rss_before = rss_kib(args.pid) if args.pid else None
-    cancelled_before = metric(args.url, 'ardeploy_requests_total{endpoint="chat",outcome="cancelled"}')
-    for level in (int(x) for x in args.clients.split(",")):
+    counted = lambda outcome: metric(args.url, f'ardeploy_requests_total{{endpoint="chat",outcome="{outcome}"}}')  # noqa: E731
+    before = {outcome: counted(outcome) for outcome in ("ok", "cancelled")}
+    levels = [int(x) for x in args.clients.split(",")]
+    for level in levels:
         report = run_level(args.url, args.model, level, args.requests, args.max_tokens, args.disconnect, level)
         print(json.dumps(report), flush=True)
     time.sleep(1.0)                                    # let the last hung-up requests be counted
-    cancelled = metric(args.url, 'ardeploy_requests_total{endpoint="chat",outcome="cancelled"}') - cancelled_before
-    summary = {"server_cancelled": cancelled}
+    after = {outcome: counted(outcome) - before[outcome] for outcome in ("ok", "cancelled")}
+    summary = {"sent": args.requests * len(levels), "server_completed": after["ok"],
+               "server_cancelled": after["cancelled"], "lost": args.requests * len(levels) - sum(after.values())}
     if rss_before:
         summary["rss_growth_pct"] = round(100 * (rss_kib(args.pid) - rss_before) / rss_before, 2)
     print(json.dumps(summary))
