@@ -121,7 +121,8 @@ async def _complete(request: HttpRequest, model, endpoint: str, service: ModelSe
     received = time.perf_counter()
     try:
         body = model.model_validate_json(await request.body())
-        job = service.admit(body, received)
+        # tokenizing and compiling a schema take milliseconds to a few hundred: off the event loop
+        job = await asyncio.to_thread(service.admit, body, received)
     except ValidationError as e:
         message, param = describe_validation_error(pick_error(e.errors(include_url=False)))
         metrics.requests.labels(endpoint, "client_error").inc()

@@ -39,7 +39,10 @@ class GrammarCompiler:
     """Compiles response formats into Constraints for one tokenizer (thread-safe after construction)."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int]):
-        import llguidance
+        try:
+            import llguidance
+        except ImportError:
+            raise UserError("structured output needs llguidance: pip install 'ardeploy[serve]'") from None
         if tokenizer is None:
             raise UserError("structured output needs the bundle's tokenizer (this bundle has none)")
         self._llg = llguidance

@@ -47,6 +47,15 @@ class ModelService:
         self._grammar: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self.draining = False
+        if generator.tokenizer is not None:         # llguidance's view of the vocabulary: built before it is needed
+            threading.Thread(target=self._prepare_grammar, daemon=True, name="ardeploy-grammar").start()
+
+    def _prepare_grammar(self) -> None:
+        try:
+            self.grammar()
+        except Exception as e:                       # noqa: BLE001 - reported again to the first request that needs it
+            from ardeploy.runtime.log import log
+            log.debug(f"structured output unavailable: {e}")
 
     @property
     def max_seq(self) -> int:
