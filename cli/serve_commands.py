@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import UserError
-from .options import add_backend_threads, add_device, add_flavor, add_verbosity, backend_options
+from .options import add_backend_threads, add_device, add_flavor, add_verbosity, run_options
 
 
 def cmd_serve(args) -> int:
@@ -25,7 +25,7 @@ def cmd_serve(args) -> int:
         raise UserError(f"--drain-timeout must be >= 0 (got {args.drain_timeout})")
     api_key = args.api_key if args.api_key is not None else os.environ.get("ARDEPLOY_API_KEY") or None
     generator, scheduler = build_engine(args.bundle, max_batch=args.max_batch, max_queue=args.max_queue,
-                                        backend=args.backend, **backend_options(args))
+                                        options=run_options(args), scheduler=args.scheduler)
     name = args.model_name or Path(args.bundle).resolve().name
     run_server(ModelService(generator, scheduler, name), host=args.host, port=args.port, api_key=api_key,
                drain_timeout=args.drain_timeout, access_log=args.verbose > 0)
@@ -35,7 +35,7 @@ def cmd_serve(args) -> int:
 def cmd_triton(args) -> int:
     from ardeploy.serve.triton import write_repository
     model_dir = write_repository(args.bundle, args.out, name=args.name, instances=args.instances,
-                                 max_batch=args.max_batch, device=args.device, threads=args.threads,
+                                 max_batch=args.max_batch, device=args.device or "cpu", threads=args.threads,
                                  decoupled=args.decoupled, bundle_path=args.bundle_path,
                                  max_queue=args.max_queue, force=args.force)
     print(f"wrote Triton model {model_dir.name!r} to {model_dir} (backend python, "
@@ -64,12 +64,16 @@ def _register_serve(sub) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)")
     p.add_argument("--max-batch", type=int, default=None,
-                   help="requests run at once, at most the bundle's --max-batch (default: the bundle's)")
+                   help="rows of the batch (requests run at once), at most the bundle's --max-batch (default: the "
+                        "bundle's)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a row; one more is answered 429 (default 64)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $ARDEPLOY_API_KEY, else no key)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the bundle folder's name)")
+    p.add_argument("--scheduler", default="auto", choices=["auto", "batching", "sequential"],
+                   help="auto (default): continuous batching (requests join the running batch between decode "
+                        "steps) when --max-batch > 1 and the graph allows it, else one request at a time")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let requests in flight finish before cancelling them (default 30)")
     add_backend_threads(p)
@@ -101,7 +105,7 @@ def _register_triton(sub) -> None:
                    help="where the Triton server will find the bundle (a path on its machine or in its container); "
                         "nothing is copied")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime in each instance")
-    add_device(p)
+    add_device(p, cuda_graph=False)
     add_verbosity(p)
     p.set_defaults(func=cmd_triton)
 

@@ -26,7 +26,7 @@ from ardeploy.runtime.log import log
 
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body, pick_error
-from .service import FINISH_REASONS, ApiError, Job, ModelService
+from .service import FINISH_REASONS, ApiError, Job, ModelService, result_of
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -149,7 +149,7 @@ async def _whole(request, service, metrics, endpoint, job: Job, shape) -> Respon
         return _failed(metrics, endpoint, e)
     finally:
         watcher.cancel()
-    result = job.handle.result
+    result = result_of(job)
     _record(metrics, endpoint, job, result)
     return JSONResponse(shape.whole(result))
 
@@ -177,7 +177,7 @@ async def _sse(service, metrics, endpoint, job: Job, shape, include_usage: bool)
             _failed(metrics, endpoint, e)
             yield _data(error_body(f"generation failed: {e}", "server_error"))
             return
-        result = job.handle.result
+        result = result_of(job)
         finished = True
         _record(metrics, endpoint, job, result)
         yield _data(shape.last(result))
@@ -190,8 +190,8 @@ async def _sse(service, metrics, endpoint, job: Job, shape, include_usage: bool)
 
 
 def _record_when_done(metrics: ServerMetrics, endpoint: str, job: Job) -> None:
-    if job.handle.wait(600) and job.handle.result is not None:
-        _record(metrics, endpoint, job, job.handle.result)
+    if job.handle.wait(600):
+        _record(metrics, endpoint, job, result_of(job))
 
 
 def _data(payload: dict) -> str:

@@ -63,7 +63,7 @@ class SequentialScheduler:
         self._lock = threading.Lock()
         self._closing = False
         self._running: Handle | None = None
-        self._counts = {"steps": 0, "completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self._counts = {"steps": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="ardeploy-scheduler", daemon=True)
         self._thread.start()
 
@@ -119,7 +119,7 @@ class SequentialScheduler:
                 self._count("failed")
                 handle._finish(error=e)
             else:
-                self._count("cancelled" if result.stop_reason == "cancelled" else "completed")
+                self._count("cancelled" if result.stop_reason == "cancelled" else "finished")
                 handle._finish(result)
             finally:
                 with self._lock:

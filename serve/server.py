@@ -1,5 +1,6 @@
 """Run the app on uvicorn: SIGTERM / SIGINT stop taking connections, let the requests in flight finish
-(up to drain_timeout seconds; those still running then are cancelled), close the scheduler and exit."""
+(up to drain_timeout seconds; those still running then are cancelled), close the scheduler and return
+(`ardeploy serve` then exits with status 0)."""
 from __future__ import annotations
 
 from ardeploy.runtime.log import log
@@ -14,7 +15,7 @@ def run_server(service: ModelService, host: str = "127.0.0.1", port: int = 8000,
 
     def shut_down():
         stats = service.scheduler.stats()
-        log.info(f"shutting down: {stats.get('completed', 0)} requests completed, "
+        log.info(f"shutting down: {stats.get('finished', 0)} requests finished, "
                  f"{stats.get('cancelled', 0)} cancelled")
         service.scheduler.close(drain=False)
         service.generator.close()
@@ -27,7 +28,13 @@ def run_server(service: ModelService, host: str = "127.0.0.1", port: int = 8000,
     sock = listen(host, port)
     log.info(f"serving {service.model_name} on http://{_url_host(host)}:{sock.getsockname()[1]}/v1 "
                 f"(SIGTERM or Ctrl-C: finish the requests in flight and stop)")
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn re-raises the signal it drained on; the CLI turns that into "interrupted". The drain is
+        # done and the scheduler closed: this is a normal end.
+        if not server.should_exit:
+            raise
 
 
 def listen(host: str, port: int):

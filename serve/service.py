@@ -166,6 +166,16 @@ class ModelService:
 _END = object()
 
 
+def result_of(job: Job):
+    """The job's GenerationResult; a request cancelled before it started may finish without one."""
+    from ardeploy.runtime.generator import GenerationResult
+    result = job.handle.result
+    if result is None:
+        result = GenerationResult(prompt_ids=list(job.handle.request.prompt_ids), token_ids=[], text="",
+                                  stop_reason="cancelled", ttft_s=0.0, decode_tokens_per_s=0.0)
+    return result
+
+
 def _pump(handle: Handle, loop, inbox: asyncio.Queue) -> None:
     """Thread: moves a handle's blocking event stream onto the event loop."""
     def put(item):

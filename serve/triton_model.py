@@ -8,7 +8,6 @@ request with all of its text and tokens.
 """
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -32,10 +31,9 @@ class TritonPythonModel:
         if not bundle.is_absolute():
             bundle = Path(args["model_repository"]) / args["model_version"] / bundle
         device = params.get("device") or "cpu"
-        if device == "cuda" and args.get("model_instance_kind") == "GPU":
-            # one instance per GPU: ONNX Runtime takes the first visible device (set before it starts CUDA)
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(args.get("model_instance_device_id", 0))
         options = {"device": device}
+        if device == "cuda" and args.get("model_instance_kind") == "GPU":
+            options["gpu"] = int(args.get("model_instance_device_id", 0))     # Triton's GPU for this instance
         if params.get("threads"):
             options["threads"] = int(params["threads"])
         self.generator, self.scheduler = build_engine(
@@ -119,8 +117,8 @@ class TritonPythonModel:
                     handle.cancel()
                     continue
                 sender.send(self._response(event.text, [event.token]))
-            result = handle.result
-            sender.send(self._response("", [], FINISH.get(result.stop_reason, result.stop_reason)), flags=final)
+            reason = handle.result.stop_reason if handle.result is not None else "cancelled"
+            sender.send(self._response("", [], FINISH.get(reason, reason)), flags=final)
         except Exception as e:                        # noqa: BLE001 - e.g. the client went away mid-stream
             handle.cancel()
             try:
@@ -137,6 +135,8 @@ class TritonPythonModel:
         except Exception as e:                        # noqa: BLE001
             return self._error(e)
         result = handle.result
+        if result is None:
+            return self._response("", [], "cancelled")
         return self._response(result.text or "", result.token_ids, FINISH.get(result.stop_reason, result.stop_reason))
 
 

@@ -84,8 +84,10 @@ class ThreadServer:
         from ardeploy.serve.service import ModelService
         self.generator, self.scheduler = build_engine(bundle, max_queue=max_queue, threads=1)
         if step_delay:                     # a slower model: requests overlap for sure (queue tests)
-            step = self.generator.backend.step
-            self.generator.backend.step = lambda *a, **kw: (time.sleep(step_delay), step(*a, **kw))[1]
+            backend = self.generator.backend
+            for name in ("step", "step_rows"):
+                slow = getattr(backend, name)
+                setattr(backend, name, lambda *a, _run=slow, **kw: (time.sleep(step_delay), _run(*a, **kw))[1])
         self.service = ModelService(self.generator, self.scheduler, MODEL)
         app = create_app(self.service, api_key=api_key)
         self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
@@ -109,7 +111,7 @@ class ThreadServer:
 def server(tiny_chat_bundle, tmp_path_factory):
     proc = ServerProcess(tiny_chat_bundle, "--max-queue", "32", log_path=tmp_path_factory.mktemp("serve") / "log")
     yield proc
-    assert proc.stop() == -signal.SIGTERM, proc.output()
+    assert proc.stop() == 0, proc.output()
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +242,7 @@ def test_smollm2_behind_the_server(smollm2_bundle, tmp_path):
                         max_tokens=60, stream=True, response_format={"type": "json_object"})
         anything = "".join(chunk.choices[0].delta.content or "" for chunk in anything)
     finally:
-        assert proc.stop() == -signal.SIGTERM, proc.output()
+        assert proc.stop() == 0, proc.output()
     assert json.loads(anything) == {"capital": "Paris"}
     capital = json.loads(shaped.choices[0].message.content)
     jsonschema.validate(capital, schema)
@@ -373,7 +375,7 @@ def test_full_queue_429_disconnects_free_their_row_and_api_key(tiny_chat_bundle)
                 assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
             _wait(lambda: server.scheduler.stats()["running"] == 0 and server.scheduler.stats()["queued"] == 0)
             stats = server.scheduler.stats()
-            assert stats["cancelled"] == held and stats["completed"] == 0, stats
+            assert stats["cancelled"] == held, stats
             assert stats["tokens"] < 480, stats
             # a whole (not streamed) request whose client gives up is cancelled too
             with pytest.raises(httpx.ReadTimeout):
@@ -386,6 +388,14 @@ def test_full_queue_429_disconnects_free_their_row_and_api_key(tiny_chat_bundle)
             assert 'ardeploy_requests_total{endpoint="completions",outcome="queue_full"} 1.0' in metrics
     finally:
         server.stop()
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.TransportError:
+        return True
+    return False
 
 
 def _wait(condition, seconds: float = 10.0) -> None:
@@ -422,16 +432,14 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tiny_chat_bundle, tmp_pa
             lines = _sse_lines(lines_of, 2)
             proc.proc.send_signal(signal.SIGTERM)
             lines += _sse_lines(lines_of, 2)
-            with pytest.raises(httpx.TransportError):      # draining: no new connections (refused or reset)
-                httpx.get(proc.url + "/health", timeout=5)
+            _wait(lambda: _refused(proc.url), 5)          # draining: new connections refused (or reset)
             lines += _sse_lines(lines_of, 10 ** 6)
-    # uvicorn re-raises the signal once it has drained: the exit status says "terminated by SIGTERM"
-    assert proc.proc.wait(TIMEOUT) == -signal.SIGTERM, proc.output()
+    assert proc.proc.wait(TIMEOUT) == 0, proc.output()
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
     pieces = [json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]]
     assert "".join(pieces) == reference("Once upon a time", 400, chat=False).text     # all 400 tokens came
-    assert "1 requests completed, 0 cancelled" in proc.output()
+    assert "1 requests finished, 0 cancelled" in proc.output()
 
 
 # -- the scheduler on its own -----------------------------------------------------------------------
