@@ -134,7 +134,7 @@ async def _complete(request: HttpRequest, model, endpoint: str, service: ModelSe
     shape = ChatShape(service, job) if endpoint == "chat" else CompletionShape(service, job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(service, metrics, endpoint, job, shape, include_usage),
+        return StreamingResponse(_sse(request, service, metrics, endpoint, job, shape, include_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     return await _whole(request, service, metrics, endpoint, job, shape)
 
@@ -162,10 +162,12 @@ async def _cancel_on_disconnect(request: HttpRequest, job: Job) -> None:
             return
 
 
-async def _sse(service, metrics, endpoint, job: Job, shape, include_usage: bool):
+async def _sse(request, service, metrics, endpoint, job: Job, shape, include_usage: bool):
     """Server-sent events: one chunk per printable piece, the finish reason, [DONE]. If the client goes away
-    the generator is closed at the next piece and `service.events` cancels the request."""
+    its request is cancelled: by the disconnect watcher (also while the request still waits for a row), or
+    when the next piece cannot be sent (the generator is closed and `service.events` cancels)."""
     finished = False
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         yield _data(shape.first())
         try:
@@ -185,6 +187,7 @@ async def _sse(service, metrics, endpoint, job: Job, shape, include_usage: bool)
             yield _data(shape.usage_chunk(result))
         yield "data: [DONE]\n\n"
     finally:
+        watcher.cancel()
         if not finished:                             # the client left: count the request once it has stopped
             threading.Thread(target=_record_when_done, args=(metrics, endpoint, job), daemon=True).start()
 
