@@ -5,9 +5,10 @@
     ardeploy generate BUNDLE --prompt TEXT   stream a completion
     ardeploy chat BUNDLE                     interactive chat that keeps its KV cache between turns
     ardeploy generate-image / calibrate / eval / build / inspect / compare / bench
+    ardeploy serve BUNDLE                    OpenAI-compatible HTTP server; ardeploy triton: a Triton model repository
 
 Each group of commands lives in its own module (text_commands, image_commands, calibration_commands,
-engine_commands, bench) with a register(subparsers) function; options they share come from options.py.
+engine_commands, bench, serve_commands) with a register(subparsers) function; options they share come from options.py.
 Errors in what the user gave (paths, values, bundles; a full or read-only disk, too little memory;
 argparse's own complaints) print one line and exit with status 2; anything else is a bug in ardeploy:
 one line saying so and exit status 3 (`--debug` shows the traceback instead). SIGTERM and SIGHUP end a
@@ -24,10 +25,10 @@ import sys
 import threading
 import traceback
 
-from . import bench, calibration_commands, engine_commands, image_commands, text_commands
+from . import bench, calibration_commands, engine_commands, image_commands, serve_commands, text_commands
 from .errors import describe_bug, describe_user_error, is_user_error
 
-COMMAND_MODULES = [text_commands, engine_commands, calibration_commands, image_commands, bench]
+COMMAND_MODULES = [text_commands, engine_commands, calibration_commands, image_commands, bench, serve_commands]
 # SIGINT already raises KeyboardInterrupt; SIGHUP exists on POSIX only
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 SIGPIPE_STATUS = 128 + 13

@@ -174,3 +174,30 @@ def write_meta_folder(folder, meta: dict[str, torch.Tensor], cfg, n_shards: int)
         "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
         "rope_theta": 50000.0, "max_seq_len": 256, "multiple_of": 32}))
     return folder
+
+
+# -- a tiny random model that speaks through SmolLM2's tokenizer and chat template (the server tests) --
+CHAT_TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                 rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_bundle(tmp_path_factory, smollm2_gguf, export_once):
+    """A bundle of a tiny random Llama (2 layers, hidden 64) with SmolLM2's real tokenizer (49,152 tokens) and
+    chat template: text in and out, grammar masks over a real vocabulary, milliseconds per token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from ardeploy.export.registry import load_checkpoint
+    source = load_checkpoint(smollm2_gguf)
+    folder = tmp_path_factory.mktemp("hf_tiny_chat")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CHAT_TINY)).eval()
+    with torch.no_grad():                 # weights x4: greedy outputs then differ from prompt to prompt
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(4)
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(source.tokenizer_json, encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": source.chat_template}),
+                                                  encoding="utf-8")
+    return export_once(folder, max_seq=512, max_batch=4, score_graph=False)
