@@ -61,6 +61,8 @@ class BatchingScheduler:
     def __init__(self, generator, max_queue: int = 64):
         self.gen = generator
         self.max_batch = generator.arena.max_batch
+        if generator.backend.device == "cuda":       # record each batch size's step before the first request
+            generator.warmup(batch_sizes=range(1, self.max_batch + 1))
         self.slots = Slots(generator.backend, generator.arena, generator.bundle.pad_id)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._running: dict[int, _Running] = {}
@@ -129,7 +131,7 @@ class BatchingScheduler:
     def _admit(self, handle: Handle) -> None:
         """Prefill the request into a free row and sample its first token."""
         if handle.cancelled:
-            self._end(handle, None, "cancelled")
+            self._cancel_waiting(handle)
             return
         request, gen = handle.request, self.gen
         processors = [constraint_processor(request.constraint)] if request.constraint is not None else None
@@ -188,11 +190,11 @@ class BatchingScheduler:
         if progress.stop_reason is not None:
             self._finish(running)
 
-    def _finish(self, running: _Running) -> None:
+    def _finish(self, running: _Running, why: str = "finished") -> None:
         self._release(running)
         timings = RunTimings(running.started, running.first_token_at, time.perf_counter(), 0.0)
         running.handle._finish(result=running.progress.result(timings, has_text=self.gen.tokenizer is not None))
-        self.counters["finished"] += 1
+        self.counters[why] += 1
 
     def _release(self, running: _Running) -> None:
         self._running.pop(running.row, None)
@@ -201,15 +203,19 @@ class BatchingScheduler:
     def _drop_cancelled(self) -> None:
         for running in [r for r in self._running.values() if r.handle.cancelled]:
             running.progress.stop_reason = "cancelled"
-            self._finish(running)
-            self.counters["cancelled"] += 1
+            self._finish(running, "cancelled")
 
     def _cancel_everything(self) -> None:
         for running in self._running.values():
             running.handle.cancel()
         while not self._queue.empty():
-            self._end(self._queue.get_nowait(), None, "cancelled")
+            self._cancel_waiting(self._queue.get_nowait())
 
-    def _end(self, handle: Handle, result, why: str) -> None:
-        handle._finish(result=result)
-        self.counters["cancelled" if why == "cancelled" else "finished"] += 1
+    def _cancel_waiting(self, handle: Handle) -> None:
+        """A request cancelled before it had a row: a result with no tokens, stop_reason "cancelled"."""
+        progress = RowProgress(handle.request.prompt_ids, None, [])
+        progress.stop_reason = "cancelled"
+        now = time.perf_counter()
+        handle._finish(result=progress.result(RunTimings(getattr(handle, "submitted_at", now), now, now, 0.0),
+                                              has_text=False))
+        self.counters["cancelled"] += 1

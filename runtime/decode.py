@@ -110,9 +110,10 @@ class Rows:
 
 class Slots:
     """The arena's rows as slots for continuous batching: each holds one request at its own length. A
-    request's prompt runs into a free row alone (in pieces of the backend's prefill_chunk), leaving the
-    other rows as they are; `step` then runs one token for every row at once (a free row is fed padding
-    at its start: harmless, it is overwritten when the row is taken)."""
+    request's prompt runs into the lowest free row alone (in pieces of the backend's prefill_chunk),
+    leaving the other rows as they are; `step` then runs one token for each of the rows up to the last
+    busy one at once (a batch-major cache's first rows are a smaller batch's cache, so a lone request
+    runs at batch 1; a free row among them is fed padding at its start, overwritten when it is taken)."""
 
     def __init__(self, backend, arena: KVArena, pad: int):
         if not backend.rows_own_lengths:
@@ -130,6 +131,7 @@ class Slots:
         """Run a prompt into a free row; returns (row, logits [1, vocab] of its last position)."""
         row = self.free[0]
         self.busy[row], self.lengths[row] = True, 0
+        self.arena.reset(self.arena.max_batch)                  # any row may be bound
         ids = np.asarray([prompt], dtype=np.int64)
         chunk = self.backend.prefill_chunk or ids.shape[1]
         for start in range(0, ids.shape[1], chunk):
@@ -139,11 +141,15 @@ class Slots:
         return row, logits
 
     def step(self, tokens: np.ndarray):
-        """One token for every busy row (tokens [max_batch]; free rows' entries are ignored)."""
-        ids = np.where(self.busy, tokens, self.pad).astype(np.int64)[:, None]
-        lengths = np.where(self.busy, self.lengths, 0)
+        """One token for every busy row (tokens [max_batch]; free rows' entries are ignored). Returns the
+        logits of rows 0 .. the last busy one."""
+        rows = int(np.nonzero(self.busy)[0].max()) + 1
+        busy = self.busy[:rows]
+        ids = np.where(busy, tokens[:rows], self.pad).astype(np.int64)[:, None]
+        lengths = np.where(busy, self.lengths[:rows], 0)
+        self.arena.reset(rows)                                  # the cache's first `rows` rows
         logits = self.backend.step_rows(ids, lengths, self.arena)
-        self.lengths[self.busy] += 1
+        self.lengths[:rows][busy] += 1
         return logits
 
     def release(self, row: int) -> None:

@@ -152,3 +152,39 @@ def test_each_row_applies_its_own_constraint(bundle):
 def test_the_portable_graph_is_refused_in_one_line(bundle):
     with pytest.raises(BundleError, match="own length"):
         BatchingScheduler(Generator.load(bundle, threads=threads(), flavor="portable"))
+
+
+def test_a_request_cancelled_while_waiting_gets_a_cancelled_result(bundle):
+    scheduler = BatchingScheduler(Generator.load(bundle, threads=threads(), max_batch=1), max_queue=4)
+    gate = Gate()
+    first = scheduler.submit(Request(rng_ids(5), SamplingConfig(greedy=True, max_new_tokens=6, ignore_eos=True),
+                                     gate))
+    assert gate.reached.wait(30)
+    waiting = scheduler.submit(Request(rng_ids(4), SamplingConfig(greedy=True, max_new_tokens=6)))
+    waiting.cancel()
+    gate.open.set()
+    assert waiting.wait(30) and first.wait(30)
+    scheduler.close()
+    assert waiting.result.stop_reason == "cancelled" and waiting.result.token_ids == []
+    assert first.result.stop_reason == "max_new_tokens"
+    stats = scheduler.stats()
+    assert (stats["finished"], stats["cancelled"]) == (1, 1)        # each request counted once
+
+
+def test_a_lone_request_runs_at_batch_one(bundle, monkeypatch):
+    """Rows are taken lowest first and a step runs rows 0 .. the last busy one: one request alone does
+    not pay for the free rows."""
+    gen = Generator.load(bundle, threads=threads())
+    widths = []
+    step_rows = gen.backend.step_rows
+
+    def spy(ids, lengths, arena, row=None):
+        if row is None:
+            widths.append(ids.shape[0])
+        return step_rows(ids, lengths, arena, row)
+    monkeypatch.setattr(gen.backend, "step_rows", spy)
+    scheduler = BatchingScheduler(gen, max_queue=4)
+    request = Request(rng_ids(6), SamplingConfig(greedy=True, max_new_tokens=8, ignore_eos=True))
+    assert [e.token for e in scheduler.submit(request).events(timeout=30)] == alone(bundle, request)
+    scheduler.close()
+    assert widths and set(widths) == {1}
