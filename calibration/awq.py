@@ -25,12 +25,14 @@ ORDER = ("down", "o", "gate_up", "qkv")
 
 
 def awq_smoothing(source: SourceModel, hessians: dict[str, np.ndarray], block: int, record: dict[str, dict],
-                  progress: bool = True) -> Smoothing:
+                  progress: bool = True, layers: list[int] | None = None, into: Smoothing | None = None) -> Smoothing:
     """Factors and folds of every decoder group (the head is never scaled: the tied embedding
-    table would change); what was decided goes into `record` (group -> calibration.json entry)."""
+    table would change) of `layers` (default: all), added to `into` (default: a new Smoothing);
+    what was decided goes into `record` (group -> calibration.json entry)."""
     from tqdm import tqdm
-    smoothing, groups = Smoothing(), source.groups()
-    for layer in tqdm(source.layers, desc="AWQ scales", unit="layer", disable=not progress, leave=False):
+    smoothing, groups = into if into is not None else Smoothing(), source.groups()
+    layers = source.layers if layers is None else layers
+    for layer in tqdm(layers, desc="AWQ scales", unit="layer", disable=not progress or len(layers) < 2, leave=False):
         columns: dict[str, np.ndarray] = {}        # param -> factor per output column, from folds decided
         for kind in ORDER:
             group = f"layers.{layer}.{kind}"

@@ -36,6 +36,7 @@ from .collect import collect_channel_max, collect_histograms, reuse_statistics
 from .data import calibration_data
 from .graphs import QuantPlan, quantize_graph
 from .int4 import check_block
+from .passes import Pass, perplexity_in_passes, plan_passes
 from .sensitivity import search_keep_fp
 from .smoothing import Smoothing, choose_smoothing
 from .source import SourceModel, check_source
@@ -70,6 +71,7 @@ class CalibConfig:
     target: str | None = None                   # None | "trt-rtx"
     compute_capabilities: tuple[str, ...] = ("SM89",)
     threads: int | None = None
+    layers_per_pass: int | None = None          # None: as many as fit passes.PASS_BYTES (passes.py)
     progress: bool = True
     force: bool = False
 
@@ -214,11 +216,13 @@ class Calibrator:
         """Perplexity of the score graph (plan None: the FP one) on `windows` (default: the check windows)."""
         windows = self.check if windows is None else windows
         score, folder, threads = self.source.graphs["score"], self.bundle.path, self.cfg.threads
+        passes = self.passes()
+        if len(passes) > 1:
+            return perplexity_in_passes(self.source, plan, windows, passes, threads, self.cfg.progress, desc)
         if plan is None:
             sess = ev.session(score, folder, threads=threads)
         else:
-            model = quantize_graph(score, "score", self.source.linears, plan, ev.in_memory_initializer,
-                                   embed_int4=True)
+            model = quantize_graph(score, "score", self.source.linears, plan, ev.in_memory_initializer)
             sess = ev.session(model, folder, arrays=plan.tensors, threads=threads)
         seq_len = self.cfg.seq_len
         return ev.perplexity(ev.score_fn(sess), windows.reshape(-1), seq_len, seq_len, self.cfg.progress, desc)["ppl"]
@@ -228,29 +232,64 @@ class Calibrator:
         """(the plan to write, layers kept in FP)."""
         t0 = time.perf_counter()
         self.load_data(data)
-        self._statistics(t0)
         keep = self._requested_keep_fp()
+        units = self.units_to_quantize(set(keep))
+        self._statistics(t0, units)
         t1 = time.perf_counter()
-        plan = self.quant_plan(self.units_to_quantize(set(keep)))
-        self.record.seconds["quantize_weights"] = round(time.perf_counter() - t1, 1)
+        plan = self.quant_plan(units)
+        self.record.seconds["quantize_weights"] = round(time.perf_counter() - t1 +
+                                                        self.record.seconds.pop("quantize_in_passes", 0.0), 1)
         if len(self.check):
             plan, keep = self._check(plan, keep)
         self.record.seconds["total_before_write"] = round(time.perf_counter() - t0, 1)
         return plan, keep
 
-    def _statistics(self, t0: float) -> None:
-        cfg, record = self.cfg, self.record
+    def passes(self, hessians: bool = False) -> list[Pass]:
+        """How the score graph is run over the windows: a few layers at a time for big models (passes.py)."""
+        return plan_passes(self.source, hessians, self.cfg.layers_per_pass)
+
+    def _statistics(self, t0: float, units: list) -> None:
+        cfg = self.cfg
         if cfg.scheme in ("w8a16", "w4a16") and cfg.needs_hessians:
-            chmax = self.collect_channel_max()
-            record.seconds["hessians"] = round(time.perf_counter() - t0, 1)
-            for g, v in chmax.items():
-                record.groups.setdefault(g, {})["channel_absmax"] = np.round(v, 6).tolist()
-            if cfg.scheme == "w4a16" and cfg.int4_weights in ("awq", "awq-gptq"):
-                t1 = time.perf_counter()
-                self.smoothing = awq_smoothing(self.source, self.hessians, cfg.block_size, record.groups, cfg.progress)
-                record.seconds["awq_scales"] = round(time.perf_counter() - t1, 1)
+            self._weight_statistics(t0, units)
         elif cfg.scheme == "w8a8":
             self.set_activation_scales(*self._w8a8_statistics(t0))
+
+    def _weight_statistics(self, t0: float, units: list) -> None:
+        """X^T X for AWQ / GPTQ, collected a pass of layers at a time (passes.py): as soon as a pass is in,
+        its layers' AWQ factors are chosen, its units quantized (the quantizer keeps them) and its X^T X
+        dropped, so the statistics of one pass are held at a time. Each layer's result depends only on
+        its own statistics, so this is what collecting everything first gives."""
+        cfg, record, seconds = self.cfg, self.record, {"awq_scales": 0.0, "quantize_in_passes": 0.0}
+        awq = cfg.scheme == "w4a16" and cfg.int4_weights in ("awq", "awq-gptq")
+        self.smoothing = Smoothing()
+        groups = self.source.groups()
+
+        def after_pass(p: Pass, chmax: dict, xtx: dict) -> None:
+            mine = [g for g in chmax if p.holds(groups[g][0].layer)]
+            for g in mine:
+                record.groups.setdefault(g, {})["channel_absmax"] = np.round(chmax[g], 6).tolist()
+            self.hessians, t1 = xtx, time.perf_counter()
+            if awq:
+                awq_smoothing(self.source, xtx, cfg.block_size, record.groups, cfg.progress,
+                              layers=[l for l in self.source.layers if p.holds(l)], into=self.smoothing)
+            t2 = time.perf_counter()
+            for unit in units:
+                if p.holds(unit):
+                    self.quantizer.layer(unit)
+            seconds["awq_scales"] += t2 - t1
+            seconds["quantize_in_passes"] += time.perf_counter() - t2
+            for g in mine:
+                xtx.pop(g, None)
+
+        passes = self.passes(hessians=True)
+        collect_channel_max(self.source, self.windows, True, cfg.threads, cfg.progress, passes, after_pass)
+        record.seconds["hessians"] = round(time.perf_counter() - t0 - sum(seconds.values()), 1)
+        if awq:
+            record.seconds["awq_scales"] = round(seconds["awq_scales"], 1)
+        record.seconds["quantize_in_passes"] = seconds["quantize_in_passes"]
+        if len(passes) > 1:
+            record.data["passes"] = [[p.first, p.last] for p in passes]
 
     def _w8a8_statistics(self, t0: float) -> tuple[dict, dict | None]:
         """(per-channel maxima, histograms or None), SmoothQuant chosen from the maxima."""

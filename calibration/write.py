@@ -80,7 +80,7 @@ def write_graphs(folder: Path, source: SourceModel, plan: QuantPlan, weights: We
         if kind not in source.graphs:
             _quantized_ort_head(q, plan)
         relocate(q, weights, plan.tensors, source.weights, plan.aliases)
-        onnx.save_model(q, str(folder / source.bundle.manifest["graphs"][kind]["file"]))
+        ev.save_graph(q, folder / source.bundle.manifest["graphs"][kind]["file"])
 
 
 def _quantized_ort_head(model: onnx.ModelProto, plan: QuantPlan) -> None:
