@@ -22,13 +22,13 @@ class StatsRun:
     (passes.py): only the groups of its layers, on the graph cut to them."""
 
     def __init__(self, source: SourceModel, reduce: bool, hessian: bool = False, threads: int | None = None,
-                 runner: PassRunner | None = None, p: Pass | None = None):
+                 runner: PassRunner | None = None, p: Pass | None = None, device: str = "cpu"):
         lins = {l.param: l for l in source.quantized_linears() if p is None or p.holds(l.layer)}
         tensors = group_inputs(lins, "score")
         score = source.graphs["score"] if p is None else runner.cut(source.graphs["score"], p)
         keep = (hidden_name(p.last),) if p is not None and p.last < p.n_layers else ()
         self.model = stats_model(score, tensors, reduce, source.float_dtype, hessian, keep)
-        self.session = ev.session(self.model, source.bundle.path, threads=threads) if p is None else None
+        self.session = ev.session(self.model, source.bundle.path, threads=threads, device=device) if p is None else None
         self.groups = list(tensors)
         self.outputs = [o.name for o in self.model.graph.output]
 
@@ -73,10 +73,10 @@ def collect_channel_max(source: SourceModel, windows: np.ndarray, hessians: bool
 
 
 def collect_histograms(source: SourceModel, windows: np.ndarray, smoothing: dict[str, np.ndarray],
-                       threads: int | None = None, progress: bool = True) -> dict[str, AbsHistogram]:
+                       threads: int | None = None, progress: bool = True, device: str = "cpu") -> dict[str, AbsHistogram]:
     """Histograms of |x| per group, of x / s where SmoothQuant divides the group's input by s."""
     from tqdm import tqdm
-    stats = StatsRun(source, reduce=False, threads=threads)
+    stats = StatsRun(source, reduce=False, threads=threads, device=device)
     hists = {g: AbsHistogram() for g in stats.groups}
     inv = {g: (1.0 / smoothing[g]).astype(np.float32) if g in smoothing else None for g in stats.groups}
     for ids in tqdm(windows, desc="calibrate: histograms", unit="window", disable=not progress, leave=False):

@@ -32,6 +32,7 @@ from ..runtime.log import log
 from . import evaluate as ev
 from .act_scales import activation_scales
 from .awq import awq_smoothing
+from .compute import ops_for
 from .collect import collect_channel_max, collect_histograms, reuse_statistics
 from .data import calibration_data
 from .graphs import QuantPlan, quantize_graph
@@ -72,6 +73,8 @@ class CalibConfig:
     compute_capabilities: tuple[str, ...] = ("SM89",)
     threads: int | None = None
     layers_per_pass: int | None = None          # None: as many as fit passes.PASS_BYTES (passes.py)
+    compute: str = "auto"                       # weight arithmetic: auto | numpy | torch | cuda (compute.py)
+    device: str = "cpu"                         # where ONNX Runtime runs the score graph: cpu | cuda
     progress: bool = True
     force: bool = False
 
@@ -95,6 +98,8 @@ class CalibConfig:
             raise UserError(f"--smoothquant-alpha must be in [0, 1] (got {self.smoothquant_alpha})")
         if self.samples < 1 or self.seq_len < 2:
             raise UserError("--samples must be >= 1 and --seq-len >= 2")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"unknown --device {self.device!r} (cpu or cuda)")
         if self.target not in (None, "trt-rtx"):
             raise UserError(f"unknown --target {self.target!r} (trt-rtx)")
 
@@ -141,6 +146,7 @@ class Calibrator:
                               f"(re-export without --no-score)")
         self.bundle, self.cfg = bundle, cfg
         self.source = SourceModel(bundle, cfg.quantize_head)
+        self.ops = ops_for(cfg.compute)
         if cfg.scheme == "w4a16":
             for lin in self.source.quantized_linears():
                 check_block(lin.shape[1 - lin.out_axis], cfg.block_size, lin.param)
@@ -166,12 +172,12 @@ class Calibrator:
     def collect_channel_max(self) -> dict[str, np.ndarray]:
         """Per-channel max |x| of every calibrated activation (and, for GPTQ, X^T X into self.hessians)."""
         chmax, self.hessians = collect_channel_max(self.source, self.windows, self.cfg.needs_hessians,
-                                                   self.cfg.threads, self.cfg.progress)
+                                                   self.cfg.threads, self.cfg.progress, device=self.cfg.device)
         return chmax
 
     def collect_histograms(self) -> dict[str, AbsHistogram]:
         return collect_histograms(self.source, self.windows, self.smoothing.factors, self.cfg.threads,
-                                  self.cfg.progress)
+                                  self.cfg.progress, self.cfg.device)
 
     def reuse_statistics(self, path: str) -> tuple[dict, dict | None]:
         chmax, hists, self.record.data = reuse_statistics(path, self.source.groups(), self.cfg.smoothquant_alpha,
@@ -196,7 +202,7 @@ class Calibrator:
                 or q.hessians is not self.hessians:
             bits = 4 if cfg.scheme == "w4a16" else 8
             self._quantizer = WeightQuantizer(self.source, self.smoothing, cfg.weights_method, self.hessians,
-                                              bits, cfg.block_size)
+                                              bits, cfg.block_size, self.ops)
         return self._quantizer
 
     def quant_plan(self, units) -> QuantPlan:
@@ -218,12 +224,13 @@ class Calibrator:
         score, folder, threads = self.source.graphs["score"], self.bundle.path, self.cfg.threads
         passes = self.passes()
         if len(passes) > 1:
-            return perplexity_in_passes(self.source, plan, windows, passes, threads, self.cfg.progress, desc)
+            return perplexity_in_passes(self.source, plan, windows, passes, threads, self.cfg.progress, desc,
+                                        self.cfg.device)
         if plan is None:
-            sess = ev.session(score, folder, threads=threads)
+            sess = ev.session(score, folder, threads=threads, device=self.cfg.device)
         else:
             model = quantize_graph(score, "score", self.source.linears, plan, ev.in_memory_initializer)
-            sess = ev.session(model, folder, arrays=plan.tensors, threads=threads)
+            sess = ev.session(model, folder, arrays=plan.tensors, threads=threads, device=self.cfg.device)
         seq_len = self.cfg.seq_len
         return ev.perplexity(ev.score_fn(sess), windows.reshape(-1), seq_len, seq_len, self.cfg.progress, desc)["ppl"]
 
@@ -272,7 +279,7 @@ class Calibrator:
             self.hessians, t1 = xtx, time.perf_counter()
             if awq:
                 awq_smoothing(self.source, xtx, cfg.block_size, record.groups, cfg.progress,
-                              layers=[l for l in self.source.layers if p.holds(l)], into=self.smoothing)
+                              layers=[l for l in self.source.layers if p.holds(l)], into=self.smoothing, ops=self.ops)
             t2 = time.perf_counter()
             for unit in units:
                 if p.holds(unit):
@@ -283,7 +290,7 @@ class Calibrator:
                 xtx.pop(g, None)
 
         passes = self.passes(hessians=True)
-        collect_channel_max(self.source, self.windows, True, cfg.threads, cfg.progress, passes, after_pass)
+        collect_channel_max(self.source, self.windows, True, cfg.threads, cfg.progress, passes, after_pass, cfg.device)
         record.seconds["hessians"] = round(time.perf_counter() - t0 - sum(seconds.values()), 1)
         if awq:
             record.seconds["awq_scales"] = round(seconds["awq_scales"], 1)

@@ -81,6 +81,7 @@ def write_graphs(folder: Path, source: SourceModel, plan: QuantPlan, weights: We
             _quantized_ort_head(q, plan)
         relocate(q, weights, plan.tensors, source.weights, plan.aliases)
         ev.save_graph(q, folder / source.bundle.manifest["graphs"][kind]["file"])
+        source.weights.release()
 
 
 def _quantized_ort_head(model: onnx.ModelProto, plan: QuantPlan) -> None:
@@ -124,6 +125,7 @@ def smoke_run(out: Path, manifest: dict, threads: int | None) -> dict:
             feeds = {"input_ids": ids[:, :1], "attention_mask": np.ones((1, 5), np.int64)}
             feeds.update({i.name: past for i in sess.get_inputs() if i.name.startswith("past.")})
         logits = sess.run(["logits"], feeds)[0]
+        del sess            # one graph's session at a time
         if not np.isfinite(logits).all():
             raise RuntimeError(f"{kind}: quantized graph gives non-finite logits")
         results[kind] = logits
@@ -194,7 +196,8 @@ def calibration_json(cal: Calibrator, keep: list[int], plan: QuantPlan) -> dict:
         "config": {"method": cfg.method, "percentile": cfg.percentile, "smoothquant_alpha": cfg.smoothquant_alpha,
                    "weight_method": cfg.weights_method, "samples": cfg.samples, "seq_len": cfg.seq_len,
                    "block_size": cfg.block_size if cfg.scheme == "w4a16" else None,
-                   "quantize_head": cfg.quantize_head, "keep_fp": keep, "keep_fp_requested": cfg.keep_fp},
+                   "quantize_head": cfg.quantize_head, "keep_fp": keep, "keep_fp_requested": cfg.keep_fp,
+                   "compute": cal.ops.name},
         "source_bundle": str(Path(cal.bundle.path).resolve()),
         "data": record.data,
         "groups": record.groups,
