@@ -87,7 +87,7 @@ def _add_in_memory_initializers(model: onnx.ModelProto, options, arrays: dict[st
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n])) for n in names]
         options.add_external_initializers(names, values)
         return model, values
-    if not hasattr(options, "add_external_initializers_from_files_in_memory"):      # onnxruntime < 1.23
+    if not files_in_memory(options):
         return _embedded_packed(model, arrays, options, base_dir)
     model = _copy_graph_only(model)
     files: dict[str, np.ndarray] = {}
@@ -104,6 +104,11 @@ def _add_in_memory_initializers(model: onnx.ModelProto, options, arrays: dict[st
     options.add_external_initializers_from_files_in_memory(names, [files[n] for n in names],
                                                            [files[n].nbytes for n in names])
     return model, [files]
+
+
+def files_in_memory(options) -> bool:
+    """Whether ONNX Runtime takes external files from memory (its Python API since 1.23)."""
+    return hasattr(options, "add_external_initializers_from_files_in_memory")
 
 
 def _copy_graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
