@@ -65,19 +65,19 @@ def layer_bytes(source, hessians: bool) -> dict[int | None, int]:
 
 def plan_passes(source, hessians: bool, layers_per_pass: int | None = None, budget: int = PASS_BYTES) -> list[Pass]:
     """Consecutive passes over the decoder layers: `layers_per_pass` each, or as many as fit `budget`
-    (at least one; the head goes with the last pass)."""
+    (at least one; the last pass also holds the head, so passes are filled from the last layer back)."""
     n = source.bundle.spec["n_layers"]
     if layers_per_pass:
         return [Pass(a, min(a + layers_per_pass, n), n) for a in range(0, n, layers_per_pass)]
     cost = layer_bytes(source, hessians)
-    passes, first, used = [], 0, cost.get(None, 0)
-    for layer in range(n):
+    passes, last, used = [], n, cost.get(None, 0)
+    for layer in reversed(range(n)):
         c = cost.get(layer, 0)
-        if layer > first and used + c > budget:
-            passes.append(Pass(first, layer, n))
-            first, used = layer, cost.get(None, 0)
+        if layer < last - 1 and used + c > budget:
+            passes.append(Pass(layer + 1, last, n))
+            last, used = layer + 1, 0
         used += c
-    return passes + [Pass(first, n, n)]
+    return [Pass(0, last, n)] + passes[::-1]
 
 
 def hidden_name(layer: int) -> str:

@@ -53,6 +53,29 @@ def reset_peak_rss() -> None:
         pass
 
 
+class RssSampler:
+    """VmRSS every `every` seconds on a thread: where in the run the peak falls (the log's stage names
+    and calibration.json's seconds place it)."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+        self.samples, self.every, self.stop = [], every, threading.Event()
+        self.t0 = time.perf_counter()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            with open("/proc/self/status") as f:
+                rss = next((int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:")), 0)
+            self.samples.append((round(time.perf_counter() - self.t0, 1), rss))
+
+    def done(self) -> list:
+        self.stop.set()
+        self.thread.join()
+        return self.samples
+
+
 def child(a) -> dict:
     """One calibration in this process; returns what the parent reports."""
     import numpy as np
@@ -67,17 +90,21 @@ def child(a) -> dict:
     cfg = CalibConfig(scheme=a.scheme, samples=a.samples, seq_len=a.seq_len, check_windows=a.check_windows,
                       keep_fp=None, threads=a.threads, progress=not a.quiet, force=True,
                       layers_per_pass=a.layers_per_pass, compute=a.compute, device=a.device, **method)
+    sampler = RssSampler()
     t0 = time.perf_counter()
     manifest = calibrate_bundle(a.bundle, data, a.out, cfg)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
+    timeline = sampler.done()
     calib = json.loads((Path(a.out) / "calibration.json").read_text())
     result = {"method": a.method, "scheme": a.scheme, "seconds": round(seconds, 1), "peak_rss_bytes": peak,
               "source_weights_bytes": bundle.manifest["weights"]["bytes"],
               "peak_over_weights": round(peak / bundle.manifest["weights"]["bytes"], 3),
               "stages": calib["seconds"], "passes": calib["data"].get("passes"),
               "check": manifest["quantization"]["check"], "weights_bytes": manifest["weights"]["bytes"],
-              "compute": calib["config"].get("compute")}
+              "compute": calib["config"].get("compute"),
+              "rss_timeline_gib": [(t, round(r / 2 ** 30, 2)) for t, r in timeline[:: max(1, len(timeline) // 60)]],
+              "peak_at_seconds": max(timeline, key=lambda x: x[1])[0] if timeline else None}
     try:
         import torch
         if torch.cuda.is_available() and torch.cuda.max_memory_allocated():

@@ -134,7 +134,9 @@ def test_plan_passes_by_memory(bundles):
     cal = Calibrator(Bundle.load(bundles["peaked"]), CalibConfig("w4a16", progress=False))
     cost = layer_bytes(cal.source, hessians=True)
     assert plan_passes(cal.source, True) == [Pass(0, 2, 2)]
-    assert plan_passes(cal.source, True, budget=cost[None] + cost[0]) == [Pass(0, 1, 2), Pass(1, 2, 2)]
+    assert plan_passes(cal.source, True, budget=cost[None] + cost[1]) == [Pass(0, 1, 2), Pass(1, 2, 2)]
+    assert plan_passes(cal.source, True, budget=cost[0] + cost[1]) == [Pass(0, 1, 2), Pass(1, 2, 2)]  # head: last
+    assert plan_passes(cal.source, True, budget=cost[0] + cost[1] + cost[None]) == [Pass(0, 2, 2)]
     assert plan_passes(cal.source, True, budget=1) == [Pass(0, 1, 2), Pass(1, 2, 2)]     # at least a layer each
     assert layer_bytes(cal.source, hessians=False)[0] < cost[0]
 
