@@ -4,7 +4,7 @@
     ardeploy verify BUNDLE                   ONNX Runtime vs PyTorch reference (and transformers)
     ardeploy generate BUNDLE --prompt TEXT   stream a completion
     ardeploy chat BUNDLE                     interactive chat that keeps its KV cache between turns
-    ardeploy generate-image / calibrate / eval / build / inspect / compare / bench
+    ardeploy generate-image / calibrate / eval / build / inspect / compare / plan / bench
 
 Each group of commands lives in its own module (text_commands, image_commands, calibration_commands,
 engine_commands, bench) with a register(subparsers) function; options they share come from options.py.
@@ -17,10 +17,10 @@ import argparse
 import sys
 import traceback
 
-from . import bench, calibration_commands, engine_commands, image_commands, text_commands
+from . import bench, calibration_commands, engine_commands, image_commands, plan_commands, text_commands
 from .errors import describe_bug, describe_user_error, user_errors
 
-COMMAND_MODULES = [text_commands, engine_commands, calibration_commands, image_commands, bench]
+COMMAND_MODULES = [text_commands, engine_commands, plan_commands, calibration_commands, image_commands, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
