@@ -66,6 +66,7 @@ def collect_channel_max(source: SourceModel, windows: np.ndarray, hessians: bool
                     else:
                         xtx[group] = h.copy()
             bar.update()
+        values = None           # the last window's X^T X: not held while the pass's results are used
         if after_pass is not None:
             after_pass(p, chmax, xtx)
     bar.close()
