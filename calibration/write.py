@@ -150,8 +150,9 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
         {"dtype": "int8", "symmetric": True, "granularity": "per-tensor", "static": True, "method": cfg.method,
          "percentile": cfg.percentile if cfg.method == "percentile" else None,
          "smoothquant_alpha": cfg.smoothquant_alpha,
-         # the runtime asks ONNX Runtime for exact products on every x86 CPU (runtime/sessions.py)
-         "x86_int8_products": "exact: uint8 x uint8 kernels (session.x64quantprecision), no VPMADDUBSW saturation"},
+         # fp32 bundles: the runtime asks ONNX Runtime for exact products on every x86 CPU (runtime/sessions.py)
+         "x86_int8_products": "exact: uint8 x uint8 kernels (session.x64quantprecision), no VPMADDUBSW saturation"
+         if m["dtype"] == "fp32" else "the CPU's own: saturating VPMADDUBSW on x86 without VNNI"},
         "quantized_layers": [l for l in cal.source.layers if l not in keep],
         "kept_fp_layers": keep,
         "lm_head": head_dtype if cfg.quantize_head else m["dtype"],

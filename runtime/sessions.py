@@ -2,6 +2,7 @@
 graph when ONNX Runtime cannot load it. The backend, the VQ decoder and calibration all use it."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .bundle import BundleError
@@ -31,14 +32,37 @@ def providers(device: str, cuda_graph: bool = False) -> list:
 # against 0.0007 on the tiny test model, SmolLM2 perplexity 1.038x against 1.018x, measured on an AVX2-only EPYC).
 # This entry makes ONNX Runtime store such weights as uint8 (w + 128, its zero point likewise) so that the
 # uint8 x uint8 kernels run, which widen to 16 bits first and saturate nothing: every x86 CPU computes the same
-# exact int8 products (a VNNI CPU already did, so there it costs speed, not accuracy). Graphs without int8
-# activation GEMMs (fp32/fp16, w8a16, w4a16: MatMulNBits) are unaffected.
+# exact int8 products (a VNNI CPU already did, so there it costs speed, not accuracy). It is set only for fp32
+# graphs that quantize activations (w8a8): where a weight's DequantizeLinear stays unfused (weight-only w8a16
+# graphs, some layers of fp16 w8a8 ones) ONNX Runtime 1.32 rewrites it too and then refuses its zero point;
+# an unfused layer multiplies in float, so it has nothing to saturate.
 EXACT_INT8_ON_X86 = ("session.x64quantprecision", "1")
 
 
+def quantizes_activations(model) -> bool:
+    """Whether a bundle's graph file runs int8 activation GEMMs from fp32 activations: its manifest says so
+    (w8a8 of an fp32 bundle)."""
+    if not isinstance(model, (str, Path)):
+        return False            # graphs in memory: their caller decides (calibration/evaluate.py)
+    try:
+        manifest = json.loads((Path(model).parent / "manifest.json").read_text(encoding="utf-8"))
+        return bool((manifest.get("quantization") or {}).get("activations")) and manifest.get("dtype") == "fp32"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def ask_exact_int8(options) -> None:
+    """Set EXACT_INT8_ON_X86 on `options` (once: ONNX Runtime warns when an entry is set again)."""
+    try:
+        if options.get_session_config_entry(EXACT_INT8_ON_X86[0]) == EXACT_INT8_ON_X86[1]:
+            return
+    except Exception:               # noqa: BLE001 - onnxruntime raises a plain error for a missing entry
+        pass
+    options.add_session_config_entry(*EXACT_INT8_ON_X86)
+
+
 def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True):
-    """Full graph optimization, `threads` intra-op threads (None: all cores), one inter-op thread,
-    exact int8 products on every x86 CPU (EXACT_INT8_ON_X86).
+    """Full graph optimization, `threads` intra-op threads (None: all cores), one inter-op thread.
     prepack=False keeps ONNX Runtime from making packed copies of the weights;
     warnings=False hides ONNX Runtime's warnings (used when running graphs held in memory)."""
     import onnxruntime as ort
@@ -51,7 +75,6 @@ def session_options(threads: int | None = None, prepack: bool = True, warnings: 
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry(*EXACT_INT8_ON_X86)
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     return options
@@ -60,8 +83,11 @@ def session_options(threads: int | None = None, prepack: bool = True, warnings: 
 def open_session(model: str | Path | bytes, options, device: str = "cpu", name: str | Path | None = None,
                  cuda_graph: bool = False):
     """An InferenceSession of a graph file (or serialized model bytes); a graph ONNX Runtime cannot
-    load becomes a BundleError naming `name` (default: the file). cuda_graph: see providers()."""
+    load becomes a BundleError naming `name` (default: the file). cuda_graph: see providers(). A w8a8
+    bundle's graph gets exact int8 products on every x86 CPU (EXACT_INT8_ON_X86)."""
     import onnxruntime as ort
+    if device == "cpu" and quantizes_activations(model):
+        ask_exact_int8(options)
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                     providers=providers(device, cuda_graph))

@@ -4,13 +4,15 @@ CPUs without VNNI (AVX2 only: Zen 1-3, Haswell to Comet Lake; AVX-512 without VN
 uint8 activations by int8 weights with VPMADDUBSW, whose pair sums saturate at int16: on an AVX2-only
 EPYC the w8a8 decode graph of the tiny peaked model measured KL 0.0143 to FP32 against 0.0007 on a VNNI
 CPU (the test_calibration.py bound is 0.003), and SmolLM2's perplexity 1.038x against 1.018x. Every
-session the runtime and calibration make sets session.x64quantprecision (runtime/sessions.py), which has
+session the runtime and calibration make sets session.x64quantprecision for w8a8 graphs (runtime/sessions.py), which has
 ONNX Runtime store those weights as uint8 (w + 128) and run its uint8 x uint8 kernels, exact on every
-x86 CPU. Here: the entry is set, it does convert the weights, and on a VNNI CPU (exact already) it changes
-no logit. That the AVX2 result now equals the VNNI one follows from both being exact integer products;
+x86 CPU (only for fp32 graphs with int8 activations: where a weight's DequantizeLinear stays unfused -- w8a16,
+some layers of fp16 w8a8 -- ONNX Runtime would rewrite it too and then refuse its zero point). Here: the entry is set for w8a8 graphs and only
+for them, it does convert the weights, and on a VNNI CPU (exact already) it changes no logit. That the AVX2 result now equals the VNNI one follows from both being exact integer products;
 on an AVX2-only runner test_calibration.py's decode-graph test is the check."""
 from __future__ import annotations
 
+import json
 import platform
 import re
 from collections import Counter
@@ -62,9 +64,28 @@ def run(bundle: Path, entry: str, tmp_path: Path):
     return logits, types
 
 
-def test_sessions_ask_for_exact_int8():
+def test_only_w8a8_graphs_ask_for_exact_int8(w8a8, tiny_hf, export_once, tmp_path):
+    from ardeploy.calibration import evaluate as ev
+    from ardeploy.runtime.sessions import ask_exact_int8, quantizes_activations
+    fp = export_once(tiny_hf("gqa8x2_untied_linear")[0], max_seq=128)
+    assert quantizes_activations(w8a8 / "decode.onnx") and not quantizes_activations(fp / "decode.onnx")
+    assert json.loads((w8a8 / "manifest.json").read_text())["quantization"]["activations"][
+        "x86_int8_products"].startswith("exact")
+    seen = []
+    real = ev.open_session
+    ev.open_session = lambda model, options, *a, **k: (seen.append(options), real(model, options, *a, **k))[1]
+    try:
+        ev.session(onnx.load(str(w8a8 / "score.onnx"), load_external_data=False), w8a8)
+        ev.session(onnx.load(str(fp / "score.onnx"), load_external_data=False), fp)
+    finally:
+        ev.open_session = real
+    assert seen[0].get_session_config_entry(EXACT_INT8_ON_X86[0]) == "1"
+    with pytest.raises(Exception):
+        seen[1].get_session_config_entry(EXACT_INT8_ON_X86[0])
     options = session_options()
-    assert options.get_session_config_entry(EXACT_INT8_ON_X86[0]) == EXACT_INT8_ON_X86[1] == "1"
+    ask_exact_int8(options)
+    ask_exact_int8(options)                 # once only (ONNX Runtime would warn)
+    assert options.get_session_config_entry(EXACT_INT8_ON_X86[0]) == "1"
 
 
 @pytest.mark.skipif(not X86, reason="x86 only: elsewhere ONNX Runtime compiles the entry out")
