@@ -176,7 +176,7 @@ class TorchOps:
         dead = torch.diag(H) <= 0
         idx = torch.nonzero(dead).flatten()
         H[idx, idx] = 1.0
-        H += damp * float(torch.mean(torch.diag(H))) * torch.eye(len(H), dtype=torch.float64, device=self.device)
+        H.diagonal().add_(damp * float(torch.mean(torch.diag(H))))
         L, info = torch.linalg.cholesky_ex(torch.flip(H, (0, 1)))
         if int(info):
             return None

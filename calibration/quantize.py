@@ -98,6 +98,8 @@ class CalibConfig:
             raise UserError(f"--smoothquant-alpha must be in [0, 1] (got {self.smoothquant_alpha})")
         if self.samples < 1 or self.seq_len < 2:
             raise UserError("--samples must be >= 1 and --seq-len >= 2")
+        if self.layers_per_pass is not None and self.layers_per_pass < 1:
+            raise UserError(f"--layers-per-pass must be at least 1 (got {self.layers_per_pass})")
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"unknown --device {self.device!r} (cpu or cuda)")
         if self.target not in (None, "trt-rtx"):

@@ -179,6 +179,48 @@ def test_torch_matches_numpy(bundles, scheme, method):
     assert rn.check["ratio"] == pytest.approx(rt.check["ratio"], rel=1e-2)
 
 
+def cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("compute", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not cuda_available(), reason="no CUDA GPU"))])
+def test_torch_ops_on_correlated_weights(compute):
+    """Each torch function against its numpy original on a [256, 384] weight with correlated inputs (on
+    the GPU too, where present): round to nearest bit-identical; the clipping search, AWQ's alpha and
+    GPTQ within near-ties."""
+    pytest.importorskip("torch")
+    from ardeploy.calibration import int4, stats
+    from ardeploy.calibration.compute import NUMPY, ops_for
+    ops = ops_for(compute)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 256)).astype(np.float32) @ rng.standard_normal((256, 256)).astype(np.float32)
+    h = x.T @ x
+    w_io = (rng.standard_normal((256, 384)) * np.linspace(0.2, 2, 384)).astype(np.float32)
+    a, b = NUMPY.quantize_rtn(w_io.T, 32), ops.quantize_rtn(w_io.T, 32)
+    assert np.array_equal(a.q, b.q) and np.array_equal(a.scales, b.scales)
+    a8, b8 = NUMPY.quantize_rtn(w_io.T, 32, qmax=127), ops.quantize_rtn(w_io.T, 32, qmax=127)
+    assert np.array_equal(a8.q, b8.q) and np.array_equal(a8.scales, b8.scales)
+    clip_a, clip_b = NUMPY.search_clip(w_io.T, 32, h), ops.search_clip(w_io.T, 32, h)
+    assert (clip_a != clip_b).mean() <= 0.01
+    rms = np.sqrt(np.diag(h))
+    (sa, alpha_a, _), (sb, alpha_b, _) = NUMPY.awq_factors(w_io, h, 32, rms), ops.awq_factors(w_io, h, 32, rms)
+    assert alpha_a == alpha_b and np.array_equal(sa, sb)
+    fa, fb = NUMPY.gptq_factor(h), ops.gptq_factor(h)
+    assert np.allclose(fa[0], fb[0].cpu().numpy() if hasattr(fb[0], "cpu") else fb[0], rtol=1e-3, atol=1e-6)
+    ga, gb = NUMPY.quantize_gptq(w_io, fa, 32, clip=True), ops.quantize_gptq(w_io, fb, 32, clip=True)
+    assert (ga.q != gb.q).mean() <= 1e-3 and np.abs(ga.q.astype(int) - gb.q).max() <= 1
+    err = [int4.output_error(w_io, g.dequantize().T, h) for g in (ga, gb)]
+    assert err[1] == pytest.approx(err[0], rel=0.01)
+    (qa, sa8), (qb, sb8) = (o.gptq_quantize(w_io, 1, f, np.float16) for o, f in ((NUMPY, fa), (ops, fb)))
+    assert np.array_equal(sa8, sb8) and (qa != qb).mean() <= 1e-3
+    assert stats.QMAX == 127
+
+
 def test_torch_ops_catch_a_wrong_transpose(bundles, monkeypatch):
     """The comparison above can fail: GPTQ in torch with the Hessian factor's pivots shifted by one."""
     pytest.importorskip("torch")
