@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..runtime.sessions import ask_exact_int8, open_session, session_options
+from ..runtime.sessions import ask_exact_int8, open_session, session_options, wants_exact_int8
 from ..runtime.errors import UserError
 
 IN_MEMORY = "__in_memory__"      # external-data location of tensors handed to ONNX Runtime from memory
@@ -64,7 +64,7 @@ def session(model: onnx.ModelProto | str | Path, base_dir: str | Path | None = N
     keep = []
     if arrays:
         model, keep = _add_in_memory_initializers(model, options, arrays, base_dir)
-    if _quantizes_fp32_activations(model):
+    if wants_exact_int8(model):
         ask_exact_int8(options)             # what the runtime asks for this graph (runtime/sessions.py)
     sess = open_session(serialized(model, name), options, name=name)
     sess._ardeploy_keep = keep            # the session reads these buffers: keep them alive
@@ -106,12 +106,6 @@ def _add_in_memory_initializers(model: onnx.ModelProto, options, arrays: dict[st
     options.add_external_initializers_from_files_in_memory(names, [files[n] for n in names],
                                                            [files[n].nbytes for n in names])
     return model, [files]
-
-
-def _quantizes_fp32_activations(model: onnx.ModelProto) -> bool:
-    """A QuantizeLinear with an fp32 scale: int8 activation GEMMs from fp32 activations (w8a8 of an fp32 bundle)."""
-    scales = {t.name: t.data_type for t in model.graph.initializer}
-    return any(n.op_type == "QuantizeLinear" and scales.get(n.input[1]) == TensorProto.FLOAT for n in model.graph.node)
 
 
 def files_in_memory(options) -> bool:

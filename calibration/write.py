@@ -150,9 +150,10 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
         {"dtype": "int8", "symmetric": True, "granularity": "per-tensor", "static": True, "method": cfg.method,
          "percentile": cfg.percentile if cfg.method == "percentile" else None,
          "smoothquant_alpha": cfg.smoothquant_alpha,
-         # fp32 bundles: the runtime asks ONNX Runtime for exact products on every x86 CPU (runtime/sessions.py)
+         # what the runtime asks of ONNX Runtime on x86 (runtime/sessions.py: wants_exact_int8)
          "x86_int8_products": "exact: uint8 x uint8 kernels (session.x64quantprecision), no VPMADDUBSW saturation"
-         if m["dtype"] == "fp32" else "the CPU's own: saturating VPMADDUBSW on x86 without VNNI"},
+         if m["dtype"] == "fp32" and not cfg.quantize_head else
+         "the CPU's own: VPMADDUBSW, saturating, on x86 without VNNI (ONNX Runtime cannot convert this graph's weights)"},
         "quantized_layers": [l for l in cal.source.layers if l not in keep],
         "kept_fp_layers": keep,
         "lm_head": head_dtype if cfg.quantize_head else m["dtype"],

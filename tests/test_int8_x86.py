@@ -6,8 +6,9 @@ EPYC the w8a8 decode graph of the tiny peaked model measured KL 0.0143 to FP32 a
 CPU (the test_calibration.py bound is 0.003), and SmolLM2's perplexity 1.038x against 1.018x. Every
 session the runtime and calibration make sets session.x64quantprecision for w8a8 graphs (runtime/sessions.py), which has
 ONNX Runtime store those weights as uint8 (w + 128) and run its uint8 x uint8 kernels, exact on every
-x86 CPU (only for fp32 graphs with int8 activations: where a weight's DequantizeLinear stays unfused -- w8a16,
-some layers of fp16 w8a8 -- ONNX Runtime would rewrite it too and then refuse its zero point). Here: the entry is set for w8a8 graphs and only
+x86 CPU (only for fp32 graphs with int8 activations whose int8 weights all feed MatMul/Gemm: a weight that
+also feeds a Gather -- a tied int8 head -- or stays unfused -- w8a16, fp16 w8a8 -- ONNX Runtime would
+convert too and then refuse its zero point; tested below). Here: the entry is set for w8a8 graphs and only
 for them, it does convert the weights, and on a VNNI CPU (exact already) it changes no logit. That the AVX2 result now equals the VNNI one follows from both being exact integer products;
 on an AVX2-only runner test_calibration.py's decode-graph test is the check."""
 from __future__ import annotations
@@ -66,9 +67,9 @@ def run(bundle: Path, entry: str, tmp_path: Path):
 
 def test_only_w8a8_graphs_ask_for_exact_int8(w8a8, tiny_hf, export_once, tmp_path):
     from ardeploy.calibration import evaluate as ev
-    from ardeploy.runtime.sessions import ask_exact_int8, quantizes_activations
+    from ardeploy.runtime.sessions import ask_exact_int8, wants_exact_int8
     fp = export_once(tiny_hf("gqa8x2_untied_linear")[0], max_seq=128)
-    assert quantizes_activations(w8a8 / "decode.onnx") and not quantizes_activations(fp / "decode.onnx")
+    assert wants_exact_int8(w8a8 / "decode.onnx") and not wants_exact_int8(fp / "decode.onnx")
     assert json.loads((w8a8 / "manifest.json").read_text())["quantization"]["activations"][
         "x86_int8_products"].startswith("exact")
     seen = []
@@ -98,3 +99,19 @@ def test_w8a8_weights_become_uint8_and_vnni_logits_do_not_move(w8a8, tmp_path):
     assert exact_types == Counter({"UINT8": sum(plain_types.values())})
     if {"avx512_vnni", "avx_vnni"} & cpu_flags():
         assert np.array_equal(exact, plain)          # VNNI: exact either way
+
+
+@pytest.mark.skipif(not X86, reason="x86 only: elsewhere ONNX Runtime compiles the entry out")
+def test_not_asked_where_onnx_runtime_would_break_the_graph(tiny_hf, export_once, tmp_path):
+    """A tied int8 head (w8a8 --quantize-head): the table's DequantizeLinear also feeds the embedding's
+    Gather; with the entry ONNX Runtime converts the table anyway and that node fails. So it is not asked for,
+    and the manifest says the CPU's own kernels run it."""
+    from ardeploy.runtime.sessions import wants_exact_int8
+    src = export_once(tiny_hf("gqa_tied_llama3_bias")[0], max_seq=128)
+    out = tmp_path / "q"
+    m = calibrate_bundle(src, np.random.default_rng(0).integers(3, 256, 64 * 10), out, CalibConfig(
+        "w8a8", samples=8, seq_len=64, check_windows=0, keep_fp=None, progress=False, quantize_head=True))
+    assert not wants_exact_int8(out / "score.onnx")
+    assert m["quantization"]["activations"]["x86_int8_products"].startswith("the CPU's own")
+    with pytest.raises(Exception, match="zero_point"):
+        run(out, "1", tmp_path)
