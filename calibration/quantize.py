@@ -332,6 +332,8 @@ class Calibrator:
         full = self.perplexity(plan, f"check: {cfg.scheme}")
         self.record.check = {"windows": int(len(self.check)), "fp_ppl": base, "quantized_ppl": full,
                              "ratio": full / base, "bound": cfg.bound, "kept_fp_layers": keep}
+        if len(self.passes()) > 1:
+            self.record.check["passes"] = [[p.first, p.last] for p in self.passes()]
         if cfg.scheme in ("w8a8", "w4a16") and cfg.keep_fp == "auto" and full / base > cfg.bound:
             if cfg.progress:
                 log.info(f"{cfg.scheme} perplexity ratio {full / base:.4f} > {cfg.bound} on the check windows: "

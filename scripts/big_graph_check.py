@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         print(json.dumps({"layers": a.layers, "int4_bytes": int4_bytes(q), "weights_bytes": m["weights"]["bytes"],
                           "check": m["quantization"]["check"], "seconds": seconds, "calibrate_peak_rss": calibrate_peak,
                           "peak_rss": peak_rss(), "tokens": [int(x) for x in tokens],
-                          "passes": json.loads((q / "calibration.json").read_text())["data"].get("passes")}))
+                          "stages": json.loads((q / "calibration.json").read_text())["seconds"]}))
     finally:
         if not a.keep:
             for p in (hf, fp16, q):

@@ -101,6 +101,7 @@ def child(a) -> dict:
               "source_weights_bytes": bundle.manifest["weights"]["bytes"],
               "peak_over_weights": round(peak / bundle.manifest["weights"]["bytes"], 3),
               "stages": calib["seconds"], "passes": calib["data"].get("passes"),
+              "check_passes": (calib.get("check") or {}).get("passes"),
               "check": manifest["quantization"]["check"], "weights_bytes": manifest["weights"]["bytes"],
               "compute": calib["config"].get("compute"),
               "rss_timeline_gib": [(t, round(r / 2 ** 30, 2)) for t, r in timeline[:: max(1, len(timeline) // 60)]],
@@ -203,7 +204,7 @@ def report(r: dict, quiet: bool) -> None:
     gpu = f", GPU peak {r['gpu_peak_bytes'] / gib:.1f} GiB" if r.get("gpu_peak_bytes") else ""
     print(f"{r['scheme']} {r['method']}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_bytes'] / gib:.2f} GiB = "
           f"{r['peak_over_weights']:.2f}x the {r['source_weights_bytes'] / gib:.2f} GiB of weights{gpu}; "
-          f"stages {r['stages']}; passes {r['passes']}; check ratio {(r['check'] or {}).get('ratio')}; "
+          f"stages {r['stages']}; passes {r['passes']}, check {r['check_passes']}; check ratio {(r['check'] or {}).get('ratio')}; "
           f"load + 8 tokens {r['load_check_seconds']} s, peak {r['load_check_peak_rss_bytes'] / gib:.2f} GiB "
           f"-> {r['load_check_tokens']}", flush=True)
 
