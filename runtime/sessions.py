@@ -48,12 +48,12 @@ def wants_exact_int8(model) -> bool:
     if isinstance(model, (str, Path)):
         try:
             manifest = json.loads((Path(model).parent / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            q = manifest.get("quantization") if isinstance(manifest, dict) else None
+            if not isinstance(q, dict) or not q.get("activations") or manifest.get("dtype") != "fp32":
+                return False
+            model = onnx.load(str(model), load_external_data=False)
+        except Exception:           # noqa: BLE001 - a damaged file: ONNX Runtime's load reports it
             return False
-        if not isinstance(manifest, dict) or not (manifest.get("quantization") or {}).get("activations") \
-                or manifest.get("dtype") != "fp32":
-            return False
-        model = onnx.load(str(model), load_external_data=False)
     if not isinstance(model, onnx.ModelProto):
         return False
     g = model.graph
