@@ -12,11 +12,10 @@ calibration (VmHWM, read before the load check), that peak over the source bundl
 load check's own peak and tokens, and the GPU's peak memory when torch ran on CUDA. The quantized
 bundles are deleted unless --keep DIR (they are as large as a third of the source).
 
-For the Llama-3-8B shape on a GPU machine:
+For the Llama-3-8B shape on a GPU machine (--shape makes BUNDLE first when it does not exist: random fp16
+weights drawn by scripts/gpu_shapes.py on the GPU, exported with --max-seq 1024, the folder deleted; ~2 min):
 
-    python scripts/gpu_shapes.py llama-3-8b --out /tmp/hf8b --device cuda --dtype fp16
-    ardeploy export /tmp/hf8b --dtype fp16 --max-seq 1024 --out /tmp/b8b && rm -rf /tmp/hf8b
-    python scripts/quantize_memory.py /tmp/b8b --methods rtn          # then awq, then awq-gptq: one command each
+    python scripts/quantize_memory.py /tmp/b8b --shape llama-3-8b --methods rtn     # then awq, then awq-gptq
 """
 from __future__ import annotations
 
@@ -130,6 +129,24 @@ def load_check(out: str, vocab: int, threads: int | None, device: str) -> dict:
             "load_check_peak_rss_bytes": peak_rss_bytes()}
 
 
+def make_bundle(bundle: Path, shape: str) -> None:
+    """BUNDLE from scripts/gpu_shapes.py's SHAPE (fp16 random weights), unless it exists."""
+    if (bundle / "manifest.json").is_file():
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from gpu_shapes import build
+    from ardeploy.export.bundle import export_path
+    hf = bundle.parent / f"{bundle.name}-hf"
+    t0 = time.perf_counter()
+    build(shape, hf, "cuda" if torch.cuda.is_available() else "cpu", "fp16")
+    try:
+        export_path(str(hf), bundle, dtype="fp16", max_seq=1024, quiet=True)
+    finally:
+        shutil.rmtree(hf, ignore_errors=True)
+    print(f"{bundle}: {shape} exported in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -144,6 +161,7 @@ def parse(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where ONNX Runtime runs the score graph")
     ap.add_argument("--layers-per-pass", type=int)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--shape", help="make BUNDLE from this scripts/gpu_shapes.py shape first if it does not exist")
     ap.add_argument("--keep", help="keep the quantized bundles in this folder")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     ap.add_argument("--quiet", action="store_true")
@@ -160,6 +178,8 @@ def main(argv=None) -> int:
         return 0
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     allowed = INT4 if a.scheme == "w4a16" else INT8
+    if a.shape:
+        make_bundle(Path(a.bundle), a.shape)
     bad = [m for m in methods if m not in allowed]
     if bad or not Path(a.bundle, "manifest.json").is_file():
         print(f"quantize_memory.py: {'unknown method ' + bad[0] if bad else a.bundle + ': not a bundle'}", file=sys.stderr)
