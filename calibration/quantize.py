@@ -351,20 +351,21 @@ def calibrate_bundle(bundle_path, data, out, cfg: CalibConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
     bundle = Bundle.load(bundle_path)
-    _check_request(bundle, out, cfg)
+    replace = _check_request(bundle, out, cfg)
     cal = Calibrator(bundle, cfg)
     plan, keep = cal.run(data)
-    with atomic.folder_written_whole(out.resolve()) as folder:
+    with atomic.folder_written_whole(out.resolve(), UserError, replace=replace) as folder:
         manifest = write_calibrated_bundle(folder, cal, plan, keep, t0)
     return manifest
 
 
-def _check_request(bundle: Bundle, out: Path, cfg: CalibConfig) -> None:
-    """Refuse, before any work, what cannot be written or built."""
+def _check_request(bundle: Bundle, out: Path, cfg: CalibConfig) -> bool:
+    """Refuse, before any work, what cannot be written or built; True: `out` will be replaced (--force)."""
     check_source(bundle)
-    atomic.check_out(out, cfg.force)
+    replace = atomic.check_out(out, cfg.force, UserError)
     if out.resolve() == Path(bundle.path).resolve():
         raise UserError(f"{out}: the output must be a new folder, not the source bundle")
     if cfg.target == "trt-rtx":
         from .trt_check import check_scheme_supported
         check_scheme_supported(cfg.scheme, bundle.manifest.get("dtype"), cfg.compute_capabilities)
+    return replace

@@ -16,7 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..runtime.bundle import Bundle, numpy_dtype
+from ..runtime import atomic
+from ..runtime.bundle import Bundle, numpy_dtype, write_manifest
+from ..runtime.paths import inside
 from ..runtime.weights_file import WeightsFile
 from . import evaluate as ev
 from . import head as qhead
@@ -39,7 +41,7 @@ def write_calibrated_bundle(folder: Path, cal: Calibrator, plan: QuantPlan, keep
     for kind in cal.source.graphs:
         onnx.checker.check_model(str(folder / bundle.manifest["graphs"][kind]["file"]))
     if bundle.manifest.get("tokenizer"):
-        shutil.copy2(bundle.path / bundle.manifest["tokenizer"], folder / bundle.manifest["tokenizer"])
+        _copy_entry(bundle.path, folder, bundle.manifest["tokenizer"], "tokenizer")
     manifest = build_manifest(cal, keep, weights, list(extra))
     _write_manifest(folder, manifest)
     smoke_run(folder, manifest, cfg.threads)
@@ -48,14 +50,22 @@ def write_calibrated_bundle(folder: Path, cal: Calibrator, plan: QuantPlan, keep
         manifest["quantization"]["tensorrt_rtx_build"] = build_bundle_graphs(
             folder, manifest, cfg.compute_capabilities, kinds=("prefill", "decode"), progress=cfg.progress)
     manifest["quantization"]["calibration_seconds"] = round(time.perf_counter() - t0, 1)
-    _write_manifest(folder, manifest)
     (folder / "calibration.json").write_text(json.dumps(calibration_json(cal, keep, plan), indent=1),
                                              encoding="utf-8")
+    _write_manifest(folder, manifest)
     return manifest
 
 
+def _copy_entry(source: Path, folder: Path, name: str, field: str) -> None:
+    """A file the source manifest names, copied to the same name in the new bundle: both ends must lie
+    inside their folders (a name like ../notes.txt would overwrite a file beside --out)."""
+    what = f"{Path(source) / 'manifest.json'}: {field}"
+    shutil.copy2(inside(source, name, what), inside(folder, name, what))
+
+
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic.record_files(folder, manifest)          # what a later --force may replace
+    write_manifest(folder, manifest)
 
 
 def ort_flavor(cal: Calibrator) -> dict[str, onnx.ModelProto]:
@@ -80,7 +90,8 @@ def write_graphs(folder: Path, source: SourceModel, plan: QuantPlan, weights: We
         if kind not in source.graphs:
             _quantized_ort_head(q, plan)
         relocate(q, weights, plan.tensors, source.weights, plan.aliases)
-        ev.save_graph(q, folder / source.bundle.manifest["graphs"][kind]["file"])
+        name = source.bundle.manifest["graphs"][kind]["file"]
+        ev.save_graph(q, inside(folder, name, f"{source.bundle.path / 'manifest.json'}: graphs.{kind}.file"))
         source.weights.release()
 
 

@@ -5,10 +5,10 @@ KV bytes copied per step = what the graph copies inside (runtime/kv_traffic.py: 
 the cache, counted from the graph and sized at the step's context) + what the backend had to copy
 outside (audited: present outputs not written at their bound arena address).
 
-It times the real runtime path (`Generator.events`: sampling, binding, detokenization included) by
-wrapping the backend's `step`: a step's wall time minus the time inside the backend's run call is
-runtime overhead. The same command works for any backend; memory is host PSS/RSS for CPU backends
-and device memory where the backend reports it (`device_memory_bytes()`).
+It times the real runtime path (`Generator.events`: sampling, binding, detokenization included) from
+the backend's own step records (runtime/backends/base.py `StepRecord`): a step's wall time minus the
+time inside the backend's run call is runtime overhead. The same command works for any backend; memory
+is host PSS/RSS for CPU backends and device memory where the backend reports it (`device_memory_bytes()`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import numpy as np
 
 from ..runtime.kv_traffic import bytes_per_step, cache_copy_nodes
 from .errors import UserError
-from .options import add_backend_threads, add_device, add_flavor, add_json, add_verbosity, comma_ints
+from .options import (add_backend_threads, add_device, add_flavor, add_json, add_speculation, add_verbosity, comma_ints,
+                      run_options, speculation)
 
 
 def host_memory_mib() -> dict:
@@ -39,53 +40,38 @@ def host_memory_mib() -> dict:
     return {"rss_mib": out.get("VmRSS"), "peak_rss_mib": out.get("VmHWM"), "pss_mib": out.get("Pss")}
 
 
-class StepTimer:
-    """Wraps backend.step to record (past length, new tokens, wall seconds, graph seconds) per call."""
-
-    def __init__(self, backend):
-        self.backend, self.records = backend, []
-        self._step = backend.step
-        backend.step = self
-
-    def __call__(self, ids, mask, arena):
-        past, graph_before, started = arena.length, self.backend.run_seconds(), time.perf_counter()
-        out = self._step(ids, mask, arena)
-        self.records.append((past, ids.shape[1], time.perf_counter() - started,
-                             self.backend.run_seconds() - graph_before))
-        return out
-
-
 def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
     # Ordinary ids from the middle of the vocabulary: no special tokens, deterministic per seed.
     rng = np.random.default_rng(seed)
     return rng.integers(min(1000, vocab // 4), vocab - 1, n).tolist()
 
 
-def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int, seed: int,
-             copy_nodes: int = 0) -> dict:
+def run_once(gen, batch: int, prompt_len: int, new_tokens: int, seed: int, copy_nodes: int = 0,
+             speculation=None) -> dict:
     from ardeploy.runtime import SamplingConfig
     prompts = [prompt_ids(gen.bundle.vocab_size, prompt_len, seed + r) for r in range(batch)]
     cfg = SamplingConfig(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
-    timer.records.clear()
-    copied_before = gen.arena.bytes_copied
+    backend = gen.backend
+    backend.records = records = []
+    copied_before = backend.kv_bytes_copied
     started = time.perf_counter()
     from ardeploy.runtime.generator import Run
     step_ends, n_prefill = [], 0
-    for n_events, _ in enumerate(Run(gen.events(prompts, cfg)), start=1):
+    for n_events, _ in enumerate(Run(gen.events(prompts, cfg, speculation=speculation)), start=1):
         if n_events % batch == 0:
             step_ends.append(time.perf_counter())
-        n_prefill = n_prefill or len(timer.records)      # the prompt may take several calls (pieces)
+        n_prefill = n_prefill or len(records)      # the prompt may take several calls (pieces)
     finished = time.perf_counter()
-    records = timer.records
-    prefill_wall = sum(r[2] for r in records[:n_prefill])
+    backend.records = None
+    prefill_wall = sum(r.wall_s for r in records[:n_prefill])
     ttft = step_ends[0] - started
     # step i of decoding: from one sampled token to the next (run call, sampling, binding, detokenizing)
     step_walls = np.diff(step_ends)
-    graph = np.array([r[3] for r in records[n_prefill:]])
+    graph = np.array([r.graph_s for r in records[n_prefill:]])
     n_dec = len(step_walls)
     decode_s = finished - step_ends[0]
-    in_graph = [bytes_per_step(copy_nodes, past + new, gen.arena.row_bytes) for past, new, *_ in records[n_prefill:]]
-    outside = (gen.arena.bytes_copied - copied_before) / max(1, len(records) - n_prefill)
+    in_graph = [bytes_per_step(copy_nodes, r.past + r.new, gen.arena.row_bytes) for r in records[n_prefill:]]
+    outside = (backend.kv_bytes_copied - copied_before) / max(1, len(records) - n_prefill)
     return {
         "ttft_s": ttft,
         "prefill_tokens_per_s": batch * prompt_len / prefill_wall,
@@ -94,7 +80,7 @@ def run_once(gen, timer: StepTimer, batch: int, prompt_len: int, new_tokens: int
         "step_graph_s": float(np.median(graph)) if n_dec else 0.0,
         "overhead_fraction": float(1 - graph.sum() / step_walls.sum()) if n_dec else 0.0,
         "kv_bytes_copied_per_step": float(np.median(in_graph)) + outside if in_graph else outside,
-        "step_by_context": [(int(r[0]), float(r[2])) for r in records[n_prefill:]],
+        "step_by_context": [(int(r.past), float(r.wall_s)) for r in records[n_prefill:]],
     }
 
 
@@ -126,27 +112,35 @@ def _check_fits(bundle, max_batch: int, prompt_lens, new_tokens: int) -> None:
         raise UserError(f"--prompt-len {too_long[0]} + --new-tokens {new_tokens} exceeds the bundle's max_seq {bundle.max_seq}")
 
 
-def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: int = 128, batches=(1,),
-          threads: int | None = None, repeat: int = 3, warmup: bool = True, progress=print, flavor: str = "auto",
-          device: str = "cpu") -> dict:
+def bench(bundle_path, options=None, prompt_lens=(16, 512), new_tokens: int = 128, batches=(1,),
+          repeat: int = 3, warmup: bool = True, progress=print, speculation=None, **changes) -> dict:
+    """options: RunOptions (runtime/run_options.py; keywords override single fields); K/V copies are
+    always audited here. speculation (batch 1): runtime/speculative.py; the prompts are random ids, so
+    only a draft model finds much to propose."""
     from ardeploy.runtime import Generator
     from ardeploy.runtime.bundle import Bundle
+    from ardeploy.runtime.run_options import RunOptions
     check_counts(list(prompt_lens), new_tokens, list(batches), repeat)
+    if speculation is not None and max(batches) > 1:
+        raise UserError("speculative decoding runs one prompt at a time: --batch 1")
+    options = (options or RunOptions()).replace(**changes)
+    if options.backend == "ort":
+        options = options.replace(audit=True)
     bundle = Bundle.load(bundle_path)
     max_batch = max(batches)
     _check_fits(bundle, max_batch, prompt_lens, new_tokens)
-    options = {"threads": threads, "audit": True, "flavor": flavor, "device": device} if backend == "ort" else {}
     started = time.perf_counter()
-    gen = Generator.load(bundle_path, backend=backend, max_batch=max_batch, **options)
+    gen = Generator.load(bundle_path, options, max_batch=max_batch, warmup=False)
     load_s = time.perf_counter() - started
-    graph = getattr(gen.backend, "graph", "decode")
+    graph = gen.backend.graph
     copy_nodes = cache_copy_nodes(bundle.graph_path(graph))
-    timer = StepTimer(gen.backend)
     if warmup:
-        run_once(gen, timer, 1, min(prompt_lens), 4, seed=999)
+        run_once(gen, 1, min(prompt_lens), 4, seed=999)
     weights = bundle.manifest["weights"]["bytes"]
-    result = {"bundle": str(bundle_path), "backend": backend, "graph": graph, "kv_copy_nodes_per_step": copy_nodes,
-              "dtype": bundle.manifest["dtype"], "threads": threads, "device": device if backend == "ort" else "cuda",
+    device = gen.backend.device
+    result = {"bundle": str(bundle_path), "backend": options.backend, "graph": graph,
+              "kv_copy_nodes_per_step": copy_nodes, "dtype": bundle.manifest["dtype"], "threads": options.threads,
+              "device": device,
               "new_tokens": new_tokens, "repeat": repeat, "load_s": load_s, "weights_mib": weights / 2**20,
               "kv_arena_mib": gen.arena.nbytes / 2**20, "configs": []}
     for b in batches:
@@ -154,16 +148,18 @@ def bench(bundle_path, backend: str = "ort", prompt_lens=(16, 512), new_tokens: 
             if warmup and device == "cuda":
                 # A shape's first run on the GPU pays one-time costs (kernel choice, memory pool growth,
                 # recording the step's CUDA graph): kept out of the timed runs.
-                run_once(gen, timer, b, p, 4, seed=998)
-            runs = [run_once(gen, timer, b, p, new_tokens, seed=r, copy_nodes=copy_nodes) for r in range(repeat)]
+                run_once(gen, b, p, 4, seed=998)
+            runs = [run_once(gen, b, p, new_tokens, seed=r, copy_nodes=copy_nodes, speculation=speculation)
+                    for r in range(repeat)]
             row = {"batch": b, "prompt_len": p, **summarize(runs), "step_by_context": runs[-1]["step_by_context"]}
             result["configs"].append(row)
             if progress:
                 progress(format_row(row))
     result["memory"] = host_memory_mib()
-    dev = getattr(gen.backend, "device_memory_bytes", None)
-    if dev:
-        result["device_memory_mib"] = dev() / 2**20
+    device_bytes = gen.backend.device_memory_bytes()
+    if device_bytes is not None:
+        result["device_memory_mib"] = device_bytes / 2**20
+    gen.close()
     return result
 
 
@@ -184,8 +180,9 @@ def cmd_bench(args) -> int:
         progress = log.info if args.json else (lambda line: print(line, flush=True))
     prompt_lens = comma_ints(args.prompt_len, skip_empty=True, option="--prompt-len")
     batches = comma_ints(args.batch, skip_empty=True, option="--batch")
-    res = bench(args.bundle, backend=args.backend, prompt_lens=prompt_lens, new_tokens=args.new_tokens, batches=batches,
-                threads=args.threads, repeat=args.repeat, progress=progress, flavor=args.flavor, device=args.device)
+    options = run_options(args)
+    res = bench(args.bundle, options, prompt_lens=prompt_lens, new_tokens=args.new_tokens, batches=batches,
+                repeat=args.repeat, progress=progress, speculation=speculation(args, options))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -209,6 +206,7 @@ def register(sub) -> None:
     add_backend_threads(p)
     add_flavor(p)
     add_device(p)
+    add_speculation(p)
     add_json(p, "all numbers (with per-step times by context length)")
     add_verbosity(p)
     p.set_defaults(func=cmd_bench)

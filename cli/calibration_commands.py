@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
     stride = args.stride if args.stride is not None else max(1, args.seq_len // 2)
     res = {"bundle": str(args.bundle), "file": str(args.ppl), "documents": docs,
            **bundle_perplexity(bundle, stream, args.seq_len, stride, args.threads, progress=not args.quiet,
-                                 device=args.device)}
+                                 device=args.device or "cpu")}
     q = bundle.manifest.get("quantization")
     res["quantization"] = q["scheme"] if q else None
     if args.reference:
@@ -100,7 +100,7 @@ def cmd_eval(args) -> int:
         if ref.vocab_size != bundle.vocab_size:
             raise UserError(f"{args.reference}: vocabulary differs from {args.bundle}'s")
         ref_res = bundle_perplexity(ref, stream, args.seq_len, stride, args.threads, progress=not args.quiet,
-                                    device=args.device)
+                                    device=args.device or "cpu")
         res["reference"] = {"bundle": str(args.reference), "ppl": ref_res["ppl"], "seconds": ref_res["seconds"]}
         res["ratio"] = res["ppl"] / ref_res["ppl"]
     if args.json:
@@ -189,7 +189,7 @@ def _register_eval(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--reference", metavar="BUNDLE", help="also evaluate this bundle and print the ratio")
     add_threads(p)
-    add_device(p)
+    add_device(p, cuda_graph=False)
     add_json(p, "the perplexity report")
     add_verbosity(p)
     p.set_defaults(func=cmd_eval)

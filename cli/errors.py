@@ -1,6 +1,8 @@
 """Which exceptions the CLI reports as the user's to fix (one line, exit status 2) rather than as a bug."""
 from __future__ import annotations
 
+import errno
+
 from ardeploy.runtime.errors import UserError as RuntimeUserError
 
 
@@ -14,10 +16,27 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (RuntimeUserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+# OS errors of the machine's resources rather than of ardeploy: a full or read-only disk, a quota,
+# memory the user asked for (a --max-seq too large for the machine).
+RESOURCE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG", "ENOMEM")
+                   if hasattr(errno, name)}
+
+
+def is_user_error(e: BaseException) -> bool:
+    return isinstance(e, user_errors()) or isinstance(e, MemoryError) or \
+        (isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS)
+
+
 def describe_user_error(e: BaseException) -> str:
     """One line: OS errors name the path (`PATH: No such file or directory`)."""
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+        text = ("not enough memory for what was asked: ask for less (a smaller --max-seq, --max-batch, --samples "
+                "or --seq-len) or free memory")
+    elif isinstance(e, OSError) and e.filename is not None and e.strerror:
         text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror} (free space or choose another place to write)" if e.errno in RESOURCE_ERRNOS \
+            else e.strerror
     else:
         text = str(e)
     return " ".join(text.split())

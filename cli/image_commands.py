@@ -10,8 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .options import add_backend_threads, add_device, add_flavor, add_token_filters, add_verbosity
+from ardeploy.runtime.text import check_text
+
 from .errors import UserError
+from .options import add_backend_threads, add_device, add_flavor, add_token_filters, add_verbosity, run_options
 
 
 def _size(text: str | None):
@@ -61,7 +63,8 @@ def _requests(args, gen):
             except (OSError, ValueError) as e:
                 raise UserError(f"{f}: cannot read caption features ({e})") from None
     else:
-        ids = gen.encode_prompt(args.prompt) if args.prompt is not None else _ids(args.prompt_ids)
+        ids = gen.encode_prompt(check_text(args.prompt, "--prompt")) if args.prompt is not None else \
+            _ids(args.prompt_ids)
         conds = [ImageRequest(prompt_ids=ids)]
     return [c for c in conds for _ in range(args.num_images)]
 
@@ -85,7 +88,8 @@ def _settings(args, gen, size):
         text=_sampling(defaults.get("text", {}), args.text_temperature, args.text_top_k, args.text_top_p,
                        args.greedy, args.seed),
         seed=args.seed, size=size, max_text_tokens=args.max_text_tokens, sampler=args.sampler,
-        negative_ids=gen.encode_prompt(args.negative_prompt) if args.negative_prompt is not None else None)
+        negative_ids=gen.encode_prompt(check_text(args.negative_prompt, "--negative-prompt"))
+        if args.negative_prompt is not None else None)
 
 
 class _TokenBar:
@@ -112,8 +116,7 @@ def cmd_generate_image(args) -> int:
     from ardeploy.runtime.image import ImageGenerator, save_images
     size = _size(args.size)
     out = Path(args.out)
-    gen = ImageGenerator.load(args.bundle, backend=args.backend, threads=args.threads, prepack=not args.no_prepack,
-                              device=args.device, flavor=args.flavor)
+    gen = ImageGenerator.load(args.bundle, run_options(args, prepack=not args.no_prepack))
     requests = _requests(args, gen)
     if out.suffix.lower() == ".png" and len(requests) > 1:
         raise UserError(f"--out {out}: {len(requests)} images need a folder, not one .png file")

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
 
+from ardeploy.runtime.text import check_text
+
 from .errors import UserError
-from .options import (add_backend_threads, add_device, add_flavor, add_json, add_out_force, add_sampling, add_threads,
-                      add_verbosity, backend_options, comma_ints, sampling_config)
+from .options import (add_backend_threads, add_device, add_flavor, add_json, add_out_force, add_sampling,
+                      add_speculation, add_threads, add_verbosity, comma_ints, run_options, sampling_config,
+                      speculation)
 
 
 # -- export / verify ------------------------------------------------------------------------------
@@ -32,8 +36,7 @@ def cmd_verify(args) -> int:
     from ardeploy.export.verify import verify_bundle
     ids = comma_ints(args.prompt_ids, option="--prompt-ids") if args.prompt_ids else None
     report = verify_bundle(args.bundle, source=args.source, steps=args.steps, prompt_ids=ids,
-                           with_transformers=args.transformers, threads=args.threads, flavor=args.flavor,
-                          device=args.device)
+                           with_transformers=args.transformers, options=run_options(args))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -50,21 +53,47 @@ def cmd_verify(args) -> int:
 
 # -- generate / chat ------------------------------------------------------------------------------
 def load_generator(args, warmup: bool = True):
-    """The generator, warmed up unless told not to (load and warm-up are reported apart from the first token)."""
+    """The generator, warmed up unless told not to (load and warm-up are reported apart from the first
+    token), and the speculation its flags ask for (None: off)."""
     from ardeploy.runtime import Generator
-    return Generator.load(args.bundle, backend=args.backend, warmup=warmup, **backend_options(args))
+    options = run_options(args)
+    gen = Generator.load(args.bundle, options, warmup=warmup)      # a host cache too big for RAM: refused there
+    return gen, speculation(args, options)
+
+
+def verify_widths(spec) -> range:
+    """The speculative verify steps to warm up: the last token and 1..K drafted ones."""
+    return range(2, spec.draft_tokens + 2) if spec is not None else range(0)
+
+
+def read_prompt_file(path: str) -> str:
+    """--prompt-file PATH (- for standard input), as UTF-8 text."""
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    except OSError as e:
+        raise UserError(f"--prompt-file {path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {path}: not UTF-8 text (byte {e.start})") from None
 
 
 def cmd_generate(args) -> int:
     cfg = sampling_config(args)
-    if (args.prompt is None) == (args.prompt_ids is None):
-        raise UserError("give exactly one of --prompt or --prompt-ids")
-    gen = load_generator(args, warmup=False)
-    prompt = args.prompt if args.prompt is not None else comma_ints(args.prompt_ids, option="--prompt-ids")
+    given = [name for name in ("prompt", "prompt_ids", "prompt_file") if getattr(args, name) is not None]
+    if len(given) != 1:
+        raise UserError("give exactly one of --prompt, --prompt-file or --prompt-ids")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
+    gen, spec = load_generator(args, warmup=False)
+    if args.prompt_ids is not None:
+        prompt = comma_ints(args.prompt_ids, option="--prompt-ids")
+    else:
+        prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     ids = gen.to_ids(prompt, args.chat)
-    gen.warmup(prompt_lengths=(len(ids),))          # the prompt's own length: its first token is then its cost
+    gen.warmup(prompt_lengths=(len(ids),), verify_widths=verify_widths(spec))   # the first token: the prompt's cost
     from ardeploy.runtime.generator import Run
-    run = Run(gen.events([ids], cfg))
+    run = Run(gen.events([ids], cfg, speculation=spec))
     for event in run:
         if not args.json and event.text:
             sys.stdout.write(event.text)
@@ -75,25 +104,35 @@ def cmd_generate(args) -> int:
                          ensure_ascii=False))
     else:
         print()
+        spec = result.timings.get("speculation")
+        drafted = (f", {spec['tokens_per_model_step']:.2f} tokens per model step (drafts accepted "
+                   f"{100 * spec['acceptance_rate']:.0f} %)") if spec else ""
         print(f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, load {gen.load_s:.2f} s + warm-up "
               f"{gen.warmup_s * 1000:.0f} ms, first token {result.ttft_s * 1000:.1f} ms, "
-              f"{result.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+              f"{result.decode_tokens_per_s:.1f} tok/s{drafted}]", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
     from ardeploy.runtime import ChatSession
     cfg = sampling_config(args)
-    session = ChatSession(load_generator(args), system=args.system)
+    if args.system is not None:
+        check_text(args.system, "--system")
+    if sys.stdin is None or sys.stdin.closed:
+        raise UserError("chat reads your messages from standard input, which is closed (run it in a terminal, "
+                        "or pipe the messages in)")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")     # a line not in UTF-8 is then refused by its number
+    gen, spec = load_generator(args)
+    if spec is not None:
+        gen.warmup(verify_widths=verify_widths(spec))
+    session = ChatSession(gen, system=args.system)
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            user = input("> ")
-        except EOFError:
+    for number in itertools.count(1):
+        user = read_message(number)
+        if user is None or not user.strip():
             break
-        if not user.strip():
-            break
-        for piece in session.turn(user, cfg):
+        for piece in session.turn(user, cfg, speculation=spec):
             sys.stdout.write(piece)
             sys.stdout.flush()
         last = session.last
@@ -101,6 +140,17 @@ def cmd_chat(args) -> int:
         print(f"[{len(last.token_ids)} tokens, {last.decode_tokens_per_s:.1f} tok/s, stop: {last.stop_reason}]",
               file=sys.stderr)
     return 0
+
+
+def read_message(number: int) -> str | None:
+    """The next line of standard input (None at its end); a line that is not UTF-8 is refused, naming it."""
+    try:
+        return check_text(input("> "), f"standard input, line {number}")
+    except EOFError:
+        return None
+    except UnicodeDecodeError as e:
+        raise UserError(f"standard input, line {number}: not valid UTF-8 (byte 0x{e.object[e.start:e.start + 1].hex()}); "
+                        f"type or pipe the messages in UTF-8") from None
 
 
 # -- parsers --------------------------------------------------------------------------------------
@@ -159,10 +209,12 @@ def _register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text (streams to the terminal)")
     p.add_argument("bundle")
     p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 file (- : standard input)")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    add_json(p, "the result (text, token ids, timings; nothing streamed)")
+    add_json(p, "the result (text, token ids, timings, speculation statistics; nothing streamed)")
     add_sampling(p)
+    add_speculation(p)
     add_backend_threads(p)
     add_flavor(p)
     add_device(p)
@@ -175,6 +227,7 @@ def _register_chat(sub) -> None:
     p.add_argument("bundle")
     p.add_argument("--system", help="system prompt")
     add_sampling(p)
+    add_speculation(p)
     add_backend_threads(p)
     add_flavor(p)
     add_device(p)

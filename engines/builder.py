@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..runtime import atomic
 from ..runtime import trt_compat as compat
-from ..runtime.bundle import Bundle
+from ..runtime.bundle import SCHEME_PRECISION, Bundle
 from ..runtime.cuda import query_gpu
 from ..runtime.engine_record import FORMAT, FORMAT_VERSION, GRAPH, INT8, engines_dir
 from ..runtime.errors import EngineError
@@ -34,12 +34,13 @@ from .progress import make_monitor
 PLAN = "decode.plan"      # the engine file: TensorRT's serialized engine ("plan"), built from the GRAPH graph
 PLAN_RULE = 1.15          # plan bytes on disk must stay under this many times the weight bytes
 INT4 = "int4"             # a w4a16 bundle (INT4 weights, blocked DequantizeLinear); float parts keep the bundle's dtype
-QUANTIZED = {INT8: ("w8a16", "w8a8"), INT4: ("w4a16",)}      # --precision -> the calibrate schemes it builds
+QUANTIZED = {precision: tuple(s for s, p in SCHEME_PRECISION.items() if p == precision)
+             for precision in (INT8, INT4)}                    # --precision -> the calibrate schemes it builds
 
 
 def quantized_precision(scheme: str) -> str:
-    """The --precision that builds a bundle calibrated with `scheme`."""
-    return next((p for p, schemes in QUANTIZED.items() if scheme in schemes), INT8)
+    """The --precision that builds a bundle calibrated with `scheme` (the bundle format's table)."""
+    return SCHEME_PRECISION.get(scheme, INT8)
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -136,7 +137,7 @@ class BuildRequest:
 
     @property
     def graph(self) -> dict:
-        return self.bundle.manifest["graphs"][GRAPH]
+        return self.bundle.graph(GRAPH).raw
 
     @property
     def onnx_path(self) -> Path:
@@ -344,6 +345,8 @@ def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, ma
     """Build BUNDLE/engines/ and return the engines.json record. `trt` names the TensorRT flavour; `quiet`
     hides the progress bars (messages follow the level of runtime.log's logger); `verbose` prints TensorRT's own."""
     request = _build_request(bundle_path, precision, max_seq, max_batch, opt_seq, workspace, opt_level)
+    # earlier engines are replaced, but only while their folder holds nothing but what ardeploy wrote
+    replace = atomic.check_out(engines_dir(request.bundle), True, EngineError)
     tensorrt = compat.load(trt)
     ccs, target = _target(tensorrt, compute_capability)
     trt_logger = compat.logger(tensorrt, verbose)
@@ -351,10 +354,10 @@ def build_engines(bundle_path, precision: str, *, max_seq: int | None = None, ma
     _configure(tensorrt, parsed, request, ccs)
     timing = _attach_timing_cache(tensorrt, parsed.config, target, timing_cache)
     _announce(tensorrt, request, target)
-    with atomic.folder_written_whole(engines_dir(request.bundle), EngineError) as folder:
+    with atomic.folder_written_whole(engines_dir(request.bundle), EngineError, replace=replace) as folder:
         built = _build_into(folder, tensorrt, trt_logger, parsed, request,
                             show_progress=not quiet and progress_enabled())
-        rec = _engines_record(request, tensorrt, target, parsed, built)
+        rec = atomic.record_files(folder, _engines_record(request, tensorrt, target, parsed, built), record.RECORD)
         record.write(folder, rec)
     if timing is not None:
         _save_timing_cache(*timing)

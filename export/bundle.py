@@ -14,9 +14,10 @@ import onnx
 import torch
 
 from ..runtime import atomic
-from ..runtime.bundle import FORMAT_VERSION
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, write_manifest
 from ..runtime.errors import UserError
 from ..runtime.log import log, progress_enabled
+from ..runtime.manifest_checks import BOUNDS
 from .assemble import ExternalWeights
 from .checkpoint import Checkpoint
 from .contract import describe, value_infos
@@ -38,9 +39,9 @@ def toolkit_version() -> str:
         return "0+unknown"
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an output we cannot or must not write, before any work is done."""
-    atomic.check_out(out, force, ExportError)
+def check_out(out: Path, force: bool) -> bool:
+    """Refuse an output we cannot or must not write, before any work is done; True: out is replaced."""
+    return atomic.check_out(out, force, ExportError)
 
 
 def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_seq: int = 2048, max_batch: int = 1,
@@ -57,9 +58,9 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
     max_seq, max_batch = graphs.limits(max_seq, max_batch)
     if max_seq > ckpt.spec.max_position_embeddings and not quiet:
         log.info(f"note: --max-seq {max_seq} exceeds the model's trained context ({ckpt.spec.max_position_embeddings})")
-    check_out(out, force)
+    replace = check_out(out, force)
     started = time.perf_counter()
-    with atomic.folder_written_whole(out, ExportError) as folder:
+    with atomic.folder_written_whole(out, ExportError, replace=replace) as folder:
         pieces = _trace(graphs, TORCH_DTYPES[dtype], opset, score_graph, quiet)
         kinds = GRAPH_KINDS if score_graph else GRAPH_KINDS[:2]
         graph_entries, weights_entry = _write_graphs(graphs, pieces, kinds, folder, dtype, opset, max_seq, quiet)
@@ -72,7 +73,8 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, dtype: str = "fp32", max_se
                              _write_tokenizer(ckpt, folder))
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         manifest.update(graphs.manifest_sections(folder))
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        atomic.record_files(folder, manifest)          # what a later --force may replace
+        write_manifest(folder, manifest)
     return manifest
 
 
@@ -81,10 +83,10 @@ def _check_options(dtype: str, max_seq: int, max_batch: int, opset: int = DEFAUL
         raise ExportError(f"--opset {opset} is not supported (choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()})")
     if dtype not in TORCH_DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r} (choose fp32, fp16 or bf16)")
-    if max_seq < 2:
-        raise ExportError(f"--max-seq must be at least 2 (got {max_seq})")
-    if max_batch < 1:
-        raise ExportError(f"--max-batch must be at least 1 (got {max_batch})")
+    if not 2 <= max_seq <= BOUNDS["max_seq"]:
+        raise ExportError(f"--max-seq must be in [2, {BOUNDS['max_seq']}] (got {max_seq})")
+    if not 1 <= max_batch <= BOUNDS["max_batch"]:
+        raise ExportError(f"--max-batch must be in [1, {BOUNDS['max_batch']}] (got {max_batch})")
 
 
 def _trace(graphs: TextGraphs, dtype: torch.dtype, opset: int, score_graph: bool, quiet: bool) -> dict:
@@ -127,7 +129,7 @@ def _manifest(ckpt: Checkpoint, dtype: str, max_seq: int, max_batch: int, opset:
     """manifest.json's fields (docs/ARCHITECTURE.md, "Bundle format"); export_seconds comes last."""
     spec = ckpt.spec
     return {
-        "format": "ardeploy-bundle",
+        "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "toolkit_version": toolkit_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -105,14 +105,20 @@ class OrtGraph:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         return model
 
-    def rotary_tables(self) -> tuple[str, str]:
-        """cos/sin [max_seq, hd/2] for every position, from the reference's float32 frequencies."""
+    ROTARY_NAMES = ("rotary.cos", "rotary.sin")
+
+    def rotary_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [max_seq, hd/2]: row p rotates cache position p (families override this alone)."""
         angles = torch.arange(self.max_seq, dtype=torch.float32)[:, None] * rope_inv_freq(self.spec)
-        for name, table in (("rotary.cos", angles.cos()), ("rotary.sin", angles.sin())):
+        return angles.cos(), angles.sin()
+
+    def rotary_tables(self) -> tuple[str, str]:
+        """The cos/sin tables as initializers in the shared weights file (stored once)."""
+        for name, table in zip(self.ROTARY_NAMES, self.rotary_cos_sin()):
             if name not in self.weights.stored:
-                self.weights.add(name, table)
+                self.weights.add(name, table.contiguous())
             self.builder.initializers[name] = self.weights.stored[name]
-        return "rotary.cos", "rotary.sin"
+        return self.ROTARY_NAMES
 
     def add_and_norm(self, x: str, residual: str, norm_weight: str) -> tuple[str, str]:
         """(RMSNorm(x + residual), x + residual) in one kernel."""

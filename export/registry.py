@@ -19,7 +19,7 @@ from typing import Callable
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .families.emu3 import is_emu3_folder, load_emu3, load_emu35
-from .families.image_export import ImageGraphs
+from .families.image_export import ImageGraphs, LlamaGenC2IGraphs, LlamaGenT2IGraphs
 from .families.llamagen import LlamaGenDecoder, load_llamagen
 from .loaders.gguf_file import load_gguf
 from .loaders.hf import load_hf
@@ -41,7 +41,8 @@ class Family:
     recognise: Callable[[Path], bool] | None = None   # None: only `--family NAME` selects it
     named: bool = False                               # `--family NAME` selects it
     options: tuple[str, ...] = ()                     # family options its loader takes (--image-size, ...)
-    image: bool = False                               # image-token family: ImageGraphs, manifest "image"
+    image: bool = False                               # image-token family: manifest "image"
+    graphs_class: type[TextGraphs] = TextGraphs       # what its bundles' graphs are (one class per family)
     decoder: type[Decoder] = Decoder                  # the PyTorch reference (and traced pieces)
     transformers_class: str = "AutoModelForCausalLM"  # what `verify` compares with
     compare_by_default: bool = False                  # `verify` compares with transformers unless told
@@ -49,7 +50,7 @@ class Family:
 
     def graphs(self, ckpt: Checkpoint, target: str = "ort") -> TextGraphs:
         """What the bundle writer asks about the graphs of this family's bundles (target: see TextGraphs)."""
-        return (ImageGraphs if self.image else TextGraphs)(ckpt, self.decoder, target)
+        return self.graphs_class(ckpt, self.decoder, target)
 
     def read(self, path: Path, options: dict) -> Checkpoint:
         unknown = [k for k in options if k not in self.options]
@@ -91,15 +92,17 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("gguf", load_gguf, recognise=_is_gguf_file),
     Family("meta", load_meta, recognise=_is_meta_folder),
     Family("llamagen-c2i", functools.partial(load_llamagen, family="llamagen-c2i"), named=True,
-           options=LLAMAGEN_OPTIONS, image=True, decoder=LlamaGenDecoder, options_from_manifest=_llamagen_options),
+           options=LLAMAGEN_OPTIONS, image=True, graphs_class=LlamaGenC2IGraphs, decoder=LlamaGenDecoder,
+           options_from_manifest=_llamagen_options),
     Family("llamagen-t2i", functools.partial(load_llamagen, family="llamagen-t2i"), named=True,
-           options=LLAMAGEN_OPTIONS, image=True, decoder=LlamaGenDecoder, options_from_manifest=_llamagen_options),
+           options=LLAMAGEN_OPTIONS, image=True, graphs_class=LlamaGenT2IGraphs, decoder=LlamaGenDecoder,
+           options_from_manifest=_llamagen_options),
     # Emu3's LM lives inside the unified model; AutoModelForCausalLM would build a bare LM and
     # initialise its weights at random.
-    Family("emu3", load_emu3, recognise=is_emu3_folder, named=True, image=True,
+    Family("emu3", load_emu3, recognise=is_emu3_folder, named=True, image=True, graphs_class=ImageGraphs,
            transformers_class="Emu3ForConditionalGeneration", compare_by_default=True),
     Family("hf", load_hf, recognise=_is_hf_folder, compare_by_default=True),     # Llama and Qwen3
-    Family("emu3.5", load_emu35, named=True, image=True, compare_by_default=True),
+    Family("emu3.5", load_emu35, named=True, image=True, graphs_class=ImageGraphs, compare_by_default=True),
 )}
 
 

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 
 from .errors import CheckpointError
 
+# Far beyond any released model: a config past them is damaged, and would otherwise have the exporter
+# allocate for it (a table of 10**9 layers' tensor names) before any tensor could disagree.
+LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "n_layers": 1024,
+          "n_heads": 1024, "n_kv_heads": 1024, "head_dim": 4096}
+
 
 @dataclass
 class ModelSpec:
@@ -37,6 +42,8 @@ class ModelSpec:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
+            elif int(getattr(self, name)) > LIMITS[name]:
+                problems.append(f"{name}={getattr(self, name)} is beyond any model's (at most {LIMITS[name]})")
         if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..runtime.backends.ort import OrtBackend
 from ..runtime.bundle import Bundle
+from ..runtime.decode import Rows
+from ..runtime.backends import load_backend
+from ..runtime.run_options import RunOptions
 from ..runtime.errors import UserError
 from .model import build_model
 from .registry import family_of, load_checkpoint, reread_options
@@ -31,19 +33,16 @@ def default_prompt_ids(bundle, n_random: int = 12) -> list[int]:
 
 
 def run_bundle_greedy(backend, bundle, prompt_ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy tokens and the logits of every step, through the runtime's arena-bound backend."""
-    arena = backend.new_arena(1)
-    arena.reset(1)
-    ids = np.asarray([prompt_ids], dtype=np.int64)
-    logits = backend.step(ids, np.ones_like(ids), arena).copy()
+    """Greedy tokens and the logits of every step, through the runtime's decode primitive and arena."""
+    rows = Rows(backend, backend.new_arena(1))
+    logits = np.array(rows.start([prompt_ids], bundle.pad_id), np.float32)
     out_tokens, out_logits = [], [logits[0]]
     for _ in range(steps):
         tok = int(np.argmax(logits[0]))
         out_tokens.append(tok)
         if len(out_tokens) == steps:
             break
-        mask = np.ones((1, arena.length + 1), dtype=np.int64)
-        logits = backend.step(np.asarray([[tok]], dtype=np.int64), mask, arena).copy()
+        logits = np.array(rows.feed(np.asarray([[tok]], dtype=np.int64)), np.float32)
         out_logits.append(logits[0])
     return out_tokens, out_logits
 
@@ -91,7 +90,12 @@ def compare(name: str, ref: list[np.ndarray], got: list[np.ndarray], got_tokens:
 
 
 def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, with_transformers: bool | None = None,
-                  threads: int | None = None, flavor: str = "auto", device: str = "cpu") -> dict:
+                  options: RunOptions | None = None, **changes) -> dict:
+    """options: how ONNX Runtime runs the bundle (runtime/run_options.py; keywords override single fields;
+    TensorRT engines are `ardeploy compare`'s)."""
+    options = (options or RunOptions()).replace(**changes)
+    if options.backend != "ort":
+        raise UserError("verify runs the bundle in ONNX Runtime; compare TensorRT engines with `ardeploy compare`")
     bundle = Bundle.load(bundle_path)
     src = Path(source or bundle.manifest["source"]["path"])
     if bundle.manifest["dtype"] == "bf16":
@@ -109,11 +113,11 @@ def verify_bundle(bundle_path, source=None, steps: int = 16, prompt_ids=None, wi
     report = {"bundle": str(bundle_path), "source": str(src), "dtype": bundle.manifest["dtype"],
               "prompt_tokens": len(prompt_ids), "steps": steps}
     started = time.perf_counter()
-    backend = OrtBackend(bundle, threads=threads, flavor=flavor, device=device)
+    backend = load_backend(bundle, options)
     tokens, ort_logits = run_bundle_greedy(backend, bundle, prompt_ids, steps)
     report["ort_seconds"] = round(time.perf_counter() - started, 3)
     report["graph"] = backend.graph
-    report["device"] = device
+    report["device"] = backend.device
     report["tokens"] = tokens
     _compare_references(report, src, bundle.manifest, prompt_ids, tokens, ort_logits, with_transformers)
     return report

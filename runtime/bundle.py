@@ -1,4 +1,13 @@
-"""Read a bundle: manifest.json and the files it names. The runtime reads nothing else."""
+"""The bundle format: manifest.json (one reader, one writer) and the files it names. The runtime reads
+nothing else; export and calibration write manifests through `write_manifest` only.
+
+Versions (FORMAT_VERSION is what export writes; every version in READS is read):
+  1  the first format
+  2  the ONNX Runtime graph declares a `next_token` output (its own argmax, the one copy a greedy GPU step
+     makes), and image bundles name what their images are conditioned on (image.condition: class,
+     caption or prompt). A version-1 manifest is read as version 2: the runtime looks at a graph's
+     declared outputs, and a version-1 image section gets its condition from the keys it has.
+"""
 from __future__ import annotations
 
 import json
@@ -7,13 +16,70 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from . import manifest_checks
+from .errors import BundleError, UserError  # noqa: F401  (BundleError lives in errors.py: paths.py raises it too)
 
-FORMAT_VERSION = 1          # the newest bundle format this runtime reads (export writes it)
+FORMAT = "ardeploy-bundle"
+FORMAT_VERSION = 2          # the newest bundle format: what export writes
+READS = (1, 2)              # the versions this runtime reads
+MANIFEST = "manifest.json"
+# calibration scheme -> the TensorRT precision that builds it (engines/builder.py, runtime/engine_record.py)
+SCHEME_PRECISION = {"w8a16": "int8", "w8a8": "int8", "w4a16": "int4"}
 
 
-class BundleError(UserError):
-    """A bundle we cannot use; the message names the file or field at fault."""
+def image_condition(image: dict) -> str:
+    """What an image bundle's images are conditioned on: "class" (LlamaGen c2i), "caption" (t2i) or
+    "prompt" (Emu3, Emu3.5); stated by version 2, derived from the section's keys for version 1."""
+    if "condition" in image:
+        return image["condition"]
+    return "class" if "class_conditional" in image else "caption" if "caption" in image else "prompt"
+
+
+def read_manifest(folder: Path) -> dict:
+    """The parsed, checked manifest of a bundle folder, as the newest version (see the module docstring)."""
+    mpath = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle folder")
+    if not mpath.exists():
+        raise BundleError(f"{folder}: not a bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: not an ardeploy bundle manifest")
+    version = manifest.get("format_version")
+    if version not in READS:
+        raise BundleError(f"{mpath}: bundle format version {version!r}, this ardeploy reads versions "
+                          f"{', '.join(map(str, READS))}: upgrade ardeploy or re-export the bundle")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise BundleError(f"{mpath}: {problem}")
+    if isinstance(manifest.get("image"), dict):
+        manifest["image"]["condition"] = image_condition(manifest["image"])
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write manifest.json as the newest format version (export and calibration call only this)."""
+    manifest["format"], manifest["format_version"] = FORMAT, FORMAT_VERSION
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph of a bundle as manifest.json describes it."""
+    kind: str
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    flavor: str                      # "ort" (the ONNX Runtime graph) or "portable"
+    raw: dict                        # the entry itself (shapes, kv layout)
+
+    @classmethod
+    def of(cls, kind: str, entry: dict) -> "GraphEntry":
+        return cls(kind, entry["file"], tuple(x["name"] for x in entry.get("inputs", [])),
+                   tuple(x["name"] for x in entry.get("outputs", [])), entry.get("flavor", "portable"), entry)
 
 
 def numpy_dtype(name: str):
@@ -78,28 +144,13 @@ class Bundle:
     @classmethod
     def load(cls, path: str | Path) -> "Bundle":
         path = Path(path)
-        mpath = path / "manifest.json"
-        if not path.is_dir():
-            raise BundleError(f"{path}: no such bundle folder")
-        if not mpath.exists():
-            raise BundleError(f"{path}: not a bundle (no manifest.json)")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath}: not valid JSON ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != "ardeploy-bundle":
-            raise BundleError(f"{mpath}: not an ardeploy bundle manifest")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise BundleError(f"{mpath}: bundle format version {version!r}, this ardeploy reads up to "
-                              f"{FORMAT_VERSION}: upgrade ardeploy or re-export the bundle")
-        problem = manifest_problem(manifest)
-        if problem:
-            raise BundleError(f"{mpath}: {problem}")
+        manifest = read_manifest(path)
+        manifest_checks.check_manifest(path, manifest)      # files inside the folder, sane bounds
         bundle = cls(path, manifest)
         missing = [name for name in bundle.required_files() if not (path / name).exists()]
         if missing:
             raise BundleError(f"{path}: missing file(s) named in manifest.json: {', '.join(missing)}")
+        manifest_checks.check_graphs(path, manifest)       # the graphs' external data and rotary tables
         bundle.check_weights_size()
         return bundle
 
@@ -158,6 +209,16 @@ class Bundle:
         if pad is None:
             pad = (self.eos_ids or [0])[0]
         return int(pad)
+
+    def graph(self, kind: str) -> GraphEntry:
+        graphs = self.manifest["graphs"]
+        if kind not in graphs:
+            raise BundleError(f"{self.path}: bundle has no {kind} graph (it has: {', '.join(graphs)})")
+        return GraphEntry.of(kind, graphs[kind])
+
+    @property
+    def graph_kinds(self) -> list[str]:
+        return list(self.manifest["graphs"])
 
     def graph_path(self, kind: str) -> Path:
         graphs = self.manifest["graphs"]

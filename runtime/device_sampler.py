@@ -181,6 +181,7 @@ class DeviceSampler:
 
     def _replay(self, logits, scale: float, uniform) -> np.ndarray:
         import onnxruntime as ort
+        from .sessions import graph_run_options
         rows = logits.shape[0] if isinstance(logits, np.ndarray) else logits.shape()[0]
         buffers = self._buffers.get(rows)
         if buffers is None:
@@ -204,9 +205,7 @@ class DeviceSampler:
             for name in ("scale",) * self.guided + ("uniform",) * (uniform is not None):
                 io.bind_ortvalue_input(name, buffers[name])
             io.bind_ortvalue_output("ids", buffers["ids"])
-            options = ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", str(len(self._graphs) + 1))
-            self._graphs[key] = (io, options)
+            self._graphs[key] = (io, graph_run_options(len(self._graphs) + 1))
         io, options = self._graphs[key]
         self.session.run_with_iobinding(io, options)
         return buffers["ids"].numpy()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bundle import Bundle, BundleError
+from .bundle import SCHEME_PRECISION, Bundle, BundleError
 from .files import sha256_file
+from .paths import inside
 
 ENGINES_DIR = "engines"
 RECORD = "engines.json"
@@ -23,7 +24,8 @@ PREFILL, DECODE = "prefill", "decode"      # the engine's two optimization profi
 
 
 def engines_dir(bundle: Bundle) -> Path:
-    return Path(bundle.path) / ENGINES_DIR
+    """BUNDLE/engines, refused when it is a symlink leading out of the bundle."""
+    return inside(bundle.path, ENGINES_DIR, f"{bundle.path}: the engines folder")
 
 
 def load(bundle: Bundle) -> dict:
@@ -31,7 +33,7 @@ def load(bundle: Bundle) -> dict:
     path = engines_dir(bundle) / RECORD
     if not path.exists():
         quantization = bundle.manifest.get("quantization")
-        precision = (("int4" if quantization.get("scheme") == "w4a16" else INT8) if quantization
+        precision = (SCHEME_PRECISION.get(quantization.get("scheme"), INT8) if quantization
                      else bundle.manifest.get("dtype", "fp16"))
         raise BundleError(f"{bundle.path}: no TensorRT engines (build them with `ardeploy build {bundle.path} "
                           f"--precision {precision}`)")
@@ -39,12 +41,27 @@ def load(bundle: Bundle) -> dict:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
-    if rec.get("format") != FORMAT or rec.get("format_version") != FORMAT_VERSION:
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT or rec.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: not an engines record this version of ardeploy reads (rebuild the engines)")
+    _check_files(rec, path, bundle)
     missing = [e["file"] for e in rec["engines"] if not (path.parent / e["file"]).exists()]
     if missing:
         raise BundleError(f"{path.parent}: missing engine file(s) named in {RECORD}: {', '.join(missing)}")
     return rec
+
+
+def _check_files(rec: dict, path: Path, bundle: Bundle) -> None:
+    """Every file the record names lies inside the engines folder (graphs: inside the bundle)."""
+    engines, layers, graphs = rec.get("engines"), rec.get("layers", {}), rec.get("graphs", {})
+    if not isinstance(engines, list) or not all(isinstance(e, dict) for e in engines) \
+            or not isinstance(layers, dict) or not isinstance(graphs, dict):
+        raise BundleError(f"{path}: engines, layers or graphs is not what ardeploy writes (rebuild the engines)")
+    for n, entry in enumerate(engines):
+        inside(path.parent, entry.get("file"), f"{path}: engines[{n}].file")
+    if "file" in layers:
+        inside(path.parent, layers["file"], f"{path}: layers.file")
+    for name in graphs:
+        inside(bundle.path, name, f"{path}: graphs")
 
 
 def check_graphs(rec: dict, bundle: Bundle) -> None:

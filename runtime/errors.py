@@ -13,3 +13,7 @@ class UserError(ValueError):
 
 class EngineError(UserError):
     """Something the user can fix: a missing TensorRT, a bundle of the wrong precision, a bad option."""
+
+
+class BundleError(UserError):
+    """A bundle we cannot use; the message names the file or field at fault."""

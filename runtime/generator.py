@@ -8,10 +8,11 @@
 A batch of prompts is left-padded; the attention mask hides the padding and positions are counted
 from each row's first real token, so every row gets the same tokens as when run alone.
 
-`Generator.events` is the loop, in phases: `_prefill` (the prompts, or a chat turn's new tokens
-after the part of the conversation still in the arena), then repeatedly sample, let every running
-row take its token (`RowProgress.add`: stop on EOS, a stop string or the token budget) and
-`_decode_step` (one new position per row) until every row has stopped or the cache is full.
+`Generator.events` is the loop, in phases: the prompts go in (`Rows.start`, or `Rows.resume` for a chat
+turn's new tokens after the part of the conversation still in the arena), then repeatedly sample, let
+every running row take its token (`RowProgress.add`: stop on EOS, a stop string or the token budget) and
+`_decode_step` (one new position per row, `Rows.feed`) until every row has stopped or the cache is full.
+The model runs only through the decode primitive, runtime/decode.py.
 """
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ from typing import Iterator
 import numpy as np
 
 from .bundle import Bundle, BundleError
+from .decode import Rows
 from .kv_arena import KVArena
-from .padding import left_pad
+from .manifest_checks import check_kv_memory
+from .backends import load_backend
+from .run_options import RunOptions
 from .sampling import LogitsProcessor, Sampler, SamplingConfig
-from .text import Detokenizer, StopStrings, render_chat
+from .speculative import AdaptiveK, Draft, DraftModel, NgramDrafter, Speculation, Verifier
+from .text import Detokenizer, StopStrings, check_text, render_chat
 from .errors import UserError
 
 
@@ -63,16 +68,6 @@ class Run:
         self.results = yield from self._events
 
 
-def load_backend(bundle: Bundle, backend: str = "ort", **kw):
-    if backend == "ort":
-        from .backends.ort import OrtBackend
-        return OrtBackend(bundle, **kw)
-    if backend == "trt":
-        from .backends.trt import TrtBackend
-        return TrtBackend(bundle, **kw)
-    raise BundleError(f"unknown backend {backend!r} (choose ort or trt)")
-
-
 class Generator:
     """Load, use, close: `with Generator.load(B) as gen: ...` frees its sessions, device buffers and
     captured graphs at the end (or call `close()`)."""
@@ -81,28 +76,35 @@ class Generator:
         self.bundle, self.backend = bundle, backend
         self.tokenizer = bundle.tokenizer()
         self.arena: KVArena = backend.new_arena(max_batch)
+        self.batch = Rows(backend, self.arena)      # the decode primitive (runtime/decode.py)
         self.cached: list[int] = []          # batch-1 tokens whose K/V are in the arena (chat)
         self.load_s = self.warmup_s = 0.0
 
     @classmethod
-    def load(cls, path, backend: str = "ort", max_batch: int | None = None, warmup: bool | None = None,
-             **backend_kw) -> "Generator":
-        """warmup: run `warmup()` for batch 1 before returning (None: on the GPU, where the first runs
-        record CUDA graphs and cost hundreds of milliseconds)."""
+    def load(cls, path, options: RunOptions | None = None, max_batch: int | None = None,
+             warmup: bool | None = None, **changes) -> "Generator":
+        """options: how to run it (runtime/run_options.py); keywords override single fields, e.g.
+        `Generator.load(B, device="cuda")`. warmup: run `warmup()` for batch 1 before returning (None: on
+        the GPU, where the first runs record CUDA graphs and cost hundreds of milliseconds)."""
         started = time.perf_counter()
+        options = (options or RunOptions()).replace(**changes)
         bundle = Bundle.load(path)
-        gen = cls(bundle, load_backend(bundle, backend, **backend_kw), max_batch)
+        if options.backend == "ort" and options.where == "cpu":     # before a host cache is allocated
+            check_kv_memory(bundle.manifest, bundle.path, max_batch)
+        gen = cls(bundle, load_backend(bundle, options), max_batch)
         gen.load_s = time.perf_counter() - started
-        if warmup or (warmup is None and backend_kw.get("device") == "cuda"):
+        if warmup or (warmup is None and gen.backend.device == "cuda"):
             gen.warmup()
         return gen
 
-    def warmup(self, batch_sizes=(1,), prompt_lengths=(8,)) -> float:
+    def warmup(self, batch_sizes=(1,), prompt_lengths=(8,), verify_widths=()) -> float:
         """Run prompts of each length and two decode steps at each batch size, so that one-time costs
         (ONNX Runtime's first runs, recording each batch size's CUDA graph and checking its first replay)
         are paid here and not by the first request's first token. On the GPU a prompt length ONNX Runtime
         has not seen costs about 40 ms once (its first GroupQueryAttention of that length, H100): give the
-        lengths to come when they are known. The arena is left empty. Returns the seconds spent."""
+        lengths to come when they are known. verify_widths (speculation, batch 1): the verify steps of
+        those widths too (each a new length and a captured graph; unwarmed, they made n-gram speculation
+        on SmolLM2 slower than plain decoding on an H100). The arena is left empty. Returns the seconds."""
         started = time.perf_counter()
         pad = self.bundle.pad_id
         for batch in batch_sizes:
@@ -110,45 +112,37 @@ class Generator:
                 raise UserError(f"warm-up batch {batch} outside [1, {self.arena.max_batch}]")
             for length in prompt_lengths:
                 length = max(1, min(int(length), self.arena.max_seq - 3))
-                self.arena.reset(batch)
-                mask = np.ones((batch, length), np.int64)
-                self.feed_prompt(np.full((batch, length), pad, np.int64), mask, self.arena)
+                self.batch.start([[pad] * length] * batch, pad)
             for _ in range(2):
-                mask = np.ones((batch, mask.shape[1] + 1), np.int64)
-                self.backend.step(np.full((batch, 1), pad, np.int64), mask, self.arena)
+                self.batch.feed(np.full((batch, 1), pad, np.int64))
+        self._warm_verify_widths(verify_widths, pad)
         self.arena.reset(1)
         self.cached = []
         self.warmup_s += time.perf_counter() - started
         return time.perf_counter() - started
 
+    def _warm_verify_widths(self, widths, pad: int) -> None:
+        widths = [w for w in widths if w > 1]
+        if not widths:
+            return
+        self.batch.start([[pad] * 8], pad)
+        for width in widths:
+            if self.arena.length + width > self.arena.max_seq:
+                break
+            self.batch.verify([pad] * width)
+            self.batch.rollback(width)
+
     def close(self) -> None:
         """Free the backend's sessions, captured graphs and device buffers, and the arena. Idempotent."""
         if self.backend is not None:
             self.backend.close()
-        self.backend, self.arena, self.cached = None, None, []
+        self.backend, self.arena, self.batch, self.cached = None, None, None, []
 
     def __enter__(self) -> "Generator":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def feed_prompt(self, ids: np.ndarray, mask: np.ndarray, arena: KVArena) -> np.ndarray:
-        """Run the prompt's tokens; logits of its last position. A backend with `prefill_chunk` takes
-        long prompts in pieces of that many tokens (each piece attends to the ones before it through
-        the arena): ONNX Runtime keeps its largest activation buffers for good, and a 1536-token
-        prompt in one piece would leave the process 40 % larger for the rest of its life."""
-        chunk = getattr(self.backend, "prefill_chunk", None)
-        n_new = ids.shape[1]
-        # A graph that keeps rows at their own lengths takes a padded batch in one piece (gqa_inputs).
-        padded = not getattr(self.backend, "pieces_may_pad", True) and not mask.all()
-        if not chunk or n_new <= chunk or padded:
-            return self.backend.step(ids, mask, arena)
-        past = mask.shape[1] - n_new
-        for start in range(0, n_new, chunk):
-            stop = min(n_new, start + chunk)
-            logits = self.backend.step(ids[:, start:stop], mask[:, :past + stop], arena)
-        return logits
 
     # -- text ---------------------------------------------------------------------------------
     def _special(self, key: str) -> str:
@@ -161,9 +155,11 @@ class Generator:
         template = self.bundle.manifest.get("chat_template")
         if not template:
             raise BundleError(f"{self.bundle.path}: the bundle has no chat template (drop --chat)")
-        return render_chat(template, messages, self._special("bos_token_id"), self._special("eos_token_id"))
+        return render_chat(template, messages, self._special("bos_token_id"), self._special("eos_token_id"),
+                           where=f"{self.bundle.path}: the chat template (manifest.json chat_template)")
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        check_text(prompt, "the prompt")
         if chat:
             return self.encode_messages([{"role": "user", "content": prompt}])
         self._need_tokenizer()
@@ -191,56 +187,120 @@ class Generator:
         return ids
 
     # -- public API ---------------------------------------------------------------------------
-    def stream(self, prompt, cfg: SamplingConfig | None = None, chat: bool = False) -> Iterator[str]:
+    def stream(self, prompt, cfg: SamplingConfig | None = None, chat: bool = False,
+               speculation: Speculation | None = None) -> Iterator[str]:
         """Text pieces of one prompt as they are produced."""
-        for event in self.events([self.to_ids(prompt, chat)], cfg or SamplingConfig()):
+        for event in self.events([self.to_ids(prompt, chat)], cfg or SamplingConfig(), speculation=speculation):
             if event.text:
                 yield event.text
 
-    def generate(self, prompts, cfg: SamplingConfig | None = None, chat: bool = False):
-        """One prompt (str or id list) -> GenerationResult; a list of prompts -> list of results."""
+    def generate(self, prompts, cfg: SamplingConfig | None = None, chat: bool = False,
+                 speculation: Speculation | None = None):
+        """One prompt (str or id list) -> GenerationResult; a list of prompts -> list of results.
+        speculation (one prompt): runtime/speculative.py."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
-        run = Run(self.events([self.to_ids(one, chat) for one in batch], cfg or SamplingConfig()))
+        run = Run(self.events([self.to_ids(one, chat) for one in batch], cfg or SamplingConfig(),
+                              speculation=speculation))
         for _ in run:
             pass
         return run.results[0] if single else run.results
 
     # -- the loop: prefill, then sample / decode one step until every row has stopped ------------
     def events(self, prompt_ids: list[list[int]], cfg: SamplingConfig, continue_cache: bool = False,
-               processors: list[LogitsProcessor] | None = None):
+               processors: list[LogitsProcessor] | None = None, speculation: Speculation | None = None):
         """Generator of Events; it returns the list of GenerationResults (iterate it through `Run`).
 
         continue_cache (batch 1): keep the arena's K/V for the longest common prefix with the
         previous call and run only the new tokens (through the decode graph when a past exists).
+        speculation (batch 1): draft tokens and verify them several at a time (runtime/speculative.py);
+        the tokens are plain decoding's (greedy) or distributed as plain sampling's.
         """
         if self.backend is None:
             raise UserError("this generator was closed")
         self._check_prompts(prompt_ids)
+        if speculation is not None and len(prompt_ids) != 1:
+            raise UserError("speculative decoding runs one prompt at a time")
         started, graph_before = time.perf_counter(), self.backend.run_seconds()
         reuse = continue_cache and len(prompt_ids) == 1 and self.cached and self.arena.batch == 1
         # `cached` names exactly the tokens whose K/V the arena holds: emptied before the arena is
         # touched, then grown only after a step has written them (a run abandoned half way, or one
         # that raised, leaves it true).
         cached, self.cached = self.cached, []
-        logits, mask = self._prefill(prompt_ids, cached if reuse else None)
+        logits = self.batch.resume(prompt_ids[0], cached) if reuse else \
+            self.batch.start(prompt_ids, self.bundle.pad_id)
         if len(prompt_ids) == 1:
             self.cached = list(prompt_ids[0])
         rows = [RowProgress(ids, self.tokenizer, cfg.stop) for ids in prompt_ids]
         sampler = Sampler(cfg, len(rows), processors)
         eos = self._eos_ids(cfg)
+        extra = {}
+        if speculation is None:
+            first_token_at = yield from self._plain_loop(logits, rows, sampler, eos, cfg)
+        else:
+            verifier = Verifier(sampler)
+            first_token_at = yield from self._speculative_loop(logits, rows[0], sampler, eos, cfg, speculation,
+                                                               verifier)
+            extra["speculation"] = verifier.stats.to_json()
+        finished = time.perf_counter()
+        timings = RunTimings(started, first_token_at, finished, self.backend.run_seconds() - graph_before, extra)
+        return [row.result(timings, has_text=self.tokenizer is not None) for row in rows]
+
+    def _plain_loop(self, logits, rows: list["RowProgress"], sampler: Sampler, eos: set[int], cfg: SamplingConfig):
+        """Sample, let every running row take its token, one decode step; until all have stopped.
+        Returns when the first tokens were sampled."""
         first_token_at = None
         while True:
             tokens = sampler(logits, [row.history for row in rows])
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
+            first_token_at = first_token_at or time.perf_counter()
             yield from take_tokens(rows, tokens, eos, cfg.max_new_tokens)
             if self._all_stopped(rows):
-                break
-            logits, mask = self._decode_step(tokens, rows, mask)
-        finished = time.perf_counter()
-        timings = RunTimings(started, first_token_at, finished, self.backend.run_seconds() - graph_before)
-        return [row.result(timings, has_text=self.tokenizer is not None) for row in rows]
+                return first_token_at
+            logits = self._decode_step(tokens, rows)
+
+    def _speculative_loop(self, logits, row: "RowProgress", sampler: Sampler, eos: set[int], cfg: SamplingConfig,
+                          speculation: Speculation, verifier: Verifier):
+        """One row: sample a token, draft up to K more after it, verify all in one step, keep what the
+        model agrees with (the cache rolled back over the rest) and the model's own next token."""
+        drafter = self._drafter(speculation, sampler)
+        # sampling with a draft model draws as many random numbers as were drafted: size drafts without timing
+        timed = speculation.method == "ngram" or sampler.cfg.is_greedy
+        k = AdaptiveK(speculation.draft_tokens, speculation.adaptive, timed)
+        token = int(sampler(logits, [row.history])[0])
+        first_token_at = time.perf_counter()
+        yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
+        while not self._all_stopped([row]):
+            room = min(cfg.max_new_tokens - len(row.token_ids) - 1, self.arena.max_seq - self.arena.length - 1)
+            budget = min(k.budget(), room)
+            drafted_at = time.perf_counter()
+            draft = drafter.propose(row.history, budget) if budget > 0 else Draft([])
+            stepped_at = time.perf_counter()
+            verifier.stats.draft_seconds += stepped_at - drafted_at
+            if not draft.tokens:
+                logits = self._decode_step(np.array([token]), [row])
+                verifier.stats.plain_steps += 1
+                token = int(sampler(logits, [row.history])[0])
+                k.plain_step(time.perf_counter() - stepped_at)
+                yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
+                continue
+            fed = [token] + draft.tokens
+            logits = self.batch.verify(fed)
+            kept, token = verifier.accept(logits, row.history, draft)
+            self.batch.rollback(len(draft.tokens) - kept)
+            self.cached += fed[:1 + kept]
+            k.update(len(draft.tokens), kept, time.perf_counter() - stepped_at)
+            for accepted in draft.tokens[:kept] + [token]:
+                yield from take_tokens([row], [accepted], eos, cfg.max_new_tokens)
+                if row.stop_reason:
+                    break
+        return first_token_at
+
+    def _drafter(self, speculation: Speculation, sampler: Sampler):
+        if speculation.method == "ngram":
+            return NgramDrafter(speculation.ngram)
+        drafter = DraftModel(speculation.draft, self.bundle, self.tokenizer)
+        drafter.start(sampler.cfg, (sampler.seed + 7919) % (1 << 63))    # its own random stream, fixed by the seed
+        return drafter
 
     def _check_prompts(self, prompt_ids: list[list[int]]) -> None:
         if not prompt_ids:
@@ -259,25 +319,6 @@ class Generator:
             return set()
         return set(cfg.eos_ids if cfg.eos_ids is not None else self.bundle.eos_ids)
 
-    def _prefill(self, prompt_ids: list[list[int]], cached: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
-        """Run the prompts into the arena: (logits of each row's last position, attention mask so far).
-        With `cached` (one prompt), the arena keeps the K/V of the prompt's common prefix with it."""
-        if cached:
-            ids, mask = self._keep_common_prefix(prompt_ids[0], cached)
-        else:
-            self.arena.reset(len(prompt_ids))
-            ids, mask = left_pad(prompt_ids, fill=self.bundle.pad_id)
-        return self.feed_prompt(ids, mask, self.arena), mask
-
-    def _keep_common_prefix(self, ids: list[int], cached: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Truncate the arena to the longest common prefix of `ids` and `cached` (the prompt's last token
-        always runs again: its logits are needed); returns the tokens still to run and the whole mask."""
-        keep, limit = 0, min(len(ids) - 1, len(cached))
-        while keep < limit and ids[keep] == cached[keep]:
-            keep += 1
-        self.arena.truncate(keep)
-        return np.asarray([ids[keep:]], dtype=np.int64), np.ones((1, len(ids)), dtype=np.int64)
-
     def _all_stopped(self, rows: list["RowProgress"]) -> bool:
         """No row needs another step: all have stopped, or the cache is full (the rest stop with max_seq)."""
         if all(row.stop_reason for row in rows):
@@ -288,17 +329,14 @@ class Generator:
             return True
         return False
 
-    def _decode_step(self, tokens: np.ndarray, rows: list["RowProgress"],
-                     mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One new position for every row: its sampled token (a stopped row: padding). Returns the logits
-        and the attention mask grown by that position."""
+    def _decode_step(self, tokens: np.ndarray, rows: list["RowProgress"]):
+        """One new position for every row: its sampled token (a stopped row: padding). Returns the logits."""
         running = [row.stop_reason is None for row in rows]
         ids = np.where(running, tokens, self.bundle.pad_id).astype(np.int64)[:, None]
-        mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-        logits = self.backend.step(ids, mask, self.arena)
+        logits = self.batch.feed(ids)
         if len(rows) == 1:
             self.cached.append(int(ids[0, 0]))
-        return logits, mask
+        return logits
 
 
 # -- per-row stop tracking ------------------------------------------------------------------------
@@ -308,12 +346,14 @@ class RunTimings:
     first_token_at: float         # the first tokens sampled
     finished: float
     graph_s: float                # inside the backend's graph runs
+    extra: dict = field(default_factory=dict)      # e.g. speculation statistics
 
     def of(self, n_tokens: int) -> dict:
         decode_s = self.finished - self.first_token_at
         rate = (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else 0.0
         return {"ttft_s": self.first_token_at - self.started, "decode_tokens_per_s": rate,
-                "timings": {"total_s": round(self.finished - self.started, 6), "graph_s": round(self.graph_s, 6)}}
+                "timings": {"total_s": round(self.finished - self.started, 6), "graph_s": round(self.graph_s, 6),
+                            **self.extra}}
 
 
 class RowProgress:
@@ -368,10 +408,10 @@ class ChatSession:
         self.gen = gen
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
-    def turn(self, user: str, cfg: SamplingConfig) -> Iterator[str]:
+    def turn(self, user: str, cfg: SamplingConfig, speculation: Speculation | None = None) -> Iterator[str]:
         self.messages.append({"role": "user", "content": user})
         ids = self.gen.encode_messages(self.messages)
-        run = Run(self.gen.events([ids], cfg, continue_cache=True))
+        run = Run(self.gen.events([ids], cfg, continue_cache=True, speculation=speculation))
         for event in run:
             if event.text:
                 yield event.text

@@ -33,10 +33,15 @@ from typing import Callable
 
 import numpy as np
 
+from .backends.base import device_value
 from .bundle import Bundle, BundleError
+from .decode import Rows
 from .guidance import Guidance, RangeSampler, guide, image_generators
 from .image_layout import ImageLayout
+from .manifest_checks import check_kv_memory
 from .padding import left_pad
+from .backends import load_backend
+from .run_options import RunOptions
 from .sampling import SamplingConfig
 from .sessions import open_session, session_options
 from .errors import UserError
@@ -85,30 +90,23 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 
 class BatchRows:
-    """The arena rows of one batch of images and their attention mask so far: image b's conditional row
-    is b and, with guidance, its unconditional row is n_images + b. Every run's logits land in `logits`
-    (and a copy in `trace`, when it is a list)."""
+    """The arena rows of one batch of images (a decode primitive, runtime/decode.py, underneath): image b's
+    conditional row is b and, with guidance, its unconditional row is n_images + b. Every run's logits
+    land in `logits` (and a copy in `trace`, when it is a list)."""
 
     def __init__(self, backend, arena, n_images: int, guided: bool, pad: int, trace: list | None):
-        self.backend, self.arena, self.n_images, self.guided, self.pad, self.trace = \
-            backend, arena, n_images, guided, pad, trace
+        self.n_images, self.guided, self.pad, self.trace = n_images, guided, pad, trace
         self.n_rows = 2 * n_images if guided else n_images
-        arena.reset(self.n_rows)
-        self.mask: np.ndarray | None = None
-        self.logits: np.ndarray | None = None
+        self.rows = Rows(backend, arena)
+        self.logits = None
 
     def prefill(self, prompts: list[list[int]]) -> None:
         """Token prompts, one per row, left-padded to one length."""
-        ids, self.mask = left_pad(prompts, fill=self.pad)
-        self._took(self.backend.step(ids, self.mask, self.arena))
+        self._took(self.rows.start(prompts, self.pad))
 
     def prefill_features(self, features: np.ndarray, mask: np.ndarray) -> None:
         """Input features [rows, S, dim] instead of tokens (LlamaGen t2i captions)."""
-        run = getattr(self.backend, "prefill_features", None)
-        if run is None:
-            raise BundleError("caption-conditioned (LlamaGen t2i) prefill runs on the ort backend only for now")
-        self.mask = mask
-        self._took(run(features, mask, self.arena))
+        self._took(self.rows.start_features(features, mask))
 
     def column(self, token: int) -> np.ndarray:
         """The same token for every image."""
@@ -122,8 +120,7 @@ class BatchRows:
         if self.guided:
             ids = np.concatenate([ids, ids if uncond_sees else np.full_like(ids, self.pad)])
             real = np.concatenate([real, real if uncond_sees else np.zeros_like(real)])
-        self.mask = np.concatenate([self.mask, real], axis=1)
-        self._took(self.backend.step(ids, self.mask, self.arena))
+        self._took(self.rows.feed(ids, real))
 
     def guided_logits(self, lo: int, hi: int, scale: float) -> np.ndarray:
         """Logits [images, hi - lo] of the range [lo, hi), guided by the unconditional rows."""
@@ -131,18 +128,22 @@ class BatchRows:
         uncond = self.logits[self.n_images:self.n_rows, lo:hi] if self.guided else None
         return guide(cond, uncond, scale)
 
-    def _took(self, logits: np.ndarray) -> None:
+    def _took(self, logits) -> None:
         self.logits = logits
         if self.trace is not None:
             self.trace.append(logits[:self.n_rows].copy())
 
 
 class ImageGenerator:
-    def __init__(self, bundle: Bundle, backend, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, bundle: Bundle, backend, options: RunOptions | None = None):
         image = bundle.manifest.get("image")
         if not image:
             raise BundleError(f"{bundle.path}: not an image-token bundle (manifest.json has no image section)")
-        self.bundle, self.backend, self.threads, self.device = bundle, backend, threads, device
+        options = options or RunOptions()
+        self.bundle, self.backend, self.threads = bundle, backend, options.threads
+        # TensorRT engines run on the GPU whatever the device; device then places only the VQ decoder
+        # and the sampler graph.
+        self.device = "cuda" if options.device == "cuda" else "cpu"
         self.image = image
         self.family = image.get("family", "?")
         self.layout = ImageLayout.from_manifest(image)
@@ -153,23 +154,34 @@ class ImageGenerator:
         self._uncond_caption = None
 
     @classmethod
-    def load(cls, path, backend: str = "ort", threads: int | None = None, prepack: bool = True,
-             device: str = "cpu", flavor: str = "auto") -> "ImageGenerator":
-        """prepack (ONNX Runtime): pre-pack MatMul weights. Guidance always runs >= 2 rows, and without
-        pre-packing ONNX Runtime re-packs every weight at each M=2 step: 3.5x slower on GPT-B (74 vs 259
-        ms/step, one thread). The cost is a private copy of the weights per session.
-        device: "cpu" or "cuda" (ONNX Runtime's CUDA provider) for the transformer and the VQ decoder.
-        flavor: which transformer graph ONNX Runtime runs (auto: the ONNX Runtime graph when the bundle
-        has one, LlamaGen c2i; else the portable one)."""
-        from .generator import load_backend
+    def load(cls, path, options: RunOptions | None = None, **changes) -> "ImageGenerator":
+        """options (runtime/run_options.py; keywords override single fields): device "cpu" or "cuda" for
+        the transformer, the sampler graph and the VQ decoder; flavor: which transformer graph ONNX Runtime
+        runs (auto: the ONNX Runtime graph when the bundle has one, LlamaGen c2i; else the portable one);
+        prepack (on by default) matters here: guidance always runs >= 2 rows, and without pre-packing ONNX
+        Runtime re-packs every weight at each M=2 step: 3.5x slower on GPT-B (74 vs 259 ms/step, one
+        thread). The cost is a private copy of the weights per session."""
         from .sessions import providers
+        options = (options or RunOptions()).replace(**changes)
         bundle = Bundle.load(path)
         if not bundle.manifest.get("image"):
             raise BundleError(f"{path}: not an image-token bundle (manifest.json has no image section)")
-        providers(device)                    # one line, before any session, without onnxruntime-gpu
-        # TensorRT engines run on the GPU whatever the device; device then places only the VQ decoder.
-        kw = {"threads": threads, "prepack": prepack, "device": device, "flavor": flavor} if backend == "ort" else {}
-        return cls(bundle, load_backend(bundle, backend, **kw), threads, device)
+        providers(options.where if options.backend == "ort" else "cpu")   # one line, before any session
+        if options.backend == "ort" and options.where == "cpu":
+            check_kv_memory(bundle.manifest, bundle.path)                  # before a host cache is allocated
+        return cls(bundle, load_backend(bundle, options), options)
+
+    def close(self) -> None:
+        """Free the backend, the sampler and VQ decoder sessions and the arena. Idempotent."""
+        if self.backend is not None:
+            self.backend.close()
+        self.backend, self._arena, self._vq, self._samplers = None, None, None, {}
+
+    def __enter__(self) -> "ImageGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- facts --------------------------------------------------------------------------------------
     @property
@@ -183,7 +195,7 @@ class ImageGenerator:
     @property
     def condition(self) -> str:
         """What an image is conditioned on: "class" (LlamaGen c2i), "caption" (LlamaGen t2i) or "prompt"."""
-        return "class" if "class_conditional" in self.image else "caption" if "caption" in self.image else "prompt"
+        return self.image["condition"]           # stated in the manifest (read_manifest fills it for version 1)
 
     @property
     def has_decoder(self) -> bool:
@@ -417,7 +429,7 @@ class ImageGenerator:
         sampler.rngs = rngs
 
         def sample(scale: float) -> np.ndarray:
-            value = _device_value(rows.logits)
+            value = device_value(rows.logits)
             return sampler(np.asarray(rows.logits)[:rows.n_rows] if value is None else value, scale)
         return sample
 
@@ -448,13 +460,6 @@ class ImageGenerator:
             self._vq = open_session(self.bundle.graph_path("vq_decoder"), session_options(self.threads),
                                     self.device)
         return self._vq.run(["pixels"], {"tokens": codes})[0]
-
-
-def _device_value(logits):
-    """The OrtValue [rows, vocab] behind logits a backend left in device memory (the CUDA-graph step's
-    DeviceLogits, runtime/backends/cuda_graph.py), so the sampler graph reads them there; else None."""
-    get = getattr(logits, "ortvalue", None)
-    return get() if callable(get) else None
 
 
 def save_images(results: list[ImageResult], out: str | Path, names: list[str] | None = None) -> list[Path]:

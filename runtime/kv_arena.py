@@ -8,8 +8,10 @@ writes slots [0, S), decode step reads [0, P) and writes [P, P+S).
 Batch-major, [B, n_kv, max_seq, head_dim] (the ONNX Runtime graph): GroupQueryAttention reads and
 writes the whole buffer in place (`cache`), each row at its own length.
 
-The runtime never copies a KV byte; `bytes_copied` counts what a backend had to copy anyway (see the
-TensorRT alignment note in docs/ARCHITECTURE.md) so benchmarks can prove it stays constant.
+The runtime never copies a KV byte; a backend counts what it had to copy anyway in its own
+`kv_bytes_copied` (see the TensorRT alignment note in docs/ARCHITECTURE.md), so benchmarks can prove it
+stays constant. Arenas start zeroed: attention kernels read positions past a row's length (weighted 0),
+and 0 x NaN from stale bytes would be NaN.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def host_buffer(count: int, dtype) -> tuple[np.ndarray, int]:
 class KVArena:
     def __init__(self, n_layers: int, max_seq: int, max_batch: int, n_kv: int, head_dim: int, dtype,
                  allocate=None, layout: str = "time"):
-        """`allocate(n_elements, dtype) -> (buffer, base_address)`; default: host memory (numpy).
+        """`allocate(n_elements, dtype) -> (buffer, base_address)` of zeroed memory; default: host memory.
         layout: "time" ([max_seq, B, n_kv, hd]) or "batch" ([B, n_kv, max_seq, hd])."""
         if layout not in ("time", "batch"):
             raise ValueError(f"unknown KV layout {layout!r} (time or batch)")
@@ -44,7 +46,6 @@ class KVArena:
         self.buffers = [[allocate(elements, self.dtype) for _ in range(2)] for _ in range(n_layers)]
         self.batch = max_batch
         self._length = 0           # positions [0, length) hold valid K/V; changed only by the methods below
-        self.bytes_copied = 0      # copies a backend could not avoid (must not grow with length)
 
     @property
     def length(self) -> int:
@@ -78,12 +79,19 @@ class KVArena:
             raise ValueError(f"batch {batch} exceeds the arena's max_batch {self.max_batch}")
         self.batch, self._length = batch, 0
 
-    def cache(self, layer: int, kv: int) -> tuple[int, list[int]]:
+    def cache(self, layer: int, kv: int, row: int | None = None) -> tuple[int, list[int]]:
         """(address, shape) of a batch-major arena's whole buffer for the current batch,
-        [B, n_kv, max_seq, hd]: the rows of a smaller batch are the buffer's first ones."""
+        [B, n_kv, max_seq, hd] (the rows of a smaller batch are the buffer's first ones), or of one row
+        of it, [1, n_kv, max_seq, hd] (continuous batching fills rows one at a time)."""
         if self.layout != "batch":
             raise ValueError("cache() is for batch-major arenas; time-major ones bind regions")
-        return self.buffers[layer][kv][1], [self.batch, self.n_kv, self.max_seq, self.head_dim]
+        base = self.buffers[layer][kv][1]
+        if row is None:
+            return base, [self.batch, self.n_kv, self.max_seq, self.head_dim]
+        if not 0 <= row < self.batch:
+            raise IndexError(f"row {row} outside the arena's batch {self.batch}")
+        row_bytes = self.n_kv * self.max_seq * self.head_dim * self.dtype.itemsize
+        return base + row * row_bytes, [1, self.n_kv, self.max_seq, self.head_dim]
 
     def region(self, layer: int, kv: int, start: int, stop: int) -> tuple[int, list[int]]:
         """(address, shape) of positions [start, stop) of one layer's K (kv=0) or V (kv=1)

@@ -178,7 +178,7 @@ def plan_memory(bundle: Bundle, max_seq: int | None = None, batch: int | None = 
     stored, held, notes = graph_weights(bundle.graph_path(kind), device)
     per = kv_bytes_per_position(bundle, batch)
     q = bundle.manifest.get("quantization") or {}
-    plan = MemoryPlan(bundle=str(bundle.path), device=device, graph=bundle.manifest["graphs"][kind]["file"],
+    plan = MemoryPlan(bundle=str(bundle.path), device=device, graph=bundle.graph_path(kind).name,
                       dtype=q.get("scheme") or bundle.manifest.get("dtype", "?"), max_seq=max_seq, batch=batch,
                       weights_file_bytes=stored, weights_bytes=held, kv_bytes=per * max_seq,
                       kv_bytes_per_position=per, activation_bytes=activation_bytes(bundle, max_seq, batch, device),

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import FULL_OR_READ_ONLY, describe_write_error
+from .errors import UserError
+
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -28,6 +31,12 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     path = Path(path)
     data = png_bytes(rgb)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException as e:                     # a full disk, Ctrl-C, SIGTERM: no partial file stays
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in FULL_OR_READ_ONLY:
+            raise UserError(describe_write_error(path, e)) from None
+        raise
     return path

@@ -27,6 +27,15 @@ def providers(device: str, cuda_graph: bool = False) -> list:
     raise UserError(f"unknown device {device!r} (cpu or cuda)")
 
 
+def graph_run_options(graph_id: int):
+    """RunOptions naming the CUDA graph a run records or replays (-1: none). A session made with
+    cuda_graph=True must be given one on every run (without it ONNX Runtime would record graph 0)."""
+    import onnxruntime as ort
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
 # x86 CPUs without VNNI multiply uint8 activations by int8 weights with VPMADDUBSW, which saturates the sum of
 # each pair of products at int16: w8a8 graphs then compute something else than on a VNNI CPU (KL to FP32 0.0143
 # against 0.0007 on the tiny test model, SmolLM2 perplexity 1.038x against 1.018x, measured on an AVX2-only EPYC).

@@ -1,19 +1,55 @@
-"""Text in and out: chat templates, incremental detokenization, stop strings."""
+"""Text in and out: chat templates, incremental detokenization, stop strings, checks of text given."""
 from __future__ import annotations
 
+from .errors import UserError
 
-def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
-    """Apply a Hugging Face style Jinja chat template (with the generation prompt added)."""
+
+class ChatTemplateError(UserError):
+    """The bundle's chat template cannot render the conversation (it refused it, broke the sandbox, or
+    is not a template)."""
+
+
+def check_text(text: str, what: str) -> str:
+    """`text`, refused in one line naming `what` when it holds something that is not UTF-8: bytes of
+    another encoding reach Python as lone surrogates (a command-line argument, a line of input)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start].encode("utf-8", "surrogateescape") if "\udc80" <= text[e.start] <= "\udcff" else None
+        shown = f"byte 0x{raw.hex()}" if raw else f"U+{ord(text[e.start]):04X}"
+        raise UserError(f"{what}: not valid UTF-8 ({shown} at character {e.start}); give the text in UTF-8") from None
+    return text
+
+
+def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
+                where: str = "the bundle's chat template (manifest.json chat_template)") -> str:
+    """Apply a Hugging Face style Jinja chat template (with the generation prompt added), in a sandbox.
+    Whatever goes wrong inside the template is the template's: a ChatTemplateError naming `where`."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(msg):
         raise jinja2.exceptions.TemplateError(msg)
 
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"{where}: not a template string (a {type(template).__name__})")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                             bos_token=bos_token, eos_token=eos_token)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                 bos_token=bos_token, eos_token=eos_token)
+    except jinja2.exceptions.SecurityError as e:
+        raise ChatTemplateError(f"{where}: refused by the sandbox ({_one_line(e)})") from None
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{where}: not a valid template (line {e.lineno}: {_one_line(e)})") from None
+    except jinja2.exceptions.TemplateError as e:       # raise_exception(...) and undefined names
+        raise ChatTemplateError(f"{where}: {_one_line(e)}") from None
+    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError, RecursionError) as e:
+        raise ChatTemplateError(f"{where}: failed while rendering ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 class Detokenizer:

@@ -6,8 +6,6 @@ Engines (--engines, comma-separated):
   ours            ardeploy's ImageGenerator on the bundle's ONNX Runtime graph; on CUDA the codes are
                   drawn by the sampler graph on the GPU (runtime/device_sampler.py, a captured CUDA
                   graph reading the step's logits where they are), only [B] codes cross to the host
-                  (it reads them through runtime/backends/cuda_graph.DeviceLogits.ortvalue(); where
-                  that accessor is missing the bench adds it: JSON "logits_accessor_shim": true)
   ours-host       the same with the numpy sampler on the host (logits copied to the host every step)
   torch-eager     PyTorch loop after LlamaGen's autoregressive/models/generate.py: static KV cache
                   (module buffers [2B, heads, L, hd], L a multiple of 8), boolean causal mask over the
@@ -132,7 +130,6 @@ def run_ours(args, size: int, bundle_dir: Path, sampler: str) -> list[dict]:
     from ardeploy.runtime import SamplingConfig
     from ardeploy.runtime.guidance import Guidance
     from ardeploy.runtime.image import ImageGenerator, ImageRequest, ImageSettings
-    shim = logits_on_device_shim() if sampler != "host" else False
     gen = ImageGenerator.load(bundle_dir, threads=args.threads, device=args.device)
     say(f"ours ({sampler} sampler): graph {gen.backend.graph}, flavor {gen.backend.flavor}, device {args.device}")
     out = []
@@ -142,23 +139,8 @@ def run_ours(args, size: int, bundle_dir: Path, sampler: str) -> list[dict]:
         # in the fastest batch: backend_run_s the transformer's runs, sampler_s the sampler graph's calls
         row = timed(args, size, batch, lambda: gen.generate(requests, settings, decode=False),
                     {"backend_run_s": gen.backend.run_seconds, "sampler_s": gen.sampler_seconds})
-        row["logits_accessor_shim"] = shim
         out.append(row)
     return out
-
-
-def logits_on_device_shim() -> bool:
-    """The sampler graph reads a CUDA-graph step's logits in device memory through `ortvalue()` of
-    runtime/backends/cuda_graph.DeviceLogits. Where that accessor is missing, give it one here
-    (benchmark only; returns whether it was needed)."""
-    try:
-        from ardeploy.runtime.backends.cuda_graph import DeviceLogits
-    except ImportError:
-        return False
-    if hasattr(DeviceLogits, "ortvalue"):
-        return False
-    DeviceLogits.ortvalue = lambda self: self._logits
-    return True
 
 
 def timed(args, size: int, batch: int, run, counters: dict | None = None) -> dict:

@@ -241,7 +241,7 @@ def worker_ours(args, concat: bool, flavor: str = "auto"):
             outs = sess.run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})
             logits, past = outs[0], outs[1:]
         else:
-            logits = gen.feed_prompt(x, np.ones_like(x), arena)
+            logits = gen.batch.start([list(ids)], bundle.pad_id)
         tok = int(np.argmax(logits[0]))
         first_token_at = time.perf_counter()
         steps, length = [], len(ids)
@@ -261,7 +261,7 @@ def worker_ours(args, concat: bool, flavor: str = "auto"):
                 # the design being measured: past and present joined into a new, longer array every step
                 past = [np.concatenate([p, new], axis=0) for p, new in zip(past, outs[1:])]
             else:
-                logits = backend.step(x, mask, arena)
+                logits = gen.batch.feed(x)
             tok = int(np.argmax(logits[0]))
             length += 1
             steps.append((length, time.perf_counter() - step_started))
@@ -293,7 +293,7 @@ def worker_ours_runtime(args, flavor: str = "auto"):
         steps = [(len(rows[0]) + i + 1, b - a) for i, (a, b) in enumerate(zip(stamps, stamps[1:]))]
         return stamps[0] - begun, steps, tokens
     result = run_workload(args, gen.bundle.vocab_size, generate, args.batch)
-    return {**result, "loop": "runtime", "device": args.device, "graph": getattr(gen.backend, "graph", None)}
+    return {**result, "loop": "runtime", "device": args.device, "graph": gen.backend.graph}
 
 
 def load_transformers(args, compiled: bool):

@@ -121,3 +121,72 @@ def test_functions_read_at_once():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                     long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def calls(folders, attribute_names: set[str]):
+    """(file, line, receiver source) of every call `receiver.name(...)` with name in attribute_names."""
+    found = []
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
+            source = path.read_text(encoding="utf-8")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                        node.func.attr in attribute_names:
+                    found.append((path.relative_to(ROOT).as_posix(), node.lineno,
+                                  ast.get_source_segment(source, node.func.value) or ""))
+    return found
+
+
+def test_backends_are_used_through_their_declared_contract():
+    """No getattr/hasattr probing of a backend (or of its logits) outside runtime/backends/: what a
+    backend can do is declared in runtime/backends/base.py."""
+    probes = []
+    for folder in (*STAGES, "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.is_relative_to(ROOT / "runtime" / "backends"):
+                continue
+            source = path.read_text(encoding="utf-8")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                        node.func.id in ("getattr", "hasattr") and node.args:
+                    target = ast.get_source_segment(source, node.args[0]) or ""
+                    if "backend" in target or "logits" in target.lower():
+                        probes.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.func.id}({target}, ...)")
+    assert not probes, probes
+
+
+def test_one_decode_primitive_runs_the_model():
+    """Generation of every kind (text, chat, speculation, batching, images, verify, benchmarks) runs the
+    model only through runtime/decode.py: nothing else calls a backend's step methods."""
+    steps = {"step", "step_rows", "prefill_features"}
+    outside = [f"{f}:{line} {receiver}" for f, line, receiver in calls((*STAGES, "scripts"), steps)
+               if "backend" in receiver and f != "runtime/decode.py" and not f.startswith("runtime/backends/")]
+    assert not outside, outside
+
+
+def test_one_definition_of_each_shared_piece():
+    """The CUDA-graph run options and the run-options object are defined once."""
+    defs = {}
+    for folder in STAGES:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    defs.setdefault(node.name, []).append(path.relative_to(ROOT).as_posix())
+    assert defs["graph_run_options"] == ["runtime/sessions.py"]
+    assert defs["RunOptions"] == ["runtime/run_options.py"]
+    assert defs["run_options"] == ["cli/options.py"]
+
+
+def test_one_reader_and_one_writer_of_the_manifest():
+    """manifest.json is parsed by runtime/bundle.read_manifest and written by write_manifest, nowhere else
+    (runtime/atomic.py reads only the list of files a record owns)."""
+    defs = {}
+    for folder in STAGES:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.FunctionDef):
+                    defs.setdefault(node.name, []).append(path.relative_to(ROOT).as_posix())
+    assert defs["read_manifest"] == defs["write_manifest"] == ["runtime/bundle.py"]
+    writers = [f"{f}:{line}" for f, line, receiver in calls(STAGES, {"write_text"})
+               if "manifest" in receiver.lower() and f != "runtime/bundle.py"]
+    assert not writers, writers

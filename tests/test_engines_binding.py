@@ -14,6 +14,7 @@ import ctypes
 import numpy as np
 import pytest
 
+from ardeploy.runtime.backends.base import Backend
 from ardeploy.runtime.backends.ort import OrtBackend
 from ardeploy.runtime.backends.trt import ALIGN, TrtBackend, engine_runs, staging_slot_bytes, step_binding
 from ardeploy.runtime.cuda import Cuda
@@ -107,6 +108,9 @@ class HostCuda:
     def copy(self, dst, src, nbytes, kind):
         ctypes.memmove(dst, src, nbytes)
 
+    def zero(self, ptr, nbytes):
+        ctypes.memset(ptr, 0, nbytes)
+
     def sync(self):
         pass
 
@@ -146,6 +150,7 @@ def host_trt_backend(bundle: Bundle):
     so.intra_op_num_threads = threads()
     session = ort.InferenceSession(str(bundle.graph_path("decode")), so, providers=["CPUExecutionProvider"])
     backend = object.__new__(TrtBackend)
+    Backend.__init__(backend)
     backend.bundle, backend.cuda = bundle, HostCuda()
     graph = bundle.manifest["graphs"]["decode"]
     backend.contexts = [OrtContext(session, graph), OrtContext(session, graph)]
@@ -187,14 +192,14 @@ def test_backend_step_matches_onnx_runtime_backend(tiny_fp32, batch):
     row = a_trt.row_bytes
     feed_ids, feed_mask = ids, mask
     for step in range(7):
-        before = a_trt.bytes_copied
+        before = trt.kv_bytes_copied
         got = trt.step(feed_ids, feed_mask, a_trt).copy()
         want = ref.step(feed_ids, feed_mask, a_ref).copy()
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
         assert a_trt.length == a_ref.length
         if 1 <= step <= 5:
             P = a_trt.length - 1
-            assert a_trt.bytes_copied - before == (2 * L * row if (P * row) % ALIGN else 0)
+            assert trt.kv_bytes_copied - before == (2 * L * row if (P * row) % ALIGN else 0)
         if step < 5:                       # greedy next token
             feed_ids = want.argmax(-1)[:, None].astype(np.int64)
             feed_mask = np.concatenate([feed_mask, np.ones((batch, 1), np.int64)], axis=1)
@@ -205,4 +210,4 @@ def test_backend_step_matches_onnx_runtime_backend(tiny_fp32, batch):
         for kv in (0, 1):
             np.testing.assert_allclose(read(a_trt, i, kv, a_trt.length), a_ref.view(i, kv), atol=1e-4, rtol=0)
     assert trt.contexts[0].runs == 1 and trt.contexts[1].runs == 5 + 4
-    assert (a_trt.bytes_copied > 0) == (batch == 1)
+    assert (trt.kv_bytes_copied > 0) == (batch == 1)

@@ -108,6 +108,7 @@ def exercise(flavour: str) -> list[str]:
     from ardeploy.runtime import trt_compat as compat
     from ardeploy.runtime.errors import EngineError
     from ardeploy.engines.progress import make_monitor
+    from ardeploy.runtime.backends.base import Backend
     from ardeploy.runtime.backends.trt import TrtBackend
     from ardeploy.runtime.bundle import Bundle
     from ardeploy.runtime.kv_arena import KVArena
@@ -159,6 +160,7 @@ def exercise(flavour: str) -> list[str]:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_engines_binding import HostCuda
     backend = object.__new__(TrtBackend)
+    Backend.__init__(backend)
     backend.tensorrt, backend.cuda = t, HostCuda()
     backend.bundle = Bundle(Path("."), {"spec": {"n_layers": 1, "vocab_size": 8, "n_kv_heads": 1, "head_dim": 64},
                                         "kv_dtype": "float16", "max_seq": 8, "max_batch": 1})

@@ -103,8 +103,9 @@ def test_existing_out_needs_force(hf_copy, tmp_path, capsys):
 
 
 def test_force_replaces_only_what_ardeploy_wrote(hf_copy, tmp_path, capsys):
-    """--force never deletes a folder ardeploy did not write (or a file); it replaces a bundle, and the old
-    bundle stays until the new one is complete."""
+    """--force never deletes a folder ardeploy did not write (or a file); it replaces a bundle holding only
+    the files its manifest lists (anything else is named and kept), and the old bundle stays until the new
+    one is complete."""
     work = tmp_path / "work"
     work.mkdir()
     (work / "thesis.tex").write_text("years of work")
@@ -118,9 +119,13 @@ def test_force_replaces_only_what_ardeploy_wrote(hf_copy, tmp_path, capsys):
     bundle = tmp_path / "bundle"
     assert run_cli(["export", hf_copy, "--out", bundle, "--no-score"], capsys)[0] == 0
     first = json.loads((bundle / "manifest.json").read_text())["created"]
-    (bundle / "stale.txt").write_text("from the old bundle")
+    (bundle / "notes.txt").write_text("the user's")
+    code, err = run_cli(["export", hf_copy, "--out", bundle, "--force"], capsys)
+    assert_one_line_error(code, err, str(bundle), "notes.txt", "did not write")
+    assert (bundle / "notes.txt").read_text() == "the user's"
+    (bundle / "notes.txt").unlink()
     assert run_cli(["export", hf_copy, "--out", bundle, "--force"], capsys)[0] == 0
-    assert not (bundle / "stale.txt").exists() and (bundle / "score.onnx").exists()
+    assert (bundle / "score.onnx").exists()
     assert json.loads((bundle / "manifest.json").read_text())["created"] >= first
 
 

@@ -4,13 +4,24 @@ outside --out touched. Fixed seeds, tiny inputs: the whole file runs in well und
 
 Input kinds: bundle manifest.json, weights.bin, the .onnx graphs, tokenizer.json, GGUF files,
 safetensors files, Meta params.json, LlamaGen .pt files, calibration/evaluation text files and
-out-of-range command-line values. CASES counts the cases per kind (the issue's closing note quotes them).
+out-of-range command-line values; then (issue 21) paths that leave the bundle, --force and writers
+racing for --out, full or read-only disks, signals during export/calibrate and a SIGKILL'd run's
+leftovers, absurd config values, manifests disagreeing with their graphs, failing chat templates,
+text that is not UTF-8 and closed streams, broken pipes, argparse errors, non-finite numerics and
+mistyped Python API values. CASES counts the cases per kind (the issue's closing note quotes them).
+Signals and broken pipes run the CLI in a subprocess; a full disk is an injected OSError.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +74,7 @@ def tiny_bundle(tiny_hf, export_once, tmp_path_factory) -> Path:
     (out / "tokenizer.json").write_text(_byte_tokenizer_json())
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["tokenizer"] = "tokenizer.json"
+    manifest["files"] = sorted(set(manifest.get("files", [])) | {"tokenizer.json"})
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -559,6 +571,671 @@ def test_other_out_of_range(command, extra, tiny_bundle, tmp_path, capsys):
     refused(args, capsys, tmp_path, needle, watch=(tiny_bundle,))
 
 
+# -- paths a bundle names: confined to its folder ----------------------------------------------------
+def _edit_manifest(bundle: Path, edit) -> None:
+    mpath = bundle / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    edit(manifest)
+    mpath.write_text(json.dumps(manifest))
+
+
+def _outside_copy(bundle: Path, name: str) -> Path:
+    """A copy of one of the bundle's files in a folder beside it (where an escaping entry would point)."""
+    elsewhere = bundle.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return Path(shutil.copyfile(bundle / name, elsewhere / name))
+
+
+def _entry_absolute(field: str, name: str):
+    return lambda bundle: _set(field, str(_outside_copy(bundle, name)))
+
+
+def _entry_climbing(field: str, name: str):
+    return lambda bundle: _set(field, f"../elsewhere/{_outside_copy(bundle, name).name}")
+
+
+def _entry_symlink(field: str, name: str):
+    def edit(bundle):
+        target = _outside_copy(bundle, name)
+        (bundle / name).unlink()
+        (bundle / name).symlink_to(target)
+        return lambda m: None
+    return edit
+
+
+def _graph_data_escapes(location):
+    """The runtime graph's external data pointing outside the bundle (through its own .onnx file)."""
+    def edit(bundle):
+        import onnx
+        path = bundle / _runtime_graph(bundle)
+        model = onnx.load(str(path), load_external_data=False)
+        weights = _outside_copy(bundle, "weights.bin")
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location(weights)
+        onnx.save_model(model, str(path))
+        return lambda m: None
+    return edit
+
+
+PATH_ESCAPES = {
+    "graph-absolute": (_entry_absolute("graphs.decode_ort.file", "decode_ort.onnx"), "graphs.decode_ort.file"),
+    "graph-dotdot": (_entry_climbing("graphs.decode_ort.file", "decode_ort.onnx"), "graphs.decode_ort.file"),
+    "graph-symlink": (_entry_symlink("graphs.decode_ort.file", "decode_ort.onnx"), "symlink"),
+    "weights-absolute": (_entry_absolute("weights.file", "weights.bin"), "weights.file"),
+    "weights-dotdot": (_entry_climbing("weights.file", "weights.bin"), "weights.file"),
+    "weights-symlink": (_entry_symlink("weights.file", "weights.bin"), "symlink"),
+    "tokenizer-absolute": (_entry_absolute("tokenizer", "tokenizer.json"), "tokenizer"),
+    "tokenizer-dotdot": (_entry_climbing("tokenizer", "tokenizer.json"), "tokenizer"),
+    "tokenizer-symlink": (_entry_symlink("tokenizer", "tokenizer.json"), "symlink"),
+    "calibration-dotdot": (lambda b: _set("quantization", {"calibration": "../calibration.json"}),
+                           "quantization.calibration"),
+    "uncond-caption-absolute": (lambda b: _set("image", {"caption": {"uncond_file": "/etc/hostname"}}),
+                                "image.caption.uncond_file"),
+    "graph-data-dotdot": (_graph_data_escapes(lambda w: f"../elsewhere/{w.name}"), "external data"),
+    "graph-data-absolute": (_graph_data_escapes(str), "external data"),
+}
+
+
+@pytest.mark.parametrize("kind", list(PATH_ESCAPES))
+def test_bundle_path_escapes(kind, bundle, tmp_path, capsys):
+    """Every file a bundle names must lie inside its folder: absolute names, '..' and symlinks out are refused
+    in one line naming the entry (the outside copy would otherwise be read and run)."""
+    make_edit, needle = PATH_ESCAPES[kind]
+    _edit_manifest(bundle, make_edit(bundle))
+    refused(gen_args(bundle), capsys, tmp_path, "outside" if "symlink" in kind else str(bundle), needle)
+
+
+def test_calibrate_cannot_overwrite_a_file_beside_out(tiny_bundle, tmp_path, capsys):
+    """Security: a downloaded bundle whose tokenizer entry is ../notes.txt made `calibrate` copy its own file
+    over the user's notes.txt beside --out (calibration/write.py copied bundle/entry to out/entry)."""
+    downloads, work = tmp_path / "downloads", tmp_path / "work"
+    bundle = Path(shutil.copytree(tiny_bundle, downloads / "bundle"))
+    shutil.copyfile(bundle / "tokenizer.json", downloads / "notes.txt")          # the attacker's, beside the bundle
+    _edit_manifest(bundle, _set("tokenizer", "../notes.txt"))
+    work.mkdir()
+    (work / "notes.txt").write_text("the user's notes")
+    data = tmp_path / "data.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    refused(["calibrate", bundle, "--scheme", "w8a16", "--data", data, "--out", work / "q", "--samples", "2",
+             "--seq-len", "16", "--check-windows", "0", "--threads", "1", "--quiet"], capsys, tmp_path,
+            "tokenizer", "'../notes.txt'")
+    assert (work / "notes.txt").read_text() == "the user's notes"
+
+
+def _engines_record(bundle: Path, **changes) -> Path:
+    engines = bundle / "engines"
+    engines.mkdir()
+    (engines / "engine.plan").write_bytes(b"plan")
+    (engines / "layers.json").write_text("{}")
+    record = {"format": "ardeploy-engines", "format_version": 1, "engines": [{"file": "engine.plan"}],
+              "layers": {"file": "layers.json"}, "graphs": {}, **changes}
+    (engines / "engines.json").write_text(json.dumps(record))
+    return engines
+
+
+def _engines_elsewhere(bundle: Path) -> None:
+    """BUNDLE/engines as a symlink to an engines folder outside the bundle."""
+    elsewhere = bundle.parent / "elsewhere_bundle"
+    elsewhere.mkdir()
+    (bundle / "engines").symlink_to(_engines_record(elsewhere))
+
+
+ENGINE_ESCAPES = {
+    "plan-dotdot": lambda b: _engines_record(b, engines=[{"file": "../../secret.plan"}]),
+    "layers-absolute": lambda b: _engines_record(b, layers={"file": "/etc/hostname"}),
+    "graph-dotdot": lambda b: _engines_record(b, graphs={"../other/decode.onnx": "0" * 64}),
+    "folder-symlink": _engines_elsewhere,
+}
+
+
+@pytest.mark.parametrize("kind", list(ENGINE_ESCAPES))
+def test_engines_record_path_escapes(kind, bundle, tmp_path, capsys):
+    """engines.json is read by `inspect` (which prints layers.json) and the TensorRT backend: the same rule."""
+    ENGINE_ESCAPES[kind](bundle)
+    refused(["inspect", bundle, "--quiet"], capsys, tmp_path, "outside" if kind == "folder-symlink" else "engines.json")
+
+
+# -- writes never delete what ardeploy did not write ------------------------------------------------
+@pytest.fixture(scope="module")
+def traced_once():
+    """export.bundle._trace, each (spec, dtype, opset, score) traced once in this module: an export that is
+    refused while writing then costs a second, not a trace (the pieces do not depend on the weights)."""
+    import copy
+    from ardeploy.export import bundle as export_module
+    real, cache = export_module._trace, {}
+
+    def cached(graphs, dtype, opset, score_graph, quiet):
+        key = (json.dumps(graphs.spec.to_dict(), sort_keys=True, default=str), type(graphs).__name__, str(dtype),
+               opset, score_graph)
+        if key not in cache:
+            cache[key] = real(graphs, dtype, opset, score_graph, quiet)
+        return copy.deepcopy(cache[key])
+    return cached
+
+
+@pytest.fixture
+def fast_export(traced_once, monkeypatch):
+    monkeypatch.setattr("ardeploy.export.bundle._trace", traced_once)
+
+
+def export_args(src, out, *extra) -> list:
+    return ["export", src, "--out", out, "--no-score", "--target", "portable", "--quiet", *extra]
+
+
+def test_force_refuses_a_copied_manifest_beside_user_files(tiny_hf, tiny_bundle, tmp_path, capsys):
+    """Data loss: --force deleted any folder whose manifest.json had ardeploy's format marker, so a user folder
+    holding a copied manifest lost all its files. Now every file must be one the manifest lists."""
+    folder, _ = tiny_hf(NAME)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copyfile(tiny_bundle / "manifest.json", work / "manifest.json")
+    (work / "thesis.tex").write_text("years of work")
+    (work / "data").mkdir()
+    (work / "data" / "results.csv").write_text("1,2,3")
+    refused(["export", folder, "--out", work, "--force", "--quiet"], capsys, tmp_path, str(work), "thesis.tex", "--force")
+
+
+def test_force_refuses_an_old_manifest_with_user_files(tiny_hf, tiny_bundle, tmp_path, capsys):
+    """A manifest without the `files` list (written before it existed): the files it names are ardeploy's."""
+    folder, _ = tiny_hf(NAME)
+    old = Path(shutil.copytree(tiny_bundle, tmp_path / "old"))
+    _edit_manifest(old, _set("files", _DELETE))
+    (old / "notes.txt").write_text("mine")
+    refused(["export", folder, "--out", old, "--force", "--quiet"], capsys, tmp_path, "notes.txt")
+
+
+def test_force_replaces_an_old_manifest_bundle(tiny_hf, tiny_bundle, tmp_path, fast_export, capsys):
+    from ardeploy.cli import main
+    folder, _ = tiny_hf(NAME)
+    old = Path(shutil.copytree(tiny_bundle, tmp_path / "old"))
+    _edit_manifest(old, _set("files", _DELETE))
+    assert main([str(a) for a in export_args(folder, old, "--force")]) == 0, capsys.readouterr().err
+    assert "tokenizer.json" not in json.loads((old / "manifest.json").read_text())["files"]
+
+
+def test_out_appearing_during_export_is_kept(tiny_hf, tmp_path, fast_export, monkeypatch, capsys):
+    """Data loss: a --out that appeared while an export ran (another process, a user) was replaced at the final
+    move and its contents deleted, though --force was not given. Now the move refuses and keeps it."""
+    from ardeploy.cli import main
+    from ardeploy.export import bundle as export_module
+    folder, _ = tiny_hf(NAME)
+    out = tmp_path / "out"
+    real = export_module._write_tokenizer
+
+    def another_writer(ckpt, tmp):
+        out.mkdir()
+        (out / "theirs.txt").write_text("written meanwhile")
+        return real(ckpt, tmp)
+    monkeypatch.setattr(export_module, "_write_tokenizer", another_writer)
+    capsys.readouterr()
+    code = main([str(a) for a in export_args(folder, out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(out) in err[0] and "appeared" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]                # no partial folder left
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and (out / "theirs.txt").read_text() == "written meanwhile"
+
+
+def test_foreign_file_appearing_before_a_forced_replace_is_kept(tiny_hf, tiny_bundle, tmp_path, fast_export,
+                                                                 monkeypatch, capsys):
+    from ardeploy.cli import main
+    from ardeploy.export import bundle as export_module
+    folder, _ = tiny_hf(NAME)
+    out = Path(shutil.copytree(tiny_bundle, tmp_path / "out"))
+    real = export_module._write_tokenizer
+
+    def user_adds_a_file(ckpt, tmp):
+        (out / "added.txt").write_text("mine")
+        return real(ckpt, tmp)
+    monkeypatch.setattr(export_module, "_write_tokenizer", user_adds_a_file)
+    capsys.readouterr()
+    code = main([str(a) for a in export_args(folder, out, "--force")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "added.txt" in err[0], err
+    assert (out / "added.txt").read_text() == "mine" and (out / "tokenizer.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_build_refuses_foreign_files_in_engines(bundle, tmp_path, capsys):
+    """`build` replaces BUNDLE/engines; a file there that no engines.json lists is kept (and named)."""
+    engines = _engines_record(bundle)
+    (engines / "notes.txt").write_text("mine")
+    refused(["build", bundle, "--precision", "fp32", "--quiet"], capsys, tmp_path, "notes.txt")
+
+
+def test_stale_partials_of_a_live_writer_are_kept(tmp_path):
+    """The next run removes partial folders of dead runs only: a live writer's stays (it is still working)."""
+    from ardeploy.runtime import atomic
+    out = tmp_path / "out"
+    live = tmp_path / f".out.partial-{atomic._host_tag()}-{os.getppid()}-abc"
+    dead = tmp_path / f".out.partial-{atomic._host_tag()}-{_dead_pid()}-abc"
+    other = tmp_path / f".other.partial-{atomic._host_tag()}-{_dead_pid()}-abc"
+    for folder in (live, dead, other):
+        folder.mkdir()
+    assert atomic.remove_stale_partials(out) == [dead]
+    assert live.exists() and other.exists() and not dead.exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- the file system: full, read-only, not ours -----------------------------------------------------
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _failing_mkdtemp(code: int):
+    def mkdtemp(*args, **kwargs):
+        raise OSError(code, os.strerror(code), kwargs.get("dir"))
+    return mkdtemp
+
+
+FS_ERRORS = {"export-full-disk": ("export", "put", errno.ENOSPC), "export-read-only": ("export", "mkdtemp", errno.EROFS),
+             "export-no-permission": ("export", "mkdtemp", errno.EACCES),
+             "calibrate-full-disk": ("calibrate", "put", errno.ENOSPC),
+             "calibrate-read-only": ("calibrate", "mkdtemp", errno.EROFS),
+             "calibrate-quota": ("calibrate", "put", errno.EDQUOT)}
+
+
+@pytest.mark.parametrize("kind", list(FS_ERRORS))
+def test_file_system_errors(kind, tiny_hf, tiny_bundle, tmp_path, fast_export, monkeypatch, capsys):
+    """A full disk, a quota, a read-only or forbidden place: one line naming --out and the reason, exit 2,
+    no partial folder (injected OSErrors: the first write into weights.bin, or the temporary folder)."""
+    from ardeploy.runtime import atomic, weights_file
+    command, where, code = FS_ERRORS[kind]
+    out = tmp_path / "out"
+    if where == "put":
+        def full(*args, **kwargs):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(weights_file.WeightsFile, "put", full)
+    else:
+        monkeypatch.setattr(atomic.tempfile, "mkdtemp", _failing_mkdtemp(code))
+    data = tmp_path / "data.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = export_args(tiny_hf(NAME)[0], out) if command == "export" else \
+        ["calibrate", tiny_bundle, "--scheme", "w8a16", "--data", data, "--out", out, "--samples", "2", "--seq-len", "16",
+         "--check-windows", "0", "--threads", "1", "--quiet"]
+    refused(args, capsys, tmp_path, str(out), os.strerror(code), watch=(tiny_bundle,))
+
+
+def test_calibrate_out_not_empty(tiny_bundle, tmp_path, capsys):
+    """Was an internal error (calibration called the atomic helpers without the user-error class)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    data = tmp_path / "data.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    for extra in ([], ["--force"]):
+        refused(["calibrate", tiny_bundle, "--scheme", "w8a16", "--data", data, "--out", out, "--quiet", *extra],
+                capsys, tmp_path, str(out), watch=(tiny_bundle,))
+
+
+def test_png_full_disk_leaves_no_partial(tmp_path, monkeypatch):
+    from ardeploy.runtime.errors import UserError
+    from ardeploy.runtime.png import write_png
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: (self.touch(), _no_space())[1])
+    with pytest.raises(UserError, match="img.png.*No space left"):
+        write_png(tmp_path / "img.png", np.zeros((4, 4, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- signals during writing commands, and a killed run's leftovers ----------------------------------
+def _pausing_cli(argv, module: str, function: str, ready: Path, **popen) -> subprocess.Popen:
+    """`ardeploy ARGV` in a fresh interpreter whose `module.function` (a step inside the folder being written)
+    marks `ready` and then waits: the test's moment to send a signal."""
+    code = "\n".join([
+        "import pathlib, sys, time", f"import {module} as target",
+        "def pause(*args, **kwargs):", f"    pathlib.Path({str(ready)!r}).write_text('writing')", "    time.sleep(120)",
+        f"target.{function} = pause", "from ardeploy.cli import main", f"sys.exit(main({[str(a) for a in argv]!r}))"])
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the command never reached its writing step"
+        time.sleep(0.05)
+
+
+def _signal_args(kind: str, tiny_hf, tiny_bundle, tmp_path) -> tuple[list, str, str]:
+    out = tmp_path / "work" / "out"
+    if kind == "export":
+        return export_args(tiny_hf(NAME)[0], out), "ardeploy.export.bundle", "_trace"
+    data = tmp_path / "data.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return (["calibrate", tiny_bundle, "--scheme", "w8a16", "--data", data, "--out", out, "--samples", "2",
+             "--seq-len", "16", "--check-windows", "0", "--threads", "1", "--quiet"],
+            "ardeploy.calibration.write", "smoke_run")
+
+
+SIGNAL_CASES = [("export", signal.SIGTERM), ("export", signal.SIGINT), ("export", signal.SIGHUP),
+                ("calibrate", signal.SIGTERM)]
+
+
+@pytest.mark.parametrize("command,signum", SIGNAL_CASES, ids=lambda v: getattr(v, "name", v))
+def test_signal_while_writing_leaves_nothing(command, signum, tiny_hf, tiny_bundle, tmp_path):
+    """SIGTERM/SIGINT/SIGHUP while the output folder is being written: exit 128 + signal, one line, and no
+    partial folder (SIGTERM used to kill the process with .out.partial-* left beside --out)."""
+    (tmp_path / "work").mkdir()
+    argv, module, function = _signal_args(command, tiny_hf, tiny_bundle, tmp_path)
+    ready = tmp_path / "ready"
+    proc = _pausing_cli(argv, module, function, ready)
+    _wait_for(ready, proc)
+    assert [p.name for p in (tmp_path / "work").iterdir() if ".partial-" in p.name], "no partial folder to remove"
+    proc.send_signal(signum)
+    code, err = proc.wait(60), proc.stderr.read().strip().splitlines()
+    assert code == 128 + signum and err == [f"ardeploy: interrupted{'' if signum == signal.SIGINT else ' by ' + signum.name}"], err
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_killed_export_partial_removed_by_next_run(tiny_hf, tmp_path, fast_export, capsys):
+    """SIGKILL cannot be caught: its partial folder stays, and the next run into the same place removes it."""
+    from ardeploy.cli import main
+    work = tmp_path / "work"
+    work.mkdir()
+    argv, module, function = _signal_args("export", tiny_hf, None, tmp_path)
+    ready = tmp_path / "ready"
+    proc = _pausing_cli(argv, module, function, ready)
+    _wait_for(ready, proc)
+    proc.kill()
+    proc.wait(60)
+    assert [p.name for p in work.iterdir() if ".partial-" in p.name]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert [p.name for p in work.iterdir()] == ["out"]
+
+
+# -- absurd or mistyped config values, before anything is allocated ---------------------------------
+HF_CONFIG_VALUES = {"layers-1e9": ("num_hidden_layers", 10**9, "n_layers"), "vocab-1e12": ("vocab_size", 10**12, "vocab_size"),
+                    "hidden-string": ("hidden_size", "big", "hidden_size"),
+                    "heads-zero": ("num_attention_heads", 0, "n_heads"), "head-dim-1e9": ("head_dim", 10**9, "head_dim"),
+                    "layers-fraction": ("num_hidden_layers", 2.5, "num_hidden_layers"),
+                    "eps-string": ("rms_norm_eps", "tiny", "rms_norm_eps"),
+                    "eos-string": ("eos_token_id", "</s>", "eos_token_id"),
+                    "eos-list-string": ("eos_token_id", [2, "</s>"], "eos_token_id"),
+                    "rope-scaling-string": ("rope_scaling", "llama3", "rope scaling")}
+
+
+@pytest.mark.parametrize("kind", list(HF_CONFIG_VALUES))
+def test_hf_config_values(kind, tiny_hf, tmp_path, capsys):
+    key, value, needle = HF_CONFIG_VALUES[kind]
+    src = Path(shutil.copytree(tiny_hf(NAME)[0], tmp_path / "hf"))
+    config = json.loads((src / "config.json").read_text())
+    config[key] = value
+    (src / "config.json").write_text(json.dumps(config))
+    if (src / "generation_config.json").exists() and key == "eos_token_id":
+        (src / "generation_config.json").unlink()
+    started = time.perf_counter()
+    refused(["export", src, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "config.json", needle)
+    assert time.perf_counter() - started < 5, "refused only after allocating for the absurd value"
+
+
+def _sharded(src: Path, weight_map) -> None:
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+CHECKPOINT_FILES = {
+    "weight-map-list": (lambda src: _sharded(src, ["model.safetensors"]), "weight_map"),
+    "weight-map-dotdot": (lambda src: _sharded(src, {"x": "../model.safetensors"}), "weight_map"),
+    "weight-map-absolute": (lambda src: _sharded(src, {"x": str(src / "model.safetensors")}), "weight_map"),
+    "generation-bos-string": (lambda src: (src / "generation_config.json").write_text('{"bos_token_id": "<s>"}'),
+                              "bos_token_id"),
+    "template-a-number": (lambda src: (src / "tokenizer_config.json").write_text('{"chat_template": 42}'),
+                          "chat_template"),
+    "template-list-of-numbers": (lambda src: (src / "tokenizer_config.json").write_text(
+        '{"chat_template": [{"name": "default", "template": 7}]}'), "chat_template"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINT_FILES))
+def test_checkpoint_side_files(kind, tiny_hf, tmp_path, capsys):
+    make, needle = CHECKPOINT_FILES[kind]
+    src = Path(shutil.copytree(tiny_hf(NAME)[0], tmp_path / "hf"))
+    make(src)
+    refused(["export", src, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, needle)
+
+
+def _safetensors_header_edit(data: bytes, edit) -> bytes:
+    (n,) = struct.unpack_from("<Q", data, 0)
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    edit(header[name])
+    new = json.dumps(header).encode()
+    return struct.pack("<Q", len(new)) + new + data[8 + n:]
+
+
+SAFETENSORS_ENTRIES = {
+    "impossible-shape": lambda e: e.update(shape=[10**6, 10**6]),
+    "negative-shape": lambda e: e.update(shape=[-1, 64]),
+    "shape-a-string": lambda e: e.update(shape="64x64"),
+    "unknown-dtype": lambda e: e.update(dtype="F7"),
+    "offsets-reversed": lambda e: e.update(data_offsets=e["data_offsets"][::-1]),
+}
+
+
+@pytest.mark.parametrize("damage", list(SAFETENSORS_ENTRIES))
+def test_safetensors_entries(damage, tiny_hf, tmp_path, capsys):
+    """A header entry whose dtype x shape does not match its bytes (a shape of 10**12 elements) is refused
+    by name before any tensor is read."""
+    src = Path(shutil.copytree(tiny_hf(NAME)[0], tmp_path / "hf"))
+    st = src / "model.safetensors"
+    st.write_bytes(_safetensors_header_edit(st.read_bytes(), SAFETENSORS_ENTRIES[damage]))
+    refused(["export", src, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "model.safetensors", "tensor")
+
+
+def test_gguf_absurd_block_count(tmp_path, capsys):
+    import gguf
+    path = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_block_count, 10**9), (w.add_context_length, 64), (w.add_embedding_length, 8),
+                       (w.add_head_count, 2), (w.add_feed_forward_length, 16)):
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((32, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    refused(["export", path, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "model.gguf", "n_layers")
+
+
+def test_meta_absurd_layers(meta_folder, tmp_path, capsys):
+    src = Path(shutil.copytree(meta_folder, tmp_path / "meta"))
+    params = json.loads((src / "params.json").read_text())
+    params["n_layers"] = 10**9
+    (src / "params.json").write_text(json.dumps(params))
+    refused(["export", src, "--out", tmp_path / "out", "--quiet"], capsys, tmp_path, "n_layers")
+
+
+MANIFEST_VS_GRAPHS = {
+    "fewer-layers": (_set("spec.n_layers", 1), "n_layers"), "more-layers": (_set("spec.n_layers", 3), "n_layers"),
+    "layers-1e9": (_set("spec.n_layers", 10**9), "n_layers"), "max-seq-beyond-rotary": (_set("max_seq", 4096), "rotary"),
+    "max-seq-1e12": (_set("max_seq", 10**12), "max_seq"), "kv-heads-differ": (_set("spec.n_kv_heads", 4), "n_kv_heads"),
+    "head-dim-differs": (_set("spec.head_dim", 32), "head_dim"), "max-batch-1e6": (_set("max_batch", 10**6), "max_batch"),
+    "eos-a-string": (_set("special_tokens.eos_token_id", "</s>"), "eos_token_id"),
+    "bos-outside-vocab": (_set("special_tokens.bos_token_id", 10**6), "bos_token_id"),
+    "pad-a-list-of-strings": (_set("special_tokens.pad_token_id", ["<pad>"]), "pad_token_id"),
+    "template-a-number": (_set("chat_template", 42), "chat_template"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MANIFEST_VS_GRAPHS))
+def test_manifest_against_graphs_and_bounds(kind, bundle, tmp_path, capsys):
+    edit, needle = MANIFEST_VS_GRAPHS[kind]
+    _edit_manifest(bundle, edit)
+    refused(gen_args(bundle), capsys, tmp_path, "manifest.json", needle)
+
+
+def test_kv_cache_larger_than_memory(bundle, tmp_path, monkeypatch, capsys):
+    """max_seq x max_batch within each bound but a cache beyond this machine's memory: refused before
+    the allocation (the portable graph has no rotary table to bound max_seq)."""
+    from ardeploy.runtime import manifest_checks
+    monkeypatch.setattr(manifest_checks, "host_memory_bytes", lambda: 2**12)      # the tiny cache: 64 KiB
+    refused(gen_args(bundle) + ["--flavor", "portable"], capsys, tmp_path, str(bundle), "KV cache", "--max-seq")
+
+
+# -- chat templates that fail -----------------------------------------------------------------------
+TEMPLATES = {"raise-exception": ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+             "sandbox-attribute": ("{{ messages.__class__.__mro__ }}", "sandbox"),
+             "sandbox-subclasses": ("{% for m in messages %}{{ m.__class__.__subclasses__() }}{% endfor %}", "sandbox"),
+             "syntax": ("{% for m in %}", "not a valid template"), "undefined-call": ("{{ nothing() }}", "undefined"),
+             "type-error": ("{{ messages + 1 }}", "TypeError"), "division": ("{{ 1 // 0 }}", "ZeroDivisionError")}
+
+
+@pytest.mark.parametrize("kind", list(TEMPLATES))
+def test_chat_template_failures(kind, bundle, tmp_path, capsys):
+    template, needle = TEMPLATES[kind]
+    _edit_manifest(bundle, _set("chat_template", template))
+    refused(gen_args(bundle) + ["--chat"], capsys, tmp_path, "chat template", needle)
+
+
+# -- text encodings and standard streams ------------------------------------------------------------
+TEXT_OPTIONS = {"prompt": ["--prompt", "caf\udce9"], "stop": ["--prompt", "hi", "--stop", "\udcff"],
+                "stop-escaped-trailing-backslash": ["--prompt", "hi", "--stop-escaped", "end\\"],
+                "stop-escaped-unknown": ["--prompt", "hi", "--stop-escaped", "\\q"]}
+
+
+@pytest.mark.parametrize("kind", list(TEXT_OPTIONS))
+def test_text_options(kind, tiny_bundle, tmp_path, capsys):
+    """Command-line text that is not UTF-8 arrives as lone surrogates (os.fsdecode): refused by name."""
+    args = ["generate", tiny_bundle, "--max-new-tokens", "2", "--greedy", "--quiet", *TEXT_OPTIONS[kind]]
+    refused(args, capsys, tmp_path, "--stop-escaped" if "escaped" in kind else "--" + kind.split("-")[0],
+            watch=(tiny_bundle,))
+
+
+def _chat_stdin(text: bytes):
+    import io
+    return io.TextIOWrapper(io.BytesIO(text), encoding="utf-8")
+
+
+STDIN_CASES = {"invalid-utf8": lambda: _chat_stdin(b"hello\n\xff\xfe\n"), "closed": lambda: None,
+               "closed-file": lambda: (lambda f: (f.close(), f)[1])(_chat_stdin(b"hi\n")),
+               "system-not-utf8": lambda: _chat_stdin(b"hi\n")}
+
+
+@pytest.mark.parametrize("kind", list(STDIN_CASES))
+def test_chat_input(kind, bundle, tmp_path, monkeypatch, capsys):
+    """A chat line that is not UTF-8 is named by its number; a closed stdin is said to be closed."""
+    _edit_manifest(bundle, _set("chat_template", "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"))
+    monkeypatch.setattr(sys, "stdin", STDIN_CASES[kind]())
+    extra = ["--system", "\udcff"] if kind == "system-not-utf8" else []
+    from ardeploy.cli import main
+    capsys.readouterr()
+    code = main([str(a) for a in ["chat", bundle, "--max-new-tokens", "2", "--greedy", "--quiet", *extra]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("ardeploy: error:") and "Traceback" not in "".join(err), err
+    assert ("line 2" if kind == "invalid-utf8" else "--system" if "system" in kind else "closed") in err[-1], err
+
+
+def test_stop_strings_taken_literally(tiny_bundle, capsys):
+    """A literal --stop (é, a backslash at the end) stops where the text has it; escapes only with
+    --stop-escaped. Both used to go through unicode_escape (é never matched; a final backslash crashed)."""
+    from ardeploy.cli import build_parser
+    from ardeploy.cli.options import sampling_config
+    args = build_parser().parse_args(["generate", "b", "--stop", "é", "--stop", "a\\", "--stop", "\\n",
+                                      "--stop-escaped", "\\n", "--stop-escaped", "\\u00e9"])
+    assert sampling_config(args).stop == ["é", "a\\", "\\n", "\n", "é"]
+    from ardeploy.runtime import Generator, SamplingConfig
+    gen = Generator.load(tiny_bundle, threads=1)
+    seed, text = next((seed, text) for seed in range(20)
+                      if len(text := gen.generate("hello", SamplingConfig(max_new_tokens=16, seed=seed)).text) >= 6)
+    stop = text[3:5]                         # whatever characters the random model wrote, taken literally
+    cut = gen.generate("hello", SamplingConfig(max_new_tokens=16, seed=seed, stop=[stop]))
+    assert cut.stop_reason == "stop_string" and cut.text == text[:text.index(stop)]
+
+
+BROKEN_PIPES = {"generate": (["generate", "--prompt", "hello", "--max-new-tokens", "20"], b""),
+                "generate-json": (["generate", "--prompt", "hello", "--max-new-tokens", "3", "--json"], b""),
+                "chat": (["chat", "--max-new-tokens", "20"], b"hello\nagain\n")}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_PIPES))
+def test_broken_pipe_is_quiet(kind, tiny_bundle):
+    """stdout closed by its reader (`| head`): exit 141 (or 0 when nothing was left to write), nothing on stderr.
+    The read end is closed before the command starts, so its first write already fails."""
+    argv, stdin = BROKEN_PIPES[kind]
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ardeploy.cli import main; sys.exit(main())",
+                           argv[0], str(tiny_bundle), *argv[1:], "--greedy", "--threads", "1", "--quiet"],
+                          stdout=write, stderr=subprocess.PIPE, input=stdin, timeout=120)
+    os.close(write)
+    err = [line for line in proc.stderr.decode().splitlines() if not line.startswith(("chat:", "["))]
+    assert proc.returncode in (141, 0) and err == [], (proc.returncode, proc.stderr.decode())
+
+
+# -- argparse errors --------------------------------------------------------------------------------
+ARGPARSE_CASES = {"unknown-option": ["generate", "B", "--bogus"], "bad-int": ["generate", "B", "--top-k", "1.5"],
+                  "missing-required": ["export", "x"], "bad-choice": ["export", "x", "--out", "o", "--dtype", "int3"],
+                  "no-command": [], "unknown-command": ["frobnicate"]}
+
+
+@pytest.mark.parametrize("kind", list(ARGPARSE_CASES))
+def test_argparse_errors_one_line(kind, capsys):
+    from ardeploy.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(ARGPARSE_CASES[kind])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("ardeploy: error:") and "--help" in err[0], err
+
+
+# -- numerics ---------------------------------------------------------------------------------------
+def test_tiny_temperature_is_greedy(tiny_bundle):
+    """--temperature 1e-300 used to turn the logits into NaN and always pick the last vocabulary id."""
+    from ardeploy.runtime import Generator, SamplingConfig
+    gen = Generator.load(tiny_bundle, threads=1)
+    greedy = gen.generate("hello", SamplingConfig(max_new_tokens=8, greedy=True)).token_ids
+    for temperature in (1e-300, 1e-30, 1e-6):
+        tiny = gen.generate("hello", SamplingConfig(max_new_tokens=8, temperature=temperature, seed=3)).token_ids
+        assert tiny == greedy, temperature
+
+
+def test_overflowing_repetition_penalty_draws_from_the_limit():
+    from ardeploy.runtime.sampling import Sampler, SamplingConfig
+    logits = np.array([[1.0, 3.0, 2.0, -1.0]], np.float32)
+    sampler = Sampler(SamplingConfig(repetition_penalty=1e-300, seed=0), 1)
+    tokens = {int(sampler(logits, [[1, 2]])[0]) for _ in range(20)}
+    assert tokens <= {1, 2} and len(tokens) == 2           # the two overflowed entries, equally likely
+
+
+def test_nan_weights_are_refused_naming_the_step(bundle, tmp_path, capsys):
+    """A graph giving NaN logits used to yield token 0 (argmax's first NaN) silently."""
+    w = bundle / "weights.bin"
+    w.write_bytes(np.full(w.stat().st_size // 4, np.nan, np.float32).tobytes())
+    refused(gen_args(bundle), capsys, tmp_path, "not finite", "prompt")
+
+
+def test_non_finite_logits_at_a_decode_step():
+    from ardeploy.runtime.errors import UserError
+    from ardeploy.runtime.sampling import Sampler, SamplingConfig, check_finite
+    sampler = Sampler(SamplingConfig(greedy=True), 2)
+    sampler(np.zeros((2, 5), np.float32), [[], []])
+    with pytest.raises(UserError, match="decode step 1.*row 1"):
+        sampler(np.array([[0, 1, 2, 3, 4], [0, np.nan, 0, 0, 0]], np.float32), [[], []])
+    check_finite(np.array([[-np.inf, 0.0]], np.float32), 3)               # -inf masks are allowed
+    with pytest.raises(UserError, match="decode step 3"):
+        check_finite(np.array([[-np.inf, -np.inf]], np.float32), 3)
+
+
+# -- the Python API ---------------------------------------------------------------------------------
+API_VALUES = {"top_k": 2.5, "seed": 1.5, "max_new_tokens": "5", "temperature": "hot", "top_p": None,
+              "greedy": "yes", "stop": "END", "repetition_penalty": [1.1], "min_p": True}
+
+
+@pytest.mark.parametrize("field", list(API_VALUES))
+def test_api_type_errors(field):
+    """A float top_k or seed failed inside numpy with a TypeError; now ardeploy's own one-line error."""
+    from ardeploy.runtime import SamplingConfig
+    from ardeploy.runtime.errors import UserError
+    with pytest.raises(UserError, match=field) as error:
+        SamplingConfig(**{field: API_VALUES[field]})
+    assert "\n" not in str(error.value)
+
+
 # -- the counts --------------------------------------------------------------------------------------
 CASES = {
     "manifest.json": len(MANIFEST_TEXT) + len(MANIFEST_EDITS) + 1 + len(MANIFEST_SEEDS),
@@ -571,9 +1248,22 @@ CASES = {
     "LlamaGen .pt": len(PT_DAMAGE),
     "calibration/eval text": len(TEXT_DAMAGE) + 3 + 2,
     "CLI values": len(GENERATE_ARGS) + len(EXPORT_ARGS) + len(OTHER_ARGS),
+    # the second pass (issue 21)
+    "path confinement (bundle, engines.json, calibrate)": len(PATH_ESCAPES) + 1 + len(ENGINE_ESCAPES),
+    "--force and concurrent writers": 7,
+    "file system (ENOSPC, EDQUOT, EROFS, EACCES, non-empty --out)": len(FS_ERRORS) + 2,
+    "signals and killed runs": len(SIGNAL_CASES) + 1,
+    "absurd or mistyped checkpoint values": len(HF_CONFIG_VALUES) + len(CHECKPOINT_FILES) + len(SAFETENSORS_ENTRIES) + 2,
+    "manifest against its graphs and bounds": len(MANIFEST_VS_GRAPHS) + 1,
+    "chat templates": len(TEMPLATES),
+    "text encodings and standard input": len(TEXT_OPTIONS) + len(STDIN_CASES) + 1,
+    "broken pipes": len(BROKEN_PIPES),
+    "argparse errors": len(ARGPARSE_CASES),
+    "numerics": 4,
+    "Python API types": len(API_VALUES),
 }
 
 
 def test_case_counts():
     print("fuzz cases per input kind:", json.dumps(CASES))
-    assert sum(CASES.values()) >= 100
+    assert sum(CASES.values()) >= 250

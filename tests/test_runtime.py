@@ -15,6 +15,7 @@ from ardeploy.cli import main
 from ardeploy.runtime import ChatSession, Generator, SamplingConfig
 from ardeploy.runtime.backends.ort import OrtBackend
 from ardeploy.runtime.bundle import Bundle, BundleError
+from ardeploy.runtime.errors import UserError
 from conftest import rng_ids, threads
 
 
@@ -46,7 +47,7 @@ def test_arena_is_written_in_place_and_matches_a_fresh_prefill(tiny_bundle):
     copied = []
     for t in range(8, 40):
         backend.step(np.array([[seq[t]]]), np.ones((1, t + 1), np.int64), arena)
-        copied.append(arena.bytes_copied)
+        copied.append(backend.kv_bytes_copied)
     assert copied == [0] * len(copied)
     ref = OrtBackend(bundle, threads=threads())
     arena2 = ref.new_arena(1)
@@ -71,7 +72,7 @@ def test_public_binding_path_gives_the_same_step(tiny_bundle):
         arena.reset(1)
         backend.step(seq[:, :11], np.ones((1, 11), np.int64), arena)
         outs.append(backend.step(seq[:, 11:], np.ones((1, 12), np.int64), arena).copy())
-        assert arena.bytes_copied == 0
+        assert backend.kv_bytes_copied == 0
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -88,8 +89,8 @@ def test_replayed_step_path_matches_the_regular_one(tiny_bundle):
     replay.backend.cuda_graph = True
     for batch in ([prompts[0]], prompts, [prompts[1]]):
         assert [r.token_ids for r in replay.generate(batch, cfg)] == [r.token_ids for r in plain.generate(batch, cfg)]
-    assert sorted(batch for _, batch in replay.backend._captured) == [1, 2]
-    assert replay.arena.bytes_copied == 0
+    assert sorted(batch for _, batch, _ in replay.backend._captured) == [1, 2]
+    assert replay.backend.kv_bytes_copied == 0
     x = np.array([prompts[0] + [7]])
     for gen in (plain, replay):
         gen.arena.reset(1)
@@ -155,8 +156,10 @@ def test_warmup_records_the_step_and_leaves_the_arena_empty(tiny_bundle):
     cfg = SamplingConfig(greedy=True, max_new_tokens=10, ignore_eos=True)
     cold = Generator.load(tiny_bundle[0], threads=threads(), flavor="ort")
     warm = _replaying_on_cpu(tiny_bundle[0])
-    warm.warmup((1, 2))
-    assert sorted(batch for _, batch in warm.backend._captured) == [1, 2] and warm.warmup_s > 0
+    warm.warmup((1, 2), verify_widths=range(2, 5))
+    assert sorted(batch for _, batch, width in warm.backend._captured if width == 1) == [1, 2]
+    assert sorted(width for _, _, width in warm.backend._captured if width > 1) == [2, 3, 4]  # speculation's
+    assert warm.warmup_s > 0
     assert warm.arena.length == 0 and warm.cached == []
     assert warm.generate(rng_ids(7, seed=2), cfg).token_ids == cold.generate(rng_ids(7, seed=2), cfg).token_ids
 
@@ -177,7 +180,7 @@ def test_long_prompts_in_chunks_match_one_piece(tiny_bundle, flavor):
     a, b = whole.arena, chunked.arena
     a.reset(1), b.reset(1)
     want = whole.backend.step(x, mask, a).copy()
-    got = chunked.feed_prompt(x, mask, b)
+    got = chunked.batch.prompt(x, mask)
     assert b.length == 37
     np.testing.assert_allclose(got, want, atol=1e-4)
 
@@ -267,7 +270,7 @@ def test_bundle_from_a_newer_format_is_refused(tiny_bundle, tmp_path, capsys):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     code = main(["generate", str(bundle), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
-    assert code == 2 and "format version 99" in err and "up to 1" in err and "Traceback" not in err
+    assert code == 2 and "format version 99" in err and "reads versions 1, 2" in err and "Traceback" not in err
 
 
 def test_default_model_is_checked_against_its_pinned_sha256(tmp_path, monkeypatch):
@@ -386,9 +389,9 @@ def test_unknown_backend(tiny_bundle, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", str(bundle), "--prompt-ids", "1", "--backend", "tpu"])
     assert e.value.code == 2
-    from ardeploy.runtime.generator import load_backend
-    with pytest.raises(BundleError, match="unknown backend 'tpu'"):
-        load_backend(Bundle.load(bundle), "tpu")
+    from ardeploy.runtime.run_options import RunOptions
+    with pytest.raises(UserError, match="unknown backend 'tpu'"):
+        RunOptions(backend="tpu")
 
 
 def test_missing_bundle_files(tiny_bundle, tmp_path, capsys):

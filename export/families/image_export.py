@@ -1,4 +1,5 @@
-"""What an image-token family changes in a bundle export: `ImageGraphs`, the text graphs plus these.
+"""What an image-token family changes in a bundle export: `ImageGraphs`, the text graphs plus these,
+one class per family overriding only what differs (registry.py names each family's class).
 
 * limits: LlamaGen's 2D rotary table has prefix + grid^2 rows, so max_seq is exactly that; every image
   family gets max_batch >= 2 (a conditional and an unconditional row for classifier-free guidance).
@@ -19,6 +20,7 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from ...runtime.bundle import image_condition
 from ..assemble import ONNX_DTYPE, ExternalWeights
 from ..contract import describe, graph_io
 from ..pieces import Piece, export_program, to_piece, trace_model
@@ -39,30 +41,70 @@ class _CaptionPrologue(nn.Module):
 
 
 class ImageGraphs(TextGraphs):
-    """The text graphs, plus what an image family changes (see the module docstring)."""
-
-    def __init__(self, ckpt, decoder, target: str = "ort"):
-        super().__init__(ckpt, decoder, target)     # LlamaGen c2i also gets the ONNX Runtime graph (see _ort_graph)
-        self.llamagen = self.spec.extra.get("llamagen")
-        self.caption = bool(self.llamagen) and self.llamagen["model_type"] == "t2i"
+    """The text graphs, plus what every image family adds (see the module docstring): room for guidance,
+    the VQ decoder graph and the manifest's "image" section. Families override only what differs
+    (LlamaGenGraphs, LlamaGenC2IGraphs, LlamaGenT2IGraphs below; Emu3 and Emu3.5 use this class as is)."""
 
     def limits(self, max_seq: int, max_batch: int) -> tuple[int, int]:
-        if self.llamagen:
-            max_seq = self.llamagen["cls_token_num"] + self.llamagen["grid"] ** 2
-        return max_seq, max(max_batch, 2)
+        return max_seq, max(max_batch, 2)          # a conditional and an unconditional row
 
-    # -- transformer graphs -------------------------------------------------------------------------
+    def extra_graphs(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
+        entries = self.ort_image_graph(folder, weights, dtype, opset, max_seq) if self.target == "ort" else {}
+        vq = self.ckpt.vq
+        if vq is None:
+            return entries
+        model, io = export_vq_graph(vq, weights.dtype, opset, weights)
+        onnx.save_model(model, str(folder / "vq_decoder.onnx"))
+        return {**entries, "vq_decoder": {"file": "vq_decoder.onnx", **io}}
+
+    def ort_image_graph(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
+        """The family's ONNX Runtime graph, where it has one (none here: the portable graphs run)."""
+        return {}
+
+    def manifest_sections(self, folder) -> dict:
+        image = dict(self.ckpt.image)
+        image["condition"] = image_condition(image)          # format version 2 states it
+        for name, tensor in self.ckpt.arrays.items():
+            np.save(folder / f"{name}.npy", tensor.load().detach().cpu().numpy())
+        if self.ckpt.vq is not None:
+            vq = self.ckpt.vq
+            image["vq"] = {"graph": "vq_decoder", "kind": vq.kind, "downsample": vq.downsample,
+                           "codebook_size": vq.config["codebook_size"], "config": vq.config}
+        return {"image": image}
+
+
+class LlamaGenGraphs(ImageGraphs):
+    """LlamaGen: the 2D rotary table has prefix + grid^2 rows, so max_seq is exactly that."""
+
+    def limits(self, max_seq: int, max_batch: int) -> tuple[int, int]:
+        cfg = self.spec.extra["llamagen"]
+        return super().limits(cfg["cls_token_num"] + cfg["grid"] ** 2, max_batch)
+
+
+class LlamaGenC2IGraphs(LlamaGenGraphs):
+    """Class-conditional LlamaGen: also the ONNX Runtime graph (families/llamagen_ort.py), which the
+    runtime runs."""
+
+    def ort_image_graph(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
+        from . import llamagen_ort
+        return self.ort_flavor(folder, llamagen_ort.supports, llamagen_ort.build_llamagen_ort_graph, weights,
+                               dtype, opset, max_seq)
+
+
+class LlamaGenT2IGraphs(LlamaGenGraphs):
+    """Caption-conditional LlamaGen: the prefill graph starts from caption features instead of token ids
+    (one extra traced prologue piece; the blocks and head are the usual ones)."""
+
     def trace(self, dtype: torch.dtype, opset: int, need_score: bool, progress=None) -> dict[str, Piece]:
         pieces = super().trace(dtype, opset, need_score, progress)
-        if self.caption:
-            pieces["prologue_caption"] = self._trace_caption_prologue(dtype, opset)
+        pieces["prologue_caption"] = self._trace_caption_prologue(dtype, opset)
         return pieces
 
     def _trace_caption_prologue(self, dtype: torch.dtype, opset: int) -> Piece:
         from torch.export import Dim
         dec = trace_model(self.spec, dtype, self.decoder)
         batch, seq = Dim("batch", min=1, max=1 << 14), Dim("seq", min=1, max=1 << 20)
-        feats = torch.randn(2, 3, self.llamagen["caption_dim"])
+        feats = torch.randn(2, 3, self.spec.extra["llamagen"]["caption_dim"])
         mask = torch.ones(2, 3, dtype=torch.int64)
         program = export_program(_CaptionPrologue(dec), (feats, mask), ["caption_features", "attention_mask"],
                                  ["io_x", "io_cos", "io_sin", "io_mask"],
@@ -71,43 +113,14 @@ class ImageGraphs(TextGraphs):
 
     def graph_io(self, kind: str, dtype: str) -> dict:
         io = graph_io(self.spec, kind, dtype)
-        if self.caption and kind == "prefill":
-            io["inputs"] = [("caption_features", TensorProto.FLOAT, ["batch", "seq", self.llamagen["caption_dim"]]),
+        if kind == "prefill":
+            dim = self.spec.extra["llamagen"]["caption_dim"]
+            io["inputs"] = [("caption_features", TensorProto.FLOAT, ["batch", "seq", dim]),
                             ("attention_mask", TensorProto.INT64, ["batch", "seq"])]
         return io
 
     def prologue(self, kind: str) -> str:
-        """LlamaGen t2i's prefill starts from caption features; every other graph from token ids."""
-        return "prologue_caption" if self.caption and kind == "prefill" else "prologue"
-
-    # -- VQ decoder and extras ----------------------------------------------------------------------
-    def extra_graphs(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
-        entries = self._ort_graph(folder, weights, dtype, opset, max_seq)
-        vq = self.ckpt.vq
-        if vq is None:
-            return entries
-        model, io = export_vq_graph(vq, weights.dtype, opset, weights)
-        onnx.save_model(model, str(folder / "vq_decoder.onnx"))
-        return {**entries, "vq_decoder": {"file": "vq_decoder.onnx", **io}}
-
-    def _ort_graph(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
-        """LlamaGen c2i's ONNX Runtime graph (families/llamagen_ort.py), with target "ort"; the other
-        image families keep the portable graphs (docs/IMAGE_MODELS.md)."""
-        if self.target != "ort" or not self.llamagen:
-            return {}
-        from . import llamagen_ort
-        return self.ort_flavor(folder, llamagen_ort.supports, llamagen_ort.build_llamagen_ort_graph, weights,
-                               dtype, opset, max_seq)
-
-    def manifest_sections(self, folder) -> dict:
-        image = dict(self.ckpt.image)
-        for name, tensor in self.ckpt.arrays.items():
-            np.save(folder / f"{name}.npy", tensor.load().detach().cpu().numpy())
-        if self.ckpt.vq is not None:
-            vq = self.ckpt.vq
-            image["vq"] = {"graph": "vq_decoder", "kind": vq.kind, "downsample": vq.downsample,
-                           "codebook_size": vq.config["codebook_size"], "config": vq.config}
-        return {"image": image}
+        return "prologue_caption" if kind == "prefill" else "prologue"
 
 
 def export_vq_graph(vq, dtype: torch.dtype, opset: int, weights: ExternalWeights | None = None):
@@ -160,4 +173,4 @@ def _externalize(model: onnx.ModelProto, weights: ExternalWeights, prefix: str) 
         init.external_data.extend(ext.external_data)
 
 
-__all__ = ["ImageGraphs", "export_vq_graph"]
+__all__ = ["ImageGraphs", "LlamaGenC2IGraphs", "LlamaGenT2IGraphs", "export_vq_graph"]

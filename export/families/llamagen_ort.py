@@ -45,16 +45,14 @@ def supports(spec: ModelSpec) -> str | None:
 class LlamaGenOrtGraph(ort_graph.OrtGraph):
     """The text graph with LlamaGen's 2D rotary tables (see the module docstring)."""
 
-    def rotary_tables(self) -> tuple[str, str]:
-        """cos/sin [max_seq, hd/2]: row p is sequence position p, from the portable graph's GridRotary
-        (the same float32 arithmetic, so both flavors rotate by the same values)."""
+    ROTARY_NAMES = ("rotary.grid.cos", "rotary.grid.sin")
+
+    def rotary_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row p is sequence position p, from the portable graph's GridRotary (the same float32
+        arithmetic, so both flavors rotate by the same values)."""
         half = self.spec.head_dim // 2
         cos, sin = GridRotary(self.spec)(torch.arange(self.max_seq), torch.float32)
-        for name, table in (("rotary.grid.cos", cos[:, :half]), ("rotary.grid.sin", sin[:, :half])):
-            if name not in self.weights.stored:
-                self.weights.add(name, table.contiguous())
-            self.builder.initializers[name] = self.weights.stored[name]
-        return "rotary.grid.cos", "rotary.grid.sin"
+        return cos[:, :half], sin[:, :half]
 
 
 def build_llamagen_ort_graph(ckpt: Checkpoint, weights: ExternalWeights, dtype: str, max_seq: int, opset: int):

@@ -91,6 +91,8 @@ def _spec_from_metadata(reader, arch: str, tensors_by_name: dict, path: Path) ->
             qk_norm=arch == "qwen3", architecture=SUPPORTED_ARCH[arch])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: GGUF metadata or tensor missing: {e}") from None
+    except (ValueError, ArithmeticError) as e:      # a setting that is not a number (CheckpointError: the spec's)
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _canonical_tensors(reader, spec: ModelSpec, permute_rope_rows: bool) -> dict[str, LazyTensor]:

@@ -56,8 +56,8 @@ def _to_canonical(meta_name: str) -> str | None:
 def load_meta(folder: Path) -> Checkpoint:
     params_path = folder / "params.json"
     try:
-        params = json.loads(params_path.read_text())
-    except json.JSONDecodeError as e:
+        params = json.loads(params_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{params_path}: not valid JSON ({e})") from None
     if not isinstance(params, dict):
         raise CheckpointError(f"{params_path}: expected a JSON object of model settings, not {type(params).__name__}")
@@ -137,7 +137,7 @@ def _spec_from_params(params: dict, raw: dict[str, LazyTensor], params_path: Pat
                          tie_word_embeddings="output.weight" not in raw)
     except KeyError as e:
         raise CheckpointError(f"{params_path}: lacks {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:        # a setting that is not a number (or an impossible spec)
+    except (TypeError, ValueError, ArithmeticError) as e:   # a setting that is not a number (or an impossible spec)
         raise CheckpointError(f"{params_path}: {e}") from None
 
 

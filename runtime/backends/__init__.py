@@ -1,0 +1,14 @@
+"""The backends (ONNX Runtime, TensorRT) behind one contract (base.py); `load_backend` picks one."""
+from __future__ import annotations
+
+from ..bundle import Bundle
+from ..run_options import RunOptions
+
+
+def load_backend(bundle: Bundle, options: RunOptions):
+    """The backend `options` name, made for `bundle` (imported only when chosen: TensorRT's is heavy)."""
+    if options.backend == "trt":
+        from .trt import TrtBackend
+        return TrtBackend(bundle, gpu=options.gpu, cuda_graph=options.cuda_graph)
+    from .ort import OrtBackend
+    return OrtBackend(bundle, options)

@@ -1,40 +1,121 @@
-"""The backend interface: load graphs, bind inputs/outputs (KV by address into the arena), run.
+"""The backend contract: everything the runtime may ask of a backend, declared here and nowhere else.
 
-    backend = OrtBackend(bundle)             # or TrtBackend(bundle)
+    backend = load_backend(bundle, RunOptions(device="cuda"))    # runtime/run_options.py
     arena = backend.new_arena()
     arena.reset(batch)
-    logits = backend.step(input_ids, attention_mask, arena)   # prefill when arena.length == 0
+    logits = backend.step(input_ids, attention_mask, arena)      # a prompt when arena.length == 0
+    backend.close()
 
-`step` runs the prefill graph on an empty arena and the decode graph otherwise; either way the
-new tokens' K/V land in arena positions [length, length + S) and the backend advances the arena
-by S (`arena.advance`). `logits` is a float32 host array [B, vocab] for the last position.
+`step` runs the model on S new tokens per row: their K/V land in arena positions [length, length + S)
+and the arena advances by S. It returns `Logits` of each row's last position, [B, vocab] float32: a host
+array, or `DeviceLogits` left in device memory (runtime/backends/cuda_graph.py). Read them through
+`argmax_rows(logits)` (greedy: on the GPU only the graph's own argmax crosses to the host),
+`np.asarray(logits)` (the values) or `device_value(logits)` (the device buffer, for a consumer that stays
+on the GPU). `step` is a template method (Polygraphy's `infer` / `infer_impl`): it checks the arguments,
+times the call and, when `records` is a list, records it; subclasses implement `_step`.
 
-`prefill_features` (optional: LlamaGen t2i bundles, ONNX Runtime only for now) is the prefill of a
-prompt given as input features [B, S, dim] (`caption_features`) instead of token ids.
+What a backend can do is declared as attributes, read by the decode primitive (runtime/decode.py):
+`prefill_chunk`, `pieces_may_pad`, `features_prefill`; `graph` names the bundle graph its steps run.
 """
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..bundle import BundleError
 from ..kv_arena import KVArena
+from .cuda_graph import DeviceLogits
 
 
-class Backend(Protocol):
-    name: str
+@dataclass
+class StepRecord:
+    """One `step` call, for benchmarks: cached positions before it, new tokens per row, wall seconds,
+    and seconds inside the graph-execution call (the rest is runtime overhead)."""
+    past: int
+    new: int
+    wall_s: float
+    graph_s: float
 
-    def new_arena(self, max_batch: int | None = None) -> KVArena: ...
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray: ...
+class Backend(ABC):
+    name: str = "?"                      # "ort" or "trt"
+    device: str = "cpu"                  # where the steps run: "cpu" or "cuda"
+    graph: str = "decode"                # the bundle graph the steps run
+    prefill_chunk: int | None = None     # longer prompts are fed in pieces of this many tokens (None: whole)
+    pieces_may_pad: bool = True          # a left-padded batch may be fed in pieces (see decode.Rows.prompt)
+    features_prefill: bool = False       # prefill_features is available (LlamaGen t2i captions)
+    all_positions: bool = False          # step(..., all_positions=True) at batch 1: every new token's logits
+    rows_own_lengths: bool = False       # step_rows: each arena row at its own length (continuous batching)
 
-    def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
-        """Optional: the prefill graph on features [B, S, dim] into an empty arena; logits as `step`'s."""
-        ...
+    def __init__(self):
+        self._run_s = 0.0
+        self.kv_bytes_copied = 0         # K/V bytes this backend had to copy outside the graph (audits)
+        self.records: list[StepRecord] | None = None
+
+    # -- the contract --------------------------------------------------------------------------------
+    @abstractmethod
+    def new_arena(self, max_batch: int | None = None) -> KVArena:
+        """A zeroed KV arena in the layout and memory this backend's graph reads."""
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False):
+        """Run S new tokens per row ([B, S] ids, attention mask [B, length + S]); returns Logits [B, vocab]
+        of each row's last position or, with all_positions (batch 1, where declared), [S, vocab] of
+        every new position (a speculative verify step)."""
+        batch, n_new = check_step(input_ids, attention_mask, arena)
+        if all_positions and not (self.all_positions and batch == 1):
+            raise ValueError(f"this backend gives every position's logits only at batch 1 on the ONNX Runtime "
+                             f"graph (asked at batch {batch}, {self.name}, graph {self.graph})")
+        past, graph_before, started = arena.length, self._run_s, time.perf_counter()
+        logits = self._step(input_ids, attention_mask, arena, all_positions)
+        if self.records is not None:
+            self.records.append(StepRecord(past, n_new, time.perf_counter() - started, self._run_s - graph_before))
+        return logits
+
+    def step_rows(self, input_ids: np.ndarray, lengths: np.ndarray, arena: KVArena, row: int | None = None):
+        """Continuous batching, where declared (rows_own_lengths): every arena row continues at its own
+        length. row None: one token for each of the arena's rows ([B, 1]); row r: S tokens of that row
+        alone ([1, S]: its prompt, or a piece of it), the other rows untouched. lengths: the rows' cached
+        positions before the step ([B], or [1] for one row). Returns Logits [B or 1, vocab]; the arena's
+        own length is not used or moved: the caller keeps the rows' lengths (decode.Slots)."""
+        raise BundleError(f"continuous batching needs a graph whose cache keeps each row at its own length "
+                          f"(the ONNX Runtime graph; this is {self.name}, graph {self.graph})")
+
+    def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena):
+        """The prefill graph on input features [B, S, dim] into an empty arena; logits as `step`'s."""
+        raise BundleError(f"caption-conditioned (LlamaGen t2i) prefill runs on the ort backend only "
+                          f"(this is {self.name})")
 
     def run_seconds(self) -> float:
         """Seconds spent inside the graph-execution call so far (benchmarks split overhead from it)."""
-        ...
+        return self._run_s
+
+    def device_memory_bytes(self) -> int | None:
+        """Device memory this backend holds (None where it cannot tell)."""
+        return None
+
+    def close(self) -> None:
+        """Free sessions, engines, captured graphs and device buffers; the backend is unusable after."""
+
+    # -- what subclasses implement -------------------------------------------------------------------
+    @abstractmethod
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool):
+        """The step itself (arguments already checked); advances the arena."""
+
+
+def argmax_rows(logits) -> np.ndarray:
+    """Each row's most likely token (the first on ties): on the GPU the graph's own argmax, the only
+    thing a greedy step copies to the host."""
+    if isinstance(logits, DeviceLogits):
+        return logits.argmax_rows()
+    return np.argmax(logits, axis=-1)
+
+
+def device_value(logits):
+    """The OrtValue [rows, vocab] behind logits left in device memory, or None for host logits."""
+    return logits.ortvalue() if isinstance(logits, DeviceLogits) else None
 
 
 def check_step(inputs: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> tuple[int, int]:

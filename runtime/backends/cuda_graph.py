@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kv_arena import KVArena
+from ..sessions import graph_run_options
 
 
 class DeviceLogits:
@@ -61,20 +62,13 @@ class DeviceLogits:
         return self._next_token.numpy()
 
 
-def run_options(graph_id: int):
-    """RunOptions naming the CUDA graph a run records or replays (-1: none)."""
-    import onnxruntime as ort
-    options = ort.RunOptions()
-    options.add_run_config_entry("gpu_graph_id", str(graph_id))
-    return options
-
-
 class CapturedStep:
-    """The one-token step of batch `batch` over `arena`, bound once at fixed device addresses and
-    replayed as CUDA graph `graph_id` (recorded by ONNX Runtime on its first run)."""
+    """The step of `width` tokens per row (1: decoding; more: a batch of one's speculative verify step,
+    with every position's logits) at batch `batch` over `arena`, bound once at fixed device addresses
+    and replayed as CUDA graph `graph_id` (recorded by ONNX Runtime on its first run)."""
 
     def __init__(self, session, arena: KVArena, batch: int, vocab_size: int, graph_id: int, bind_cache,
-                 device: str = "cuda", next_token: bool = True):
+                 device: str = "cuda", next_token: bool = True, width: int = 1):
         """bind_cache(io) binds every past.* input and present.* output to the arena's buffers and
         returns the present addresses (the backend's own binder, so both paths bind alike).
         device "cpu" runs the same bindings without a CUDA graph (how the tests exercise this path)."""
@@ -84,11 +78,12 @@ class CapturedStep:
             return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
 
         self.session, self.arena, self.batch, self.graph_id = session, arena, batch, graph_id
-        self.input_ids = on_device(np.zeros((batch, 1), np.int64))
+        n_out = batch * width                   # width 1: row r's token is r; a verify step: every token
+        self.input_ids = on_device(np.zeros((batch, width), np.int64))
         self.seqlens_k = on_device(np.zeros(batch, np.int32))
-        self.last_token = on_device(np.arange(batch, dtype=np.int64))   # one token per row: row r's is r
+        self.last_token = on_device(np.arange(n_out, dtype=np.int64))
         self.total_seq_len = np.array(arena.max_seq, np.int32)           # a host input, fixed (see above)
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, vocab_size], np.float32, device, 0)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([n_out, vocab_size], np.float32, device, 0)
         io = session.io_binding()
         io.bind_ortvalue_output("logits", self.logits)
         self.present = bind_cache(io)
@@ -98,13 +93,13 @@ class CapturedStep:
         io.bind_cpu_input("total_seq_len", self.total_seq_len)
         self.next_token = None
         if next_token:          # bound last: the outputs after logits are the present.* ones, in order
-            self.next_token = ort.OrtValue.ortvalue_from_shape_and_type([batch], np.int64, device, 0)
+            self.next_token = ort.OrtValue.ortvalue_from_shape_and_type([n_out], np.int64, device, 0)
             io.bind_ortvalue_output("next_token", self.next_token)
-        self.io, self.options = io, run_options(graph_id)
+        self.io, self.options = io, graph_run_options(graph_id)
         self.runs = 0
 
     def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray) -> DeviceLogits:
-        """One step: new token ids [B, 1] and each row's length - 1 in; the logits stay on the device."""
+        """One step: new token ids [B, width] and each row's length - 1 in; the logits stay on the device."""
         self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         self.seqlens_k.update_inplace(np.ascontiguousarray(seqlens_k, dtype=np.int32))
         self.session.run_with_iobinding(self.io, self.options)

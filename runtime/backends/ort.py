@@ -24,6 +24,7 @@ inputs and logits in device memory (cuda_graph.py); only the logits cross to the
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,9 +32,10 @@ from ..bundle import Bundle, BundleError
 from ..errors import UserError
 from ..kv_arena import KVArena
 from ..log import log
-from ..sessions import check_io, open_session, providers, session_options
-from .base import check_step
-from .cuda_graph import CapturedStep, run_options
+from ..run_options import RunOptions
+from ..sessions import check_io, graph_run_options, open_session, providers, session_options
+from .base import Backend, StepRecord, check_step
+from .cuda_graph import CapturedStep
 
 
 class SharedWeights:
@@ -64,12 +66,14 @@ class SharedWeights:
             options.add_initializer(tensor.name, self.values[tensor.name])
 
 
-def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int) -> dict[str, np.ndarray]:
+def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int,
+               all_positions: bool = False) -> dict[str, np.ndarray]:
     """The ONNX Runtime graph's inputs for one step, from the runtime's contract (rows left-padded,
     attention_mask [B, past + S]). That graph keeps each row at its own length with no padding in the
     cache, so a padded row's real tokens move to the front of its S slots, and the graph is told each
-    row's length and where its last token is. Its attention takes a step's S tokens as the last S of
-    every row once the cache holds tokens: only a first step may carry padding."""
+    row's length and where its last token is (all_positions, batch 1: every token's index, so the graph
+    gives every position's logits). Its attention takes a step's S tokens as the last S of every row
+    once the cache holds tokens: only a first step may carry padding."""
     batch, n_new = input_ids.shape
     lengths = attention_mask.sum(axis=1)
     new = attention_mask[:, past:].sum(axis=1)
@@ -81,9 +85,9 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int) -> 
     ids = np.array(input_ids, dtype=np.int64)
     for row in np.nonzero(new != n_new)[0]:
         ids[row] = np.roll(ids[row], -(n_new - new[row]))       # real tokens first, padding after
+    last = np.arange(n_new) if all_positions else np.arange(batch) * n_new + new - 1
     return {"input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32),
-            "total_seq_len": np.array(lengths.max(), dtype=np.int32),
-            "last_token": (np.arange(batch) * n_new + new - 1).astype(np.int64)}
+            "total_seq_len": np.array(lengths.max(), dtype=np.int32), "last_token": last.astype(np.int64)}
 
 
 def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
@@ -107,56 +111,68 @@ def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
     return bundle.ort_graph
 
 
-# The check's regular run is given the replay's shapes (total_seq_len = max_seq), so both execute the
-# same kernels on the same inputs: they agree to rounding. A wrong replay (stale inputs, a graph recorded
-# on other buffers) is off by far more, or NaN.
-REPLAY_ATOL, REPLAY_RTOL = 1e-3, 1e-3
+# The check's regular run is given the replay's shapes (total_seq_len = max_seq), so both execute the same
+# kernels on the same inputs: they agree to rounding, which in fp16 is not nothing (SmolLM2 fp16 on an
+# H100: 0.039 at logits of magnitude 35, one check in ~800 replays; bit-equal otherwise). A wrong replay
+# (stale inputs, a graph recorded on other buffers) is off by whole units, or NaN.
+REPLAY_TOLERANCE = {4: (1e-3, 1e-3), 2: (0.05, 0.005)}        # cache itemsize -> (atol, rtol)
+MAX_VERIFY_WIDTH = 32           # tokens of a speculative verify step (the last sampled one and up to 31 drafted)
 
 
 class ReplayMismatch(RuntimeError):
     """A replayed CUDA graph step gave other logits than a regular run of the same step."""
 
 
-class OrtBackend:
+@dataclass
+class _Binding:
+    """A batch-major cache's IOBinding for one graph and batch size, made once and reused every step
+    (only the small inputs change): rebinding every layer's K and V each step costs runtime overhead."""
+    arena: KVArena
+    key: tuple
+    io: object
+    present: list
+
+
+class OrtBackend(Backend):
     name = "ort"
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu", prepack: bool = True,
-                 flavor: str = "auto", audit: bool = False, prefill_chunk: int | None = 256, cuda_graph: bool = True,
-                 check_replay_every: int = 256):
-        """audit: after each step, check that every present.* output was written at the arena address
-        it was bound to, and count the bytes of any that were not (benchmarks and tests).
-        check_replay_every: each captured step's first replay and every this-many-th are run again as a
-        regular step and compared (ReplayMismatch when they disagree); 0: never.
-        prefill_chunk: the Generator feeds longer prompts in pieces of this many tokens (bounds the
-        activation memory ONNX Runtime keeps; None: whole prompts).
-        flavor: "auto" (the ONNX Runtime graph when the bundle has one), "ort" or "portable".
-        device: "cpu" or "cuda" (see the module docstring); cuda_graph=False runs every GPU step plainly."""
-        self.graph = _decode_graph(bundle, flavor, device)
+    def __init__(self, bundle: Bundle, options: RunOptions | None = None, **changes):
+        """options (runtime/run_options.py; keywords override single fields): flavor picks the graph
+        ("auto": the ONNX Runtime graph when the bundle has one and the device runs it); device "cpu" or
+        "cuda" (see the module docstring); cuda_graph=False runs every GPU step plainly; audit counts K/V
+        bytes written anywhere but their bound arena address; check_replay_every: a captured step's first
+        replay and every Nth are run again as a regular step and compared (ReplayMismatch when they
+        disagree; 0: never); prefill_chunk: prompts are fed in pieces of this many tokens on the CPU
+        (bounds the activation memory ONNX Runtime keeps); prepack=False maps the weights instead of
+        letting ONNX Runtime make packed copies."""
+        super().__init__()
+        options = (options or RunOptions()).replace(**changes)
+        self.options, self.bundle, self.device = options, bundle, options.where
+        self.graph = _decode_graph(bundle, options.flavor, self.device)
         self.flavor = "portable" if self.graph == "decode" else "ort"
         # Pieces bound the host memory ONNX Runtime keeps on the CPU; on the GPU one piece is fastest.
-        self.prefill_chunk = prefill_chunk if device == "cpu" else None
+        self.prefill_chunk = options.prefill_chunk if self.device == "cpu" else None
+        self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
+        self.all_positions = self.flavor == "ort"           # the graph gathers any token positions' logits
+        self.rows_own_lengths = self.flavor == "ort"        # its cache keeps each row at its own length
+        self.features_prefill = bundle.has_graph("prefill") and "caption_features" in bundle.graph("prefill").inputs
         # The portable graph has shape nodes ONNX Runtime places on the CPU: it cannot be captured.
         # A session made for CUDA graphs must name a graph id in every run (None would record graph 0),
         # so this is fixed here, before the session exists.
-        self.cuda_graph = (cuda_graph and device == "cuda" and self.flavor == "ort"
+        self.cuda_graph = (options.cuda_graph and self.device == "cuda" and self.flavor == "ort"
                            and np.dtype(bundle.kv_dtype) != np.float32)
-        self._captured: dict = {}       # (arena id, batch) -> CapturedStep (holds the arena)
-        self.pieces_may_pad = self.flavor == "portable"     # see gqa_inputs
+        self._captured: dict = {}       # (arena, batch) -> CapturedStep (its graph reads that arena's buffers)
         self._c_device = None
-        self.bundle, self.device, self.audit = bundle, device, audit
-        self.check_replay_every = check_replay_every
-        self.threads, self.prepack = threads, prepack
-        providers(device)                    # fail now, not at the first session, without onnxruntime-gpu
+        providers(self.device)               # fail now, not at the first session, without onnxruntime-gpu
         # Host weights are shared through one mapping; a CUDA session copies them to the device anyway.
-        self.weights = SharedWeights(bundle) if device == "cpu" and not prepack else None
+        self.weights = SharedWeights(bundle) if self.device == "cpu" and not options.prepack else None
         self.sessions = {}
-        self._reusable = None           # (arena, key, IOBinding, present addresses): a batch-major binding
+        self._reusable: _Binding | None = None
         self.session(self.graph)
-        self._logits = np.zeros((bundle.max_batch, bundle.vocab_size), np.float32)
-        outputs = {x["name"] for x in bundle.manifest["graphs"][self.graph].get("outputs", [])}
-        self.next_token = "next_token" in outputs      # the graph's own argmax (bundles since 2026-12)
-        self._next_token = np.zeros(bundle.max_batch, np.int64)
-        self._run_s = 0.0
+        rows_out = max(bundle.max_batch, MAX_VERIFY_WIDTH)   # logits of a batch's rows, or of a verify step's tokens
+        self._logits = np.zeros((rows_out, bundle.vocab_size), np.float32)
+        self.has_next_token = "next_token" in bundle.graph(self.graph).outputs   # its argmax (format version 2)
+        self._next_token = np.zeros(rows_out, np.int64)
 
     def close(self) -> None:
         """Free what this backend holds: captured graphs, bindings and sessions (their device memory and
@@ -170,7 +186,7 @@ class OrtBackend:
         """Sessions are created on first use (the score graph only when evaluating)."""
         if kind not in self.sessions:
             path = self.bundle.graph_path(kind)
-            options = session_options(self.threads, self.prepack)
+            options = session_options(self.options.threads, self.options.prepack)
             if self.weights is not None:
                 self.weights.add_to(options, path)
             try:
@@ -181,7 +197,7 @@ class OrtBackend:
                     raise BundleError(f"{path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 "
                                       f"graphs: export fp32 or fp16, or run it with --backend trt") from e
                 raise
-            check_io(self.sessions[kind], self.bundle.manifest["graphs"][kind], path)
+            check_io(self.sessions[kind], self.bundle.graph(kind).raw, path)
         return self.sessions[kind]
 
     def new_arena(self, max_batch: int | None = None) -> KVArena:
@@ -201,66 +217,96 @@ class OrtBackend:
         return KVArena(bundle.n_layers, bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
                        bundle.kv_dtype, allocate, layout=bundle.kv_layout(self.graph))
 
-    def run_seconds(self) -> float:
-        return self._run_s
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
-        batch, n_new = check_step(input_ids, attention_mask, arena)
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False):
+        batch, n_new = input_ids.shape
         if self.flavor == "ort":
-            return self._step_in_place(np.asarray(input_ids), np.asarray(attention_mask), arena)
+            return self._step_in_place(np.asarray(input_ids), np.asarray(attention_mask), arena, all_positions)
         # The decode graph also runs the prompt: with an empty arena its past is 0 positions long.
         inputs = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                   "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         return self._run("decode", inputs, arena, batch, n_new, bind_past=True)
 
-    def _step_in_place(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
+    def _step_in_place(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena,
+                       all_positions: bool = False) -> np.ndarray:
         """The ONNX Runtime graph's step. GroupQueryAttention takes several new tokens after a past only
-        for a batch of one, so a larger batch continuing with several tokens goes one position at a time."""
+        for a batch of one, so a larger batch continuing with several tokens goes one position at a time.
+        On the GPU the one-token step, and a batch of one's verify step of each width, are replayed as
+        captured CUDA graphs."""
         batch, n_new = input_ids.shape
         past = arena.length
         if batch > 1 and past and n_new > 1:
             for i in range(n_new):
                 logits = self._step_in_place(input_ids[:, i:i + 1], attention_mask[:, :past + i + 1], arena)
             return logits
-        inputs = gqa_inputs(input_ids, attention_mask, past)
-        if self.cuda_graph and past and n_new == 1:
-            return self._replay(inputs, arena, batch)
-        return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True)
+        inputs = gqa_inputs(input_ids, attention_mask, past, all_positions)
+        if self.cuda_graph and past and (n_new == 1 or all_positions) and n_new <= MAX_VERIFY_WIDTH:
+            logits = self._replay(inputs, arena, batch, n_new)
+            arena.advance(n_new)
+            return logits
+        return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True, all_positions=all_positions)
 
-    def _replay(self, inputs: dict, arena: KVArena, batch: int):
-        """The one-token step as this arena and batch's captured CUDA graph (recorded on first use)."""
-        key = (id(arena), batch)       # unique: each captured step holds its arena (its graph reads those buffers)
+    def step_rows(self, input_ids: np.ndarray, lengths: np.ndarray, arena: KVArena, row: int | None = None):
+        if not self.rows_own_lengths:
+            return super().step_rows(input_ids, lengths, arena, row)
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        batch, n_new = ids.shape
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if row is None and (batch != arena.batch or n_new != 1):
+            raise ValueError(f"a step of all rows takes one token for each of the arena's {arena.batch} rows")
+        if row is not None and batch != 1:
+            raise ValueError("a step of one row takes that row's tokens only ([1, S])")
+        if (lengths + n_new).max() > arena.max_seq:
+            raise IndexError(f"{int((lengths + n_new).max())} positions exceed the cache's max_seq {arena.max_seq}")
+        inputs = {"input_ids": ids, "seqlens_k": (lengths + n_new - 1).astype(np.int32),
+                  "total_seq_len": np.array((lengths + n_new).max(), dtype=np.int32),
+                  "last_token": (np.arange(batch) * n_new + n_new - 1).astype(np.int64)}
+        started, graph_before = time.perf_counter(), self._run_s
+        if row is None and self.cuda_graph:
+            logits = self._replay(inputs, arena, batch, 1)
+        else:
+            logits = self._execute(self.graph, inputs, arena, batch, n_new, bind_past=True, row=row)
+        if self.records is not None:
+            self.records.append(StepRecord(int(lengths.max()), n_new, time.perf_counter() - started,
+                                           self._run_s - graph_before))
+        return logits
+
+    def _replay(self, inputs: dict, arena: KVArena, batch: int, width: int = 1):
+        """A step of `width` tokens per row as this arena's captured CUDA graph for (batch, width),
+        recorded on first use (width > 1: a batch of one's verify step, logits of every position).
+        The arena is not advanced here."""
+        key = (arena, batch, width)
         step = self._captured.get(key)
         if step is None:
             step = CapturedStep(self.session(self.graph), arena, batch, self.bundle.vocab_size,
                                 graph_id=len(self._captured) + 1,       # entries are never replaced or removed
-                                bind_cache=lambda io: self._bind_cache(io, arena, arena.length, 1, True),
-                                device=self.device, next_token=self.next_token)
+                                bind_cache=lambda io: self._bind_cache(io, arena, arena.length, width, True),
+                                device=self.device, next_token=self.has_next_token, width=width)
             self._captured[key] = step
         started = time.perf_counter()
         logits = step.run(inputs["input_ids"], inputs["seqlens_k"])
         self._run_s += time.perf_counter() - started
         step.runs += 1
-        if self.audit and step.runs % 64 == 1:
+        if self.options.audit and step.runs % 64 == 1:
             # Reading back every output costs about a tenth of a small model's replayed step: check the
             # recorded run and every 64th (a replay cannot move them; a re-recording would show).
             self._count_copies(arena, step.io.get_outputs()[1:], step.present)
-        every = self.check_replay_every
+        every = self.options.check_replay_every
         if every and (step.runs == 1 or step.runs % every == 0):
-            self._check_replay(logits, inputs, arena, batch, step.runs)
-        arena.advance(1)
+            self._check_replay(logits, inputs, arena, batch, width, step.runs)
         return logits
 
-    def _check_replay(self, replayed, inputs: dict, arena: KVArena, batch: int, runs: int) -> None:
+    def _check_replay(self, replayed, inputs: dict, arena: KVArena, batch: int, width: int, runs: int) -> None:
         """Run the step just replayed again as a regular run (it writes the same K/V at the same cache
-        position) and compare the logits: a replay that went wrong stops here, never as wrong tokens."""
+        positions) and compare the logits: a replay that went wrong stops here, never as wrong tokens."""
         same_shapes = {**inputs, "total_seq_len": np.array(arena.max_seq, np.int32)}
-        regular = self._execute(self.graph, same_shapes, arena, batch, 1, bind_past=True)
-        got = np.asarray(replayed, np.float32)[:batch]
+        regular = self._execute(self.graph, same_shapes, arena, batch, width, bind_past=True,
+                                all_positions=width > 1)
+        got = np.asarray(replayed, np.float32)[:len(regular)]
         worst = float(np.max(np.abs(got - regular))) if np.isfinite(got).all() else float("inf")
-        bound = REPLAY_ATOL + REPLAY_RTOL * float(np.max(np.abs(regular)))
+        atol, rtol = REPLAY_TOLERANCE[arena.dtype.itemsize]
+        bound = atol + rtol * float(np.max(np.abs(regular)))
         if not worst <= bound:
-            raise ReplayMismatch(f"the captured CUDA graph of the decode step (batch {batch}, replay {runs}) "
+            raise ReplayMismatch(f"the captured CUDA graph of the decode step (batch {batch}, width {width}, replay {runs}) "
                                  f"disagrees with a regular run of the same step (max |dlogits| {worst:.3g} > "
                                  f"{bound:.3g}); stopped rather than return wrong tokens. Load with "
                                  f"cuda_graph=False (--no-cuda-graph) and report this")
@@ -268,6 +314,8 @@ class OrtBackend:
     def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
         """The prefill graph on input features instead of token ids (LlamaGen t2i: `caption_features`
         [B, S, dim]) into an empty arena; K/V and logits as from `step`."""
+        if not self.features_prefill:
+            return super().prefill_features(features, attention_mask, arena)
         batch, n_new = check_step(features, attention_mask, arena)
         if arena.length:
             raise ValueError(f"a features prefill needs an empty arena (it holds {arena.length} positions)")
@@ -275,68 +323,73 @@ class OrtBackend:
                   "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         return self._run("prefill", inputs, arena, batch, n_new, bind_past=False)
 
-    def _run(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool) -> np.ndarray:
+    def _run(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool,
+             all_positions: bool = False) -> np.ndarray:
         """Run one graph (see _execute) and advance the arena by n_new."""
-        logits = self._execute(kind, inputs, arena, batch, n_new, bind_past)
+        logits = self._execute(kind, inputs, arena, batch, n_new, bind_past, all_positions)
         arena.advance(n_new)
         return logits
 
-    def _execute(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool) -> np.ndarray:
-        """Run one graph: host inputs, logits into this backend's buffer, the new positions' K/V bound
-        into the arena after its `length` cached ones (and those bound as the past when the graph takes
-        one). The arena's length is left as it was."""
+    def _execute(self, kind: str, inputs: dict, arena: KVArena, batch: int, n_new: int, bind_past: bool,
+                 all_positions: bool = False, row: int | None = None) -> np.ndarray:
+        """Run one graph: host inputs, logits into this backend's buffer (each row's last token's, or with
+        all_positions every token's), the new positions' K/V bound into the arena after its `length`
+        cached ones (and those bound as the past when the graph takes one), or the batch-major cache of
+        one arena row alone (`row`). The arena's length is left as it was."""
         past = arena.length
         session = self.session(kind)
-        io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past)
+        n_out = n_new if all_positions else batch
+        io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past, n_out, row)
         for name, value in inputs.items():
             io.bind_cpu_input(name, value)
-        logits = self._logits[:batch]
+        logits = self._logits[:n_out]
         started = time.perf_counter()
         # A session that may record CUDA graphs records none here (-1): this run's shapes change.
-        session.run_with_iobinding(io, run_options(-1) if self.cuda_graph and kind == self.graph else None)
+        session.run_with_iobinding(io, graph_run_options(-1) if self.cuda_graph and kind == self.graph else None)
         self._run_s += time.perf_counter() - started
-        if self.audit:
+        if self.options.audit:
             self._count_copies(arena, io.get_outputs()[1:], present)
         return logits
 
-    @staticmethod
-    def _count_copies(arena: KVArena, outputs, present: list[int]) -> None:
+    def _count_copies(self, arena: KVArena, outputs, present: list[int]) -> None:
         """Outputs come back in binding order (logits first, left out here); any present.* output not
         at its bound arena address was copied: count its bytes."""
         for value, address in zip(outputs, present):
             if value.data_ptr() != address:
-                arena.bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
+                self.kv_bytes_copied += int(np.prod(value.shape())) * arena.dtype.itemsize
 
-    def _binding(self, session, kind: str, arena: KVArena, batch: int, past: int, n_new: int, bind_past: bool):
-        """An IOBinding with the logits buffer and the cache bound, and the present addresses. A
-        batch-major cache is bound whole, at the same addresses every step: its binding is made once
-        per arena and batch and reused (only the small inputs change), which saves rebinding every
-        layer's K and V each step."""
-        key = (kind, batch)
+    def _binding(self, session, kind: str, arena: KVArena, batch: int, past: int, n_new: int, bind_past: bool,
+                 n_out: int, row: int | None = None):
+        """An IOBinding with the logits buffer ([n_out, vocab]) and the cache bound, and the present
+        addresses. A batch-major cache is bound whole, at the same addresses every step: its binding is
+        made once per arena, batch and logits rows and reused (only the small inputs change), which
+        saves rebinding every layer's K and V each step."""
+        key = (kind, batch, n_out, row)
         reusable = self._reusable
-        if arena.layout == "batch" and reusable is not None and reusable[0] is arena and reusable[1] == key:
-            return reusable[2:]
+        if arena.layout == "batch" and reusable is not None and reusable.arena is arena and reusable.key == key:
+            return reusable.io, reusable.present
         io = session.io_binding()
-        logits = self._logits[:batch]
+        logits = self._logits[:n_out]
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        present = self._bind_cache(io, arena, past, n_new, bind_past)
-        if self.next_token and kind == self.graph:    # bound last, after the present.* outputs
-            next_token = self._next_token[:batch]
+        present = self._bind_cache(io, arena, past, n_new, bind_past, row)
+        if self.has_next_token and kind == self.graph:    # bound last, after the present.* outputs
+            next_token = self._next_token[:n_out]
             io.bind_output("next_token", "cpu", 0, np.int64, list(next_token.shape), next_token.ctypes.data)
         if arena.layout == "batch":           # holds the arena: its buffers stay alive while bound
-            self._reusable = (arena, key, io, present)
+            self._reusable = _Binding(arena, key, io, present)
         return io, present
 
-    def _bind_cache(self, io, arena: KVArena, past: int, n_new: int, bind_past: bool) -> list[int]:
+    def _bind_cache(self, io, arena: KVArena, past: int, n_new: int, bind_past: bool,
+                    row: int | None = None) -> list[int]:
         """past.* inputs at arena [0, past), present.* outputs at [past, past + n_new) (time-major), or
-        both on the whole cache (batch-major: the graph updates it in place); returns the present
-        addresses in binding order."""
+        both on the whole cache or one row of it (batch-major: the graph updates it in place); returns
+        the present addresses in binding order."""
         bind_in, bind_out = self._binders(io)
         present = []
         for layer in range(self.bundle.n_layers):
             for kv, name in ((0, "key"), (1, "value")):
                 if arena.layout == "batch":
-                    address, shape = arena.cache(layer, kv)
+                    address, shape = arena.cache(layer, kv, row)
                     bind_in(f"past.{layer}.{name}", arena.dtype, shape, address)
                     bind_out(f"present.{layer}.{name}", arena.dtype, shape, address)
                     present.append(address)

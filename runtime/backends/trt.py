@@ -14,7 +14,7 @@ TensorRT wants every tensor address 256-byte aligned. `past` always starts at th
 `present` block at position P starts at base + P * row_bytes, which is aligned only when P * row_bytes
 is a multiple of 256 (SmolLM2 FP16, batch 1: 384-byte rows, so every odd P is not). Such an output
 is bound to a small aligned staging slot and copied into the arena after the step: S rows per layer
-and K/V, independent of P, counted in `arena.bytes_copied`.
+and K/V, independent of P, counted in `kv_bytes_copied`.
 
 The arithmetic (which address and shape each tensor gets) is `step_binding`, a pure function tested
 without a GPU. Device memory and copies go through runtime/cuda.py (cuda-python, imported lazily).
@@ -34,7 +34,7 @@ from .. import trt_compat as compat
 from ..bundle import Bundle, BundleError
 from ..cuda import Cuda, DeviceArray, query_gpu
 from ..kv_arena import KVArena
-from .base import check_step
+from .base import Backend
 from ..errors import UserError
 
 ALIGN = 256
@@ -103,26 +103,29 @@ def step_binding(arena: KVArena, seq: int, profile: int, ids_addr: int, mask_add
 
 
 # -- the backend -----------------------------------------------------------------------------------------
-class TrtBackend:
+class TrtBackend(Backend):
     name = "trt"
+    device = "cuda"
 
-    def __init__(self, bundle: Bundle, device: int = 0, cuda_graphs: bool = False, runtime_cache: bool = True,
+    def __init__(self, bundle: Bundle, gpu: int = 0, cuda_graph: bool = False, runtime_cache: bool = True,
                  verbose: bool = False):
+        """gpu: which GPU; cuda_graph: let TensorRT capture its runs (the engines' own CUDA graphs)."""
+        super().__init__()
         self.bundle = bundle
         self.record = engine_record.load(bundle)
         engine_record.check_graphs(self.record, bundle)
         self.tensorrt = compat.load(self.record["tensorrt"]["flavour"])
         engine_record.check_tensorrt(self.record, self.tensorrt.flavour, self.tensorrt.version)
-        self.cuda = Cuda(device)
-        gpu = query_gpu(device)
-        engine_record.check_gpu(self.record, *gpu)
+        self.cuda = Cuda(gpu)
+        name_and_cc = query_gpu(gpu)
+        engine_record.check_gpu(self.record, *name_and_cc)
         entry = self.record["engines"][0]
-        self.engine = self._load_engine(engine_record.engines_dir(bundle) / entry["file"], gpu, verbose)
+        self.engine = self._load_engine(engine_record.engines_dir(bundle) / entry["file"], name_and_cc, verbose)
         profile_names = [p["name"] for p in entry["profiles"]]
         self.prefill_profile = profile_names.index(engine_record.PREFILL)
         self.decode_profile = profile_names.index(engine_record.DECODE)
         self.cache_path = engine_record.engines_dir(bundle) / RUNTIME_CACHE
-        self._create_contexts(len(profile_names), runtime_cache, cuda_graphs)
+        self._create_contexts(len(profile_names), runtime_cache, cuda_graph)
         self._allocate_io(self.record["max_seq"], self.record["max_batch"])
         self.cuda.sync()
 
@@ -138,13 +141,13 @@ class TrtBackend:
         if engine is None:
             raise BundleError(f"{path}: {tensorrt.label} could not load it ({compat.last_error(tensorrt)})")
         names = {x["name"] for x in compat.engine_io(tensorrt, engine)}
-        graph = self.bundle.manifest["graphs"][engine_record.GRAPH]
+        graph = self.bundle.graph(engine_record.GRAPH).raw
         want = {x["name"] for x in graph["inputs"] + graph["outputs"]}
         if names != want:
             raise BundleError(f"{path}: engine I/O {sorted(names ^ want)} differ from the decode graph's")
         return engine
 
-    def _create_contexts(self, n_profiles: int, runtime_cache: bool, cuda_graphs: bool) -> None:
+    def _create_contexts(self, n_profiles: int, runtime_cache: bool, cuda_graph: bool) -> None:
         """One execution context per profile; they share one scratch buffer (they never run at once)."""
         tensorrt = self.tensorrt
         cache_bytes = self.cache_path.read_bytes() if (runtime_cache and self.cache_path.exists()) else None
@@ -154,7 +157,7 @@ class TrtBackend:
         self.contexts = []
         for i in range(n_profiles):
             ctx = compat.create_context(tensorrt, self.engine, i, self.scratch, scratch_bytes, self.cuda.stream_handle,
-                                        self.runtime_cache, cuda_graphs)
+                                        self.runtime_cache, cuda_graph)
             if ctx is None:
                 raise BundleError(f"{tensorrt.label} could not create an execution context "
                                   f"({compat.last_error(tensorrt)})")
@@ -171,7 +174,6 @@ class TrtBackend:
         self.mask_dev = self.cuda.malloc(max_batch * (max_seq + 1) * 8)
         self.logits_dev = self.cuda.malloc(max_batch * bundle.vocab_size * 4)
         self._logits = np.zeros((max_batch, bundle.vocab_size), np.float32)
-        self._run_s = 0.0
 
     def new_arena(self, max_batch: int | None = None) -> KVArena:
         bundle = self.bundle
@@ -185,9 +187,6 @@ class TrtBackend:
             self.cuda.zero(ptr, nbytes)        # a cache starts zeroed (see OrtBackend.new_arena)
             return DeviceArray(ptr, nbytes), ptr
         return KVArena(bundle.n_layers, self.max_seq, max_batch or self.max_batch, n_kv, hd, bundle.kv_dtype, allocate)
-
-    def run_seconds(self) -> float:
-        return self._run_s
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, arena: KVArena, profile: int) -> None:
         """One engine run in one profile: its new K/V land at the arena's end, which then advances."""
@@ -208,12 +207,13 @@ class TrtBackend:
             raise RuntimeError(f"{self.tensorrt.label}: execution failed ({compat.last_error(self.tensorrt)})")
         for dst, src, n in binding.copies:
             self.cuda.copy(dst, src, n, Cuda.D2D)
-            arena.bytes_copied += n
+            self.kv_bytes_copied += n
         self.cuda.sync()            # host arrays above must outlive their (pageable, staged) copies
         arena.advance(S)
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> np.ndarray:
-        B, S = check_step(input_ids, attention_mask, arena)
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena,
+              all_positions: bool = False) -> np.ndarray:
+        B, S = input_ids.shape
         P = arena.length
         started = time.perf_counter()
         for first, stop, profile_name in engine_runs(P, S):

@@ -1,0 +1,154 @@
+"""Continuous batching (runtime/batching.py over decode.Slots): requests join a running batch between
+steps and leave when done; each gets exactly the tokens it gets alone."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ardeploy.runtime import Generator, SamplingConfig
+from ardeploy.runtime.batching import BatchingScheduler
+from ardeploy.runtime.bundle import BundleError
+from ardeploy.runtime.errors import UserError
+from ardeploy.runtime.scheduling import QueueFull, Request
+from conftest import rng_ids, threads
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_hf, export_once):
+    return export_once(tiny_hf("gqa8x2_untied_linear")[0], max_seq=128, max_batch=4)
+
+
+def alone(bundle, request: Request) -> list[int]:
+    gen = Generator.load(bundle, threads=threads(), max_batch=1)
+    return gen.generate(request.prompt_ids, request.sampling).token_ids
+
+
+def requests(n: int) -> list[Request]:
+    """Prompts of different lengths and budgets, greedy and seeded sampling mixed."""
+    out = []
+    for i in range(n):
+        cfg = SamplingConfig(greedy=True, max_new_tokens=6 + 5 * (i % 4), ignore_eos=True) if i % 2 == 0 else \
+            SamplingConfig(temperature=0.8, top_p=0.9, seed=100 + i, max_new_tokens=9 + 3 * (i % 3), ignore_eos=True)
+        out.append(Request(rng_ids(3 + 4 * (i % 5), seed=i), cfg))
+    return out
+
+
+def test_requests_joining_a_running_batch_get_their_tokens_alone(bundle):
+    """Ten requests into four rows, from several threads: they queue, join as rows free up, and each
+    returns exactly the tokens of the same request run alone (greedy and seeded sampling)."""
+    scheduler = BatchingScheduler(Generator.load(bundle, threads=threads()), max_queue=16)
+    reqs = requests(10)
+    handles = [None] * len(reqs)
+
+    def submit(i):
+        handles[i] = scheduler.submit(reqs[i])
+    workers = [threading.Thread(target=submit, args=(i,)) for i in range(len(reqs))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    got = [[e.token for e in h.events(timeout=60)] for h in handles]
+    stats = scheduler.stats()
+    scheduler.close()
+    for request, tokens, handle in zip(reqs, got, handles):
+        assert tokens == handle.result.token_ids == alone(bundle, request)
+    assert stats["admitted"] == 10 and stats["finished"] == 10
+    assert stats["row_steps"] > stats["steps"]            # rows really ran together
+
+
+class Gate:
+    """A constraint that allows everything but holds the scheduler while it picks the long request's
+    second token, until the test (told that the gate was reached) opens it: the cancel then lands at a
+    known step."""
+
+    def __init__(self):
+        self.reached, self.open, self.calls = threading.Event(), threading.Event(), 0
+
+    def allowed(self):
+        self.calls += 1
+        if self.calls == 2:
+            self.reached.set()
+            self.open.wait(10)
+        return np.ones(256, bool)
+
+    def advance(self, token):
+        pass
+
+    def is_finished(self):
+        return False
+
+
+def test_cancel_frees_the_row_at_the_next_step(bundle):
+    scheduler = BatchingScheduler(Generator.load(bundle, threads=threads(), max_batch=1), max_queue=4)
+    gate = Gate()
+    long = scheduler.submit(Request(rng_ids(5), SamplingConfig(greedy=True, max_new_tokens=100, ignore_eos=True),
+                                    gate))
+    short_request = Request(rng_ids(4, seed=3), SamplingConfig(greedy=True, max_new_tokens=5, ignore_eos=True))
+    short = scheduler.submit(short_request)
+    assert gate.reached.wait(30)
+    long.cancel()
+    gate.open.set()
+    assert [e.token for e in short.events(timeout=30)] == alone(bundle, short_request)   # it got the one row
+    assert long.wait(5) and long.result.stop_reason == "cancelled" and len(long.result.token_ids) == 2
+    scheduler.close()
+    assert scheduler.stats()["cancelled"] == 1
+
+
+def test_a_full_queue_is_refused_and_bad_requests_are_one_line(bundle):
+    scheduler = BatchingScheduler(Generator.load(bundle, threads=threads(), max_batch=1), max_queue=1)
+    cfg = SamplingConfig(greedy=True, max_new_tokens=60, ignore_eos=True)
+    first = scheduler.submit(Request(rng_ids(5), cfg))
+    deadline = time.time() + 10
+    while scheduler.stats()["running"] == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    second = scheduler.submit(Request(rng_ids(5), cfg))        # waits in the queue
+    with pytest.raises(QueueFull):
+        scheduler.submit(Request(rng_ids(5), cfg))
+    for bad, needle in (([], "empty prompt"), ([5, 300], "outside the vocabulary"), (list(range(3, 131)), "max_seq")):
+        with pytest.raises(UserError, match=needle):
+            scheduler.submit(Request(bad, cfg))
+    scheduler.close(drain=False)                               # cancels what is still running or waiting
+    assert first.wait(5) and second.wait(5)
+    with pytest.raises(QueueFull, match="shutting down"):
+        scheduler.submit(Request(rng_ids(5), cfg))
+
+
+class OnlyTokens:
+    """A stand-in structured-output constraint: only `allowed` tokens, finished after `n` of them."""
+
+    def __init__(self, allowed, vocab, n):
+        self.mask = np.zeros(vocab, bool)
+        self.mask[list(allowed)] = True
+        self.n, self.taken = n, []
+
+    def allowed(self):
+        return self.mask
+
+    def advance(self, token):
+        self.taken.append(token)
+
+    def is_finished(self):
+        return len(self.taken) >= self.n
+
+
+def test_each_row_applies_its_own_constraint(bundle):
+    scheduler = BatchingScheduler(Generator.load(bundle, threads=threads()), max_queue=8)
+    constraints = [OnlyTokens({10, 11, 12}, 256, 5), OnlyTokens({200, 201}, 256, 7), None]
+    cfgs = [SamplingConfig(temperature=1.0, seed=1, max_new_tokens=20, ignore_eos=True),
+            SamplingConfig(greedy=True, max_new_tokens=20, ignore_eos=True),
+            SamplingConfig(greedy=True, max_new_tokens=8, ignore_eos=True)]
+    handles = [scheduler.submit(Request(rng_ids(6, seed=i), cfg, c)) for i, (cfg, c) in enumerate(zip(cfgs, constraints))]
+    results = [[e.token for e in h.events(timeout=60)] for h in handles]
+    scheduler.close()
+    assert set(results[0]) <= {10, 11, 12} and len(results[0]) == 5
+    assert set(results[1]) <= {200, 201} and len(results[1]) == 7
+    assert handles[0].result.stop_reason == handles[1].result.stop_reason == "constraint"
+    assert results[2] == alone(bundle, Request(rng_ids(6, seed=2), cfgs[2]))
+
+
+def test_the_portable_graph_is_refused_in_one_line(bundle):
+    with pytest.raises(BundleError, match="own length"):
+        BatchingScheduler(Generator.load(bundle, threads=threads(), flavor="portable"))
