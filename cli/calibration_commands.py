@@ -41,7 +41,7 @@ def calib_config(args):
                        check_windows=args.check_windows, check_data=args.check_data, reuse_stats=args.reuse_stats,
                        target=args.target, compute_capabilities=tuple(c.strip().upper() for c in targets if c.strip()),
                        threads=args.threads, progress=not args.quiet, force=args.force, compute=args.compute,
-                       device=args.device, layers_per_pass=args.layers_per_pass)
+                       device=args.device or "cpu", layers_per_pass=args.layers_per_pass)
 
 
 def cmd_calibrate(args) -> int:
@@ -171,7 +171,7 @@ def _register_calibrate(sub) -> None:
     p.add_argument("--layers-per-pass", type=int, default=None,
                    help="decoder layers per run of the score graph (default: as many as fit 4 GiB; models that fit run "
                         "whole, bigger ones a few layers at a time, holding one pass's weights and X^T X)")
-    add_device(p)
+    add_device(p, cuda_graph=False)
     add_threads(p)
     add_out_force(p, "new bundle folder")
     add_verbosity(p)
