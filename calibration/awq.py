@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from .int4 import awq_factors
+from .compute import NUMPY, Ops
 from .smoothing import NoFold, Smoothing, _factors_and_fold, _part_of_columns
 from .source import SourceModel
 
@@ -25,12 +25,16 @@ ORDER = ("down", "o", "gate_up", "qkv")
 
 
 def awq_smoothing(source: SourceModel, hessians: dict[str, np.ndarray], block: int, record: dict[str, dict],
-                  progress: bool = True) -> Smoothing:
+                  progress: bool = True, layers: list[int] | None = None, into: Smoothing | None = None,
+                  ops: Ops = NUMPY) -> Smoothing:
     """Factors and folds of every decoder group (the head is never scaled: the tied embedding
-    table would change); what was decided goes into `record` (group -> calibration.json entry)."""
+    table would change) of `layers` (default: all), added to `into` (default: a new Smoothing);
+    what was decided goes into `record` (group -> calibration.json entry); `ops`: where the arithmetic
+    runs (compute.py)."""
     from tqdm import tqdm
-    smoothing, groups = Smoothing(), source.groups()
-    for layer in tqdm(source.layers, desc="AWQ scales", unit="layer", disable=not progress, leave=False):
+    smoothing, groups = into if into is not None else Smoothing(), source.groups()
+    layers = source.layers if layers is None else layers
+    for layer in tqdm(layers, desc="AWQ scales", unit="layer", disable=not progress or len(layers) < 2, leave=False):
         columns: dict[str, np.ndarray] = {}        # param -> factor per output column, from folds decided
         for kind in ORDER:
             group = f"layers.{layer}.{kind}"
@@ -38,7 +42,8 @@ def awq_smoothing(source: SourceModel, hessians: dict[str, np.ndarray], block: i
                 continue
             entry = record.setdefault(group, {})
             try:
-                s, fold, alpha, errors = _group_factors(source, group, groups[group], hessians[group], block, columns)
+                s, fold, alpha, errors = _group_factors(source, group, groups[group], hessians[group], block, columns,
+                                                        ops)
             except NoFold as reason:
                 entry["awq"] = {"applied": False, "reason": str(reason)}
                 continue
@@ -48,11 +53,12 @@ def awq_smoothing(source: SourceModel, hessians: dict[str, np.ndarray], block: i
                 columns[fold.tensor] = _part_of_columns(source.linears[fold.tensor], fold.first_column, part)
             entry["awq"] = {"applied": True, "alpha": alpha, "fold_into": fold.tensor,
                             "error_by_alpha": errors, "factors": np.round(s, 5).tolist()}
+        source.weights.release()
     return smoothing
 
 
 def _group_factors(source: SourceModel, group: str, lins, hessian: np.ndarray, block: int,
-                   columns: dict[str, np.ndarray]):
+                   columns: dict[str, np.ndarray], ops: Ops = NUMPY):
     """(s over the group's input channels, its fold, alpha, alpha -> relative error)."""
     rms = np.sqrt(np.maximum(np.diag(hessian), 0.0))
     fold = _factors_and_fold(source, group, lins, rms, 0.5)[1]          # where s goes (raises NoFold)
@@ -72,7 +78,7 @@ def _group_factors(source: SourceModel, group: str, lins, hessian: np.ndarray, b
 
         def expand(v):
             return np.broadcast_to(v.reshape(nkv, 1, hd), (nkv, rep, hd)).reshape(-1).copy()
-    s, alpha, errors = awq_factors(w_io, hessian.astype(np.float32), block, rms, expand)
+    s, alpha, errors = ops.awq_factors(w_io, hessian.astype(np.float32), block, rms, expand)
     if fold.kind == "v_columns":
         fold = dataclasses.replace(fold, kv_factors=s.reshape(nkv, -1, hd)[:, 0, :].reshape(-1).copy())
     return s, fold, alpha, errors

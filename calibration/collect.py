@@ -10,6 +10,7 @@ import numpy as np
 
 from . import evaluate as ev
 from .graphs import group_inputs, stats_model
+from .passes import Pass, PassRunner, hidden_name
 from .source import SourceModel
 from .stats import AbsHistogram
 from ..runtime.errors import UserError
@@ -17,14 +18,19 @@ from ..runtime.errors import UserError
 
 class StatsRun:
     """The score graph with the activations of every quantized group as outputs: per-channel
-    max |x| (reduce=True, with X^T X per group when hessian=True) or the whole tensors."""
+    max |x| (reduce=True, with X^T X per group when hessian=True) or the whole tensors. With a pass
+    (passes.py): only the groups of its layers, on the graph cut to them."""
 
-    def __init__(self, source: SourceModel, reduce: bool, hessian: bool = False, threads: int | None = None):
-        tensors = group_inputs({l.param: l for l in source.quantized_linears()}, "score")
-        model = stats_model(source.graphs["score"], tensors, reduce, source.float_dtype, hessian)
-        self.session = ev.session(model, source.bundle.path, threads=threads)
+    def __init__(self, source: SourceModel, reduce: bool, hessian: bool = False, threads: int | None = None,
+                 runner: PassRunner | None = None, p: Pass | None = None, device: str = "cpu"):
+        lins = {l.param: l for l in source.quantized_linears() if p is None or p.holds(l.layer)}
+        tensors = group_inputs(lins, "score")
+        score = source.graphs["score"] if p is None else runner.cut(source.graphs["score"], p)
+        keep = (hidden_name(p.last),) if p is not None and p.last < p.n_layers else ()
+        self.model = stats_model(score, tensors, reduce, source.float_dtype, hessian, keep)
+        self.session = ev.session(self.model, source.bundle.path, threads=threads, device=device) if p is None else None
         self.groups = list(tensors)
-        self.outputs = [o.name for o in model.graph.output]
+        self.outputs = [o.name for o in self.model.graph.output]
 
     def run(self, ids) -> list[np.ndarray]:
         ids = np.asarray(ids, np.int64).reshape(1, -1)
@@ -32,33 +38,46 @@ class StatsRun:
 
 
 def collect_channel_max(source: SourceModel, windows: np.ndarray, hessians: bool = False,
-                        threads: int | None = None, progress: bool = True) -> tuple[dict, dict]:
+                        threads: int | None = None, progress: bool = True, passes: list[Pass] | None = None,
+                        after_pass=None, device: str = "cpu") -> tuple[dict, dict]:
     """(group -> per-channel max |x|, group -> X^T X summed over the windows (GPTQ; empty unless
-    `hessians`))."""
+    `hessians`)). With `passes` the graph runs a few layers at a time (passes.py), and
+    `after_pass(p, chmax, xtx)` is called once each pass has been collected (it may drop what it used from
+    xtx)."""
     from tqdm import tqdm
-    stats = StatsRun(source, reduce=True, hessian=hessians, threads=threads)
+    runner = PassRunner(source, windows, threads, device)
+    passes = passes or [Pass(0, source.bundle.spec["n_layers"], source.bundle.spec["n_layers"])]
     chmax: dict[str, np.ndarray] = {}
     xtx: dict[str, np.ndarray] = {}
     desc = "calibrate: channel max" + (" + Hessians" if hessians else "")
-    for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, leave=False):
-        values = stats.run(ids)
-        for j, group in enumerate(stats.groups):
-            v = np.asarray(values[j * (2 if hessians else 1)], np.float32).reshape(-1)
-            chmax[group] = v if group not in chmax else np.maximum(chmax[group], v)
-            if hessians:
-                h = np.asarray(values[2 * j + 1], np.float32).reshape(len(v), len(v))
-                if group in xtx:
-                    xtx[group] += h
-                else:
-                    xtx[group] = h.copy()
+    bar = tqdm(total=len(windows) * len(passes), desc=desc, unit="window", disable=not progress, leave=False)
+    for p in passes:
+        stats = StatsRun(source, reduce=True, hessian=hessians, runner=runner, p=p)
+        if len(passes) > 1:
+            bar.set_postfix_str(str(p))
+        for _, values in runner.run(p, stats.model):
+            for group in stats.groups:
+                v = np.asarray(values[f"calib/{group}/absmax_f32"], np.float32).reshape(-1)
+                chmax[group] = v if group not in chmax else np.maximum(chmax[group], v)
+                if hessians:
+                    h = np.asarray(values[f"calib/{group}/xtx"], np.float32).reshape(len(v), len(v))
+                    if group in xtx:
+                        xtx[group] += h
+                    else:
+                        xtx[group] = h.copy()
+            bar.update()
+        values = None           # the last window's X^T X: not held while the pass's results are used
+        if after_pass is not None:
+            after_pass(p, chmax, xtx)
+    bar.close()
     return chmax, xtx
 
 
 def collect_histograms(source: SourceModel, windows: np.ndarray, smoothing: dict[str, np.ndarray],
-                       threads: int | None = None, progress: bool = True) -> dict[str, AbsHistogram]:
+                       threads: int | None = None, progress: bool = True, device: str = "cpu") -> dict[str, AbsHistogram]:
     """Histograms of |x| per group, of x / s where SmoothQuant divides the group's input by s."""
     from tqdm import tqdm
-    stats = StatsRun(source, reduce=False, threads=threads)
+    stats = StatsRun(source, reduce=False, threads=threads, device=device)
     hists = {g: AbsHistogram() for g in stats.groups}
     inv = {g: (1.0 / smoothing[g]).astype(np.float32) if g in smoothing else None for g in stats.groups}
     for ids in tqdm(windows, desc="calibrate: histograms", unit="window", disable=not progress, leave=False):

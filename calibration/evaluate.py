@@ -16,10 +16,28 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..runtime.sessions import open_session, session_options
+from ..runtime.sessions import ask_exact_int8, open_session, session_options, wants_exact_int8
 from ..runtime.errors import UserError
 
 IN_MEMORY = "__in_memory__"      # external-data location of tensors handed to ONNX Runtime from memory
+# Largest graph we serialize whole (to a file or to ONNX Runtime): protobuf refuses messages over 2 GiB,
+# and every weight lives in a weights file or in memory, so a graph proto holds only small constants.
+MAX_PROTO_BYTES = 1 << 30
+PACKED_TYPES = (TensorProto.INT4, TensorProto.UINT4)     # no numpy type: handed over as in-memory files
+
+
+def serialized(model: onnx.ModelProto, name: str) -> bytes:
+    """The model's bytes; refuses (one line) a graph that carries its weights inside (over MAX_PROTO_BYTES)."""
+    size = model.ByteSize()
+    if size > MAX_PROTO_BYTES:
+        raise RuntimeError(f"{name}: the graph proto is {size / 2**20:.0f} MiB (limit {MAX_PROTO_BYTES / 2**20:.0f} "
+                           f"MiB): weights must be external data, not inside the graph")
+    return model.SerializeToString()
+
+
+def save_graph(model: onnx.ModelProto, path: str | Path) -> None:
+    """Write a graph whose weights are external data (checked: see serialized())."""
+    Path(path).write_bytes(serialized(model, str(path)))
 
 
 def in_memory_initializer(name: str, array: np.ndarray) -> TensorProto:
@@ -42,24 +60,80 @@ def session(model: onnx.ModelProto | str | Path, base_dir: str | Path | None = N
     if base_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(Path(base_dir).resolve()))
-    keep = _add_in_memory_initializers(model, options, arrays) if arrays else []
-    sess = open_session(model.SerializeToString(), options, name=f"{model.graph.name or 'graph'} (in memory)")
+    name = f"{model.graph.name or 'graph'} (in memory)"
+    keep = []
+    if arrays:
+        model, keep = _add_in_memory_initializers(model, options, arrays, base_dir)
+    if wants_exact_int8(model):
+        ask_exact_int8(options)             # what the runtime asks for this graph (runtime/sessions.py)
+    sess = open_session(serialized(model, name), options, name=name)
     sess._ardeploy_keep = keep            # the session reads these buffers: keep them alive
     return sess
 
 
-def _add_in_memory_initializers(model: onnx.ModelProto, options, arrays: dict[str, np.ndarray]) -> list:
-    """Hand the arrays of the model's in-memory initializers to ONNX Runtime; returns the OrtValues
-    (which must outlive the session)."""
+def _add_in_memory_initializers(model: onnx.ModelProto, options, arrays: dict[str, np.ndarray],
+                                base_dir: str | Path | None) -> tuple[onnx.ModelProto, list]:
+    """Hand the arrays of the model's in-memory initializers to ONNX Runtime; returns the model to load
+    and what must outlive the session's creation. Plain arrays go as OrtValues over their memory. INT4
+    tensors (packed, two per byte) have no numpy type, so then every external tensor goes as an in-memory
+    file: each array its own, the bundle's weights files as memory maps (ONNX Runtime takes external
+    files either all from memory or all from disk)."""
     import onnxruntime as ort
-    names = sorted({t.name for t in model.graph.initializer
-                    if any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data)})
-    missing = [n for n in names if n not in arrays]
+    mine = [t for t in model.graph.initializer
+            if any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data)]
+    missing = sorted({t.name for t in mine} - set(arrays))
     if missing:
         raise RuntimeError(f"no array given for in-memory initializer(s) {missing[:3]}")
-    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n])) for n in names]
-    options.add_external_initializers(names, values)
-    return values
+    if not any(t.data_type in PACKED_TYPES for t in mine):
+        names = sorted({t.name for t in mine})
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n])) for n in names]
+        options.add_external_initializers(names, values)
+        return model, values
+    if not files_in_memory(options):
+        return _embedded_packed(model, arrays, options, base_dir)
+    model = _copy_graph_only(model)
+    files: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if info["location"] == IN_MEMORY:
+            files[f"{IN_MEMORY}/{t.name}"] = np.ascontiguousarray(arrays[t.name]).view(np.uint8).reshape(-1)
+            _set_location(t, f"{IN_MEMORY}/{t.name}")
+        elif info["location"] not in files:
+            files[info["location"]] = np.memmap(Path(base_dir or ".") / info["location"], np.uint8, mode="r")
+    names = sorted(files)
+    options.add_external_initializers_from_files_in_memory(names, [files[n] for n in names],
+                                                           [files[n].nbytes for n in names])
+    return model, [files]
+
+
+def files_in_memory(options) -> bool:
+    """Whether ONNX Runtime takes external files from memory (its Python API since 1.23)."""
+    return hasattr(options, "add_external_initializers_from_files_in_memory")
+
+
+def _copy_graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _set_location(t: TensorProto, location: str) -> None:
+    for e in t.external_data:
+        if e.key == "location":
+            e.value = location
+
+
+def _embedded_packed(model, arrays, options, base_dir):
+    """Older ONNX Runtime: INT4 tensors go into the graph itself (serialized() refuses one too large)."""
+    model = _copy_graph_only(model)
+    for t in model.graph.initializer:
+        if t.data_type in PACKED_TYPES and any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data):
+            t.raw_data = np.asarray(arrays[t.name], np.uint8).tobytes()
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    return _add_in_memory_initializers(model, options, arrays, base_dir)
 
 
 def score_fn(sess):

@@ -200,14 +200,15 @@ def activation_dtype(model: onnx.ModelProto, linears: dict[str, Linear]) -> int:
 
 # -- statistics graph -------------------------------------------------------------------------
 def stats_model(score: onnx.ModelProto, tensors: dict[str, str], reduce: bool,
-                elem_type: int = TensorProto.FLOAT, hessian: bool = False) -> onnx.ModelProto:
+                elem_type: int = TensorProto.FLOAT, hessian: bool = False, keep: tuple[str, ...] = ()) -> onnx.ModelProto:
     """A copy of the score graph whose outputs are the activations to calibrate (key -> value
     name). reduce=True outputs per-channel max |x| ([C], float32) instead of the whole tensor,
     and with hessian=True also X^T X ([1, C, C], float32, over the window's tokens) for GPTQ and AWQ.
-    Nodes nothing needs any more (the LM head) are dropped."""
+    `keep`: outputs of the score graph that stay outputs (ahead of those). Nodes nothing needs any
+    more (the LM head) are dropped."""
     m = copy.deepcopy(score)
     g = m.graph
-    outs = []
+    outs = [o for o in g.output if o.name in keep]
     if reduce:
         g.initializer.append(numpy_helper.from_array(np.array([0, 1], np.int64), "calib/axes01"))
     for key, value in tensors.items():
@@ -232,12 +233,13 @@ def stats_model(score: onnx.ModelProto, tensors: dict[str, str], reduce: bool,
     return m
 
 
-def prune(model: onnx.ModelProto) -> None:
+def prune(model: onnx.ModelProto, stop: frozenset[str] = frozenset()) -> None:
+    """Drop the nodes and initializers no output needs; values in `stop` (graph inputs) need no producer."""
     g = model.graph
     needed = {o.name for o in g.output}
     kept = []
     for node in reversed(g.node):
-        if any(o in needed for o in node.output):
+        if any(o in needed and o not in stop for o in node.output):
             kept.append(node)
             needed.update(i for i in node.input if i)
     del g.node[:]
@@ -275,10 +277,10 @@ class QuantPlan:
 
 
 def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear], plan: QuantPlan,
-                   make_initializer, embed_int4: bool = False) -> onnx.ModelProto:
+                   make_initializer) -> onnx.ModelProto:
     """A copy of `model` with the plan applied. `make_initializer(name, array)` returns the
-    TensorProto to use for a new or replaced tensor (external data in the output bundle).
-    embed_int4: INT4 weights go into the model itself (ONNX Runtime takes no INT4 arrays from numpy)."""
+    TensorProto to use for a new or replaced tensor (external data: in the output bundle's weights
+    file, or in memory; INT4 tensors are external data of their packed bytes)."""
     if plan.int4_shapes and _opset(model) < 21:
         raise UserError(f"{kind}: INT4 blocked DequantizeLinear needs opset 21 or later; the graph has opset "
                         f"{_opset(model)} (re-export with --opset 21)")
@@ -288,7 +290,7 @@ def quantize_graph(model: onnx.ModelProto, kind: str, linears: dict[str, Linear]
         raise UserError(f"activation quantization needs float32 or float16 activations "
                         f"(not {TensorProto.DataType.Name(plan.float_dtype)})")
     quantized = {p for p in plan.weight_scales if p in linears}
-    dq_nodes = _swap_weights(m.graph, linears, plan, quantized, _int4_aware(plan, make_initializer, embed_int4))
+    dq_nodes = _swap_weights(m.graph, linears, plan, quantized, _int4_aware(plan, make_initializer))
     _insert_activation_qdq(m.graph, kind, linears, plan, quantized, act_np, dq_nodes)
     return m
 
@@ -328,20 +330,16 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _int4_aware(plan: QuantPlan, make_initializer, embed: bool):
+def _int4_aware(plan: QuantPlan, make_initializer):
     """make_initializer, except that the packed INT4 tensors of the plan become INT4 initializers of
-    their logical shape (external data: the packed bytes as they are; embedded: raw data)."""
+    their logical shape (external data: the packed bytes as they are)."""
     def make(name: str, array: np.ndarray) -> TensorProto:
         shape = plan.int4_shapes.get(name)
-        if shape is None:
-            return make_initializer(name, array)
-        if embed:
-            return helper.make_tensor(name, TensorProto.INT4, list(shape), np.asarray(array, np.uint8).tobytes(),
-                                      raw=True)
         t = make_initializer(name, array)
-        t.data_type = TensorProto.INT4
-        del t.dims[:]
-        t.dims.extend(shape)
+        if shape is not None:
+            t.data_type = TensorProto.INT4
+            del t.dims[:]
+            t.dims.extend(shape)
         return t
     return make
 

@@ -30,12 +30,14 @@ MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4      # int8 activations: what ONNX Runtime gives the decoder's fused MatMulNBits (and fast for 8 bits)
 
 
-def quantize_head(w_oi: np.ndarray, block: int, bits: int) -> Int4Weight:
-    """[vocab, d] -> per-block symmetric values (int8 holder) and scales [vocab, n_blocks]."""
+def quantize_head(w_oi: np.ndarray, block: int, bits: int, ops=None) -> Int4Weight:
+    """[vocab, d] -> per-block symmetric values (int8 holder) and scales [vocab, n_blocks]; `ops`: where
+    the arithmetic runs (compute.py; default numpy)."""
+    rtn, clip = (quantize_rtn, search_clip) if ops is None else (ops.quantize_rtn, ops.search_clip)
     w = np.asarray(w_oi, np.float32)
     if bits == 4:
-        return quantize_rtn(w, block, search_clip(w, block, None))
-    return quantize_rtn(w, block, qmax=2 ** (bits - 1) - 1)
+        return rtn(w, block, clip(w, block, None))
+    return rtn(w, block, qmax=2 ** (bits - 1) - 1)
 
 
 def pack_unsigned(w: Int4Weight, bits: int) -> np.ndarray:

@@ -97,8 +97,18 @@ def quantize_rtn(w_oi: np.ndarray, block: int, clip: np.ndarray | float = 1.0, q
     """Round to nearest with per-block absmax scales (times `clip`, [out, n_blocks] or a number);
     qmax 127 gives the same layout in 8 bits (the quantized head, head.py)."""
     w = np.asarray(w_oi, np.float32)
-    scales = block_scales(w, block, clip, qmax)
-    return Int4Weight(round_blocks(w, scales, block, qmax), scales, block)
+    out, k = w.shape
+    if k % block:
+        scales = block_scales(w, block, clip, qmax)
+        return Int4Weight(round_blocks(w, scales, block, qmax), scales, block)
+    # whole blocks: one contiguous [out, n_blocks, block] copy, scales broadcast (the same values as above)
+    wb = np.ascontiguousarray(w).reshape(out, k // block, block)
+    amax = np.abs(wb).max(axis=2) * clip
+    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    t = wb / scales[:, :, None]
+    np.round(t, out=t)
+    np.clip(t, -qmax - 1, qmax, out=t)
+    return Int4Weight(t.astype(np.int8).reshape(out, k), scales, block)
 
 
 # -- AWQ --------------------------------------------------------------------------------------------

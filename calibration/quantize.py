@@ -32,10 +32,12 @@ from ..runtime.log import log
 from . import evaluate as ev
 from .act_scales import activation_scales
 from .awq import awq_smoothing
+from .compute import ops_for
 from .collect import collect_channel_max, collect_histograms, reuse_statistics
 from .data import calibration_data
 from .graphs import QuantPlan, quantize_graph
 from .int4 import check_block
+from .passes import Pass, perplexity_in_passes, plan_passes
 from .sensitivity import search_keep_fp
 from .smoothing import Smoothing, choose_smoothing
 from .source import SourceModel, check_source
@@ -70,6 +72,9 @@ class CalibConfig:
     target: str | None = None                   # None | "trt-rtx"
     compute_capabilities: tuple[str, ...] = ("SM89",)
     threads: int | None = None
+    layers_per_pass: int | None = None          # None: as many as fit passes.PASS_BYTES (passes.py)
+    compute: str = "auto"                       # weight arithmetic: auto | numpy | torch | cuda (compute.py)
+    device: str = "cpu"                         # where ONNX Runtime runs the score graph: cpu | cuda
     progress: bool = True
     force: bool = False
 
@@ -93,6 +98,10 @@ class CalibConfig:
             raise UserError(f"--smoothquant-alpha must be in [0, 1] (got {self.smoothquant_alpha})")
         if self.samples < 1 or self.seq_len < 2:
             raise UserError("--samples must be >= 1 and --seq-len >= 2")
+        if self.layers_per_pass is not None and self.layers_per_pass < 1:
+            raise UserError(f"--layers-per-pass must be at least 1 (got {self.layers_per_pass})")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"unknown --device {self.device!r} (cpu or cuda)")
         if self.target not in (None, "trt-rtx"):
             raise UserError(f"unknown --target {self.target!r} (trt-rtx)")
 
@@ -139,6 +148,7 @@ class Calibrator:
                               f"(re-export without --no-score)")
         self.bundle, self.cfg = bundle, cfg
         self.source = SourceModel(bundle, cfg.quantize_head)
+        self.ops = ops_for(cfg.compute)
         if cfg.scheme == "w4a16":
             for lin in self.source.quantized_linears():
                 check_block(lin.shape[1 - lin.out_axis], cfg.block_size, lin.param)
@@ -164,12 +174,12 @@ class Calibrator:
     def collect_channel_max(self) -> dict[str, np.ndarray]:
         """Per-channel max |x| of every calibrated activation (and, for GPTQ, X^T X into self.hessians)."""
         chmax, self.hessians = collect_channel_max(self.source, self.windows, self.cfg.needs_hessians,
-                                                   self.cfg.threads, self.cfg.progress)
+                                                   self.cfg.threads, self.cfg.progress, device=self.cfg.device)
         return chmax
 
     def collect_histograms(self) -> dict[str, AbsHistogram]:
         return collect_histograms(self.source, self.windows, self.smoothing.factors, self.cfg.threads,
-                                  self.cfg.progress)
+                                  self.cfg.progress, self.cfg.device)
 
     def reuse_statistics(self, path: str) -> tuple[dict, dict | None]:
         chmax, hists, self.record.data = reuse_statistics(path, self.source.groups(), self.cfg.smoothquant_alpha,
@@ -194,7 +204,7 @@ class Calibrator:
                 or q.hessians is not self.hessians:
             bits = 4 if cfg.scheme == "w4a16" else 8
             self._quantizer = WeightQuantizer(self.source, self.smoothing, cfg.weights_method, self.hessians,
-                                              bits, cfg.block_size)
+                                              bits, cfg.block_size, self.ops)
         return self._quantizer
 
     def quant_plan(self, units) -> QuantPlan:
@@ -214,12 +224,15 @@ class Calibrator:
         """Perplexity of the score graph (plan None: the FP one) on `windows` (default: the check windows)."""
         windows = self.check if windows is None else windows
         score, folder, threads = self.source.graphs["score"], self.bundle.path, self.cfg.threads
+        passes = self.passes()
+        if len(passes) > 1:
+            return perplexity_in_passes(self.source, plan, windows, passes, threads, self.cfg.progress, desc,
+                                        self.cfg.device)
         if plan is None:
-            sess = ev.session(score, folder, threads=threads)
+            sess = ev.session(score, folder, threads=threads, device=self.cfg.device)
         else:
-            model = quantize_graph(score, "score", self.source.linears, plan, ev.in_memory_initializer,
-                                   embed_int4=True)
-            sess = ev.session(model, folder, arrays=plan.tensors, threads=threads)
+            model = quantize_graph(score, "score", self.source.linears, plan, ev.in_memory_initializer)
+            sess = ev.session(model, folder, arrays=plan.tensors, threads=threads, device=self.cfg.device)
         seq_len = self.cfg.seq_len
         return ev.perplexity(ev.score_fn(sess), windows.reshape(-1), seq_len, seq_len, self.cfg.progress, desc)["ppl"]
 
@@ -228,29 +241,64 @@ class Calibrator:
         """(the plan to write, layers kept in FP)."""
         t0 = time.perf_counter()
         self.load_data(data)
-        self._statistics(t0)
         keep = self._requested_keep_fp()
+        units = self.units_to_quantize(set(keep))
+        self._statistics(t0, units)
         t1 = time.perf_counter()
-        plan = self.quant_plan(self.units_to_quantize(set(keep)))
-        self.record.seconds["quantize_weights"] = round(time.perf_counter() - t1, 1)
+        plan = self.quant_plan(units)
+        self.record.seconds["quantize_weights"] = round(time.perf_counter() - t1 +
+                                                        self.record.seconds.pop("quantize_in_passes", 0.0), 1)
         if len(self.check):
             plan, keep = self._check(plan, keep)
         self.record.seconds["total_before_write"] = round(time.perf_counter() - t0, 1)
         return plan, keep
 
-    def _statistics(self, t0: float) -> None:
-        cfg, record = self.cfg, self.record
+    def passes(self, hessians: bool = False) -> list[Pass]:
+        """How the score graph is run over the windows: a few layers at a time for big models (passes.py)."""
+        return plan_passes(self.source, hessians, self.cfg.layers_per_pass)
+
+    def _statistics(self, t0: float, units: list) -> None:
+        cfg = self.cfg
         if cfg.scheme in ("w8a16", "w4a16") and cfg.needs_hessians:
-            chmax = self.collect_channel_max()
-            record.seconds["hessians"] = round(time.perf_counter() - t0, 1)
-            for g, v in chmax.items():
-                record.groups.setdefault(g, {})["channel_absmax"] = np.round(v, 6).tolist()
-            if cfg.scheme == "w4a16" and cfg.int4_weights in ("awq", "awq-gptq"):
-                t1 = time.perf_counter()
-                self.smoothing = awq_smoothing(self.source, self.hessians, cfg.block_size, record.groups, cfg.progress)
-                record.seconds["awq_scales"] = round(time.perf_counter() - t1, 1)
+            self._weight_statistics(t0, units)
         elif cfg.scheme == "w8a8":
             self.set_activation_scales(*self._w8a8_statistics(t0))
+
+    def _weight_statistics(self, t0: float, units: list) -> None:
+        """X^T X for AWQ / GPTQ, collected a pass of layers at a time (passes.py): as soon as a pass is in,
+        its layers' AWQ factors are chosen, its units quantized (the quantizer keeps them) and its X^T X
+        dropped, so the statistics of one pass are held at a time. Each layer's result depends only on
+        its own statistics, so this is what collecting everything first gives."""
+        cfg, record, seconds = self.cfg, self.record, {"awq_scales": 0.0, "quantize_in_passes": 0.0}
+        awq = cfg.scheme == "w4a16" and cfg.int4_weights in ("awq", "awq-gptq")
+        self.smoothing = Smoothing()
+        groups = self.source.groups()
+
+        def after_pass(p: Pass, chmax: dict, xtx: dict) -> None:
+            mine = [g for g in chmax if p.holds(groups[g][0].layer)]
+            for g in mine:
+                record.groups.setdefault(g, {})["channel_absmax"] = np.round(chmax[g], 6).tolist()
+            self.hessians, t1 = xtx, time.perf_counter()
+            if awq:
+                awq_smoothing(self.source, xtx, cfg.block_size, record.groups, cfg.progress,
+                              layers=[l for l in self.source.layers if p.holds(l)], into=self.smoothing, ops=self.ops)
+            t2 = time.perf_counter()
+            for unit in units:
+                if p.holds(unit):
+                    self.quantizer.layer(unit)
+            seconds["awq_scales"] += t2 - t1
+            seconds["quantize_in_passes"] += time.perf_counter() - t2
+            for g in mine:
+                xtx.pop(g, None)
+
+        passes = self.passes(hessians=True)
+        collect_channel_max(self.source, self.windows, True, cfg.threads, cfg.progress, passes, after_pass, cfg.device)
+        record.seconds["hessians"] = round(time.perf_counter() - t0 - sum(seconds.values()), 1)
+        if awq:
+            record.seconds["awq_scales"] = round(seconds["awq_scales"], 1)
+        record.seconds["quantize_in_passes"] = seconds["quantize_in_passes"]
+        if len(passes) > 1:
+            record.data["passes"] = [[p.first, p.last] for p in passes]
 
     def _w8a8_statistics(self, t0: float) -> tuple[dict, dict | None]:
         """(per-channel maxima, histograms or None), SmoothQuant chosen from the maxima."""
@@ -284,6 +332,8 @@ class Calibrator:
         full = self.perplexity(plan, f"check: {cfg.scheme}")
         self.record.check = {"windows": int(len(self.check)), "fp_ppl": base, "quantized_ppl": full,
                              "ratio": full / base, "bound": cfg.bound, "kept_fp_layers": keep}
+        if len(self.passes()) > 1:
+            self.record.check["passes"] = [[p.first, p.last] for p in self.passes()]
         if cfg.scheme in ("w8a8", "w4a16") and cfg.keep_fp == "auto" and full / base > cfg.bound:
             if cfg.progress:
                 log.info(f"{cfg.scheme} perplexity ratio {full / base:.4f} > {cfg.bound} on the check windows: "

@@ -2,6 +2,7 @@
 layers found in them, its weights through one memory map, and the float type of its activations."""
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from ..runtime.errors import UserError
 
 
 class SourceWeights:
-    """Tensors of the source bundle's weights file, read through one memory map."""
+    """Tensors of the source bundle's weights file, read through one memory map. Pages read stay
+    resident (and count in the process's RSS) until release(): calibration releases them after each
+    layer, so a model larger than memory streams through it."""
 
     def __init__(self, bundle: Bundle):
         self.dir = Path(bundle.path)
@@ -27,6 +30,14 @@ class SourceWeights:
             self.maps[loc] = np.memmap(self.dir / loc, dtype=np.uint8, mode="r")
         off, n = int(info.get("offset", 0)), int(info["length"])
         return self.maps[loc][off: off + n]
+
+    def release(self) -> None:
+        """Drop the pages read so far from this process (they stay in the page cache; reading a tensor
+        again maps them back). A no-op where madvise is not available."""
+        for m in self.maps.values():
+            mm = getattr(m, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                mm.madvise(mmap.MADV_DONTNEED)
 
     def array(self, t: TensorProto) -> np.ndarray:
         if t.data_location != TensorProto.EXTERNAL:

@@ -10,10 +10,11 @@ import numpy as np
 
 from . import head as qhead
 from .graphs import QuantPlan
-from .int4 import Int4Weight, pack_onnx, quantize_gptq, quantize_rtn, search_clip
+from .compute import NUMPY, Ops
+from .int4 import Int4Weight, pack_onnx
 from .smoothing import Smoothing, smoothed_layer
 from .source import SourceModel
-from .stats import gptq_factor, gptq_quantize, quantize_weight
+from .stats import quantize_weight
 
 
 @dataclass
@@ -32,9 +33,9 @@ class WeightQuantizer:
     change between requests; the smoothing, method and Hessians may not."""
 
     def __init__(self, source: SourceModel, smoothing: Smoothing, method: str, hessians: dict[str, np.ndarray],
-                 bits: int = 8, block: int | None = None):
+                 bits: int = 8, block: int | None = None, ops: Ops = NUMPY):
         self.source, self.smoothing, self.method, self.hessians = source, smoothing, method, hessians
-        self.bits, self.block = bits, block
+        self.bits, self.block, self.ops = bits, block, ops
         self.done: dict[int | None, QuantizedLayer] = {}
 
     def layer(self, layer: int | None) -> QuantizedLayer:
@@ -52,6 +53,7 @@ class WeightQuantizer:
                 scales[param] = QuantPlan.scale_name(param)
                 groups.add(self.source.linears[param].group)
             self.done[layer] = QuantizedLayer(tensors, scales, groups)
+        self.source.weights.release()
         return self.done[layer]
 
     def _int4_layer(self, weights: dict[str, np.ndarray], tensors: dict[str, np.ndarray]) -> QuantizedLayer:
@@ -72,7 +74,7 @@ class WeightQuantizer:
         bits, scales, groups, shapes, aliases = qhead.HEAD_BITS, {}, set(), {}, {}
         for param, wf in weights.items():
             lin = self.source.linears[param]
-            w = qhead.quantize_head(wf if lin.out_axis == 0 else wf.T, self.block, bits)
+            w = qhead.quantize_head(wf if lin.out_axis == 0 else wf.T, self.block, bits, self.ops)
             name, sname = QuantPlan.qweight_name(param, bits), QuantPlan.scale_name(param)
             if bits == 4:
                 tensors[name], shapes[name], tensors[sname] = pack_onnx(w, lin.out_axis, self.source.float_np)
@@ -102,14 +104,15 @@ class WeightQuantizer:
             w_oi = wf.T if linears[param].out_axis == 1 else wf
             clip = 1.0
             if self.method == "awq":
-                clip = search_clip(w_oi, self.block, self._hessian(linears[param].group))
+                clip = self.ops.search_clip(w_oi, self.block, self._hessian(linears[param].group))
             elif self.method == "rtn-mse":
-                clip = search_clip(w_oi, self.block, None)
-            out[param] = quantize_rtn(w_oi, self.block, clip)
+                clip = self.ops.search_clip(w_oi, self.block, None)
+            out[param] = self.ops.quantize_rtn(w_oi, self.block, clip)
         return out
 
     def _gptq4(self, group: str, w_io: np.ndarray) -> Int4Weight:
-        return quantize_gptq(w_io, gptq_factor(self._hessian(group)), self.block, clip=self.method != "gptq-absmax")
+        return self.ops.quantize_gptq(w_io, self.ops.gptq_factor(self._hessian(group)), self.block,
+                                      clip=self.method != "gptq-absmax")
 
     def _by_group(self, weights: dict[str, np.ndarray], quantize):
         """(param, Int4Weight) pairs: the linears reading one input quantized together as one [in, out]
@@ -141,8 +144,8 @@ class WeightQuantizer:
         quantized = {}
         for group, params in by_group.items():
             cols = [weights[p] if linears[p].out_axis == 1 else weights[p].T for p in params]    # [in, out]
-            q, s = gptq_quantize(np.concatenate(cols, axis=1), 1, gptq_factor(self._hessian(group)),
-                                 self.source.float_np)
+            q, s = self.ops.gptq_quantize(np.concatenate(cols, axis=1), 1, self.ops.gptq_factor(self._hessian(group)),
+                                          self.source.float_np)
             start = 0
             for p, c in zip(params, cols):
                 qp, sp = q[:, start: start + c.shape[1]], s[start: start + c.shape[1]]

@@ -91,7 +91,8 @@ def write_graphs(folder: Path, source: SourceModel, plan: QuantPlan, weights: We
             _quantized_ort_head(q, plan)
         relocate(q, weights, plan.tensors, source.weights, plan.aliases)
         name = source.bundle.manifest["graphs"][kind]["file"]
-        onnx.save_model(q, str(inside(folder, name, f"{source.bundle.path / 'manifest.json'}: graphs.{kind}.file")))
+        ev.save_graph(q, inside(folder, name, f"{source.bundle.path / 'manifest.json'}: graphs.{kind}.file"))
+        source.weights.release()
 
 
 def _quantized_ort_head(model: onnx.ModelProto, plan: QuantPlan) -> None:
@@ -135,6 +136,7 @@ def smoke_run(out: Path, manifest: dict, threads: int | None) -> dict:
             feeds = {"input_ids": ids[:, :1], "attention_mask": np.ones((1, 5), np.int64)}
             feeds.update({i.name: past for i in sess.get_inputs() if i.name.startswith("past.")})
         logits = sess.run(["logits"], feeds)[0]
+        del sess            # one graph's session at a time
         if not np.isfinite(logits).all():
             raise RuntimeError(f"{kind}: quantized graph gives non-finite logits")
         results[kind] = logits
@@ -158,7 +160,11 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
         "activations": None if cfg.scheme != "w8a8" else
         {"dtype": "int8", "symmetric": True, "granularity": "per-tensor", "static": True, "method": cfg.method,
          "percentile": cfg.percentile if cfg.method == "percentile" else None,
-         "smoothquant_alpha": cfg.smoothquant_alpha},
+         "smoothquant_alpha": cfg.smoothquant_alpha,
+         # what the runtime asks of ONNX Runtime on x86 (runtime/sessions.py: wants_exact_int8)
+         "x86_int8_products": "exact: uint8 x uint8 kernels (session.x64quantprecision), no VPMADDUBSW saturation"
+         if m["dtype"] == "fp32" and not cfg.quantize_head else
+         "the CPU's own: VPMADDUBSW, saturating, on x86 without VNNI (ONNX Runtime cannot convert this graph's weights)"},
         "quantized_layers": [l for l in cal.source.layers if l not in keep],
         "kept_fp_layers": keep,
         "lm_head": head_dtype if cfg.quantize_head else m["dtype"],
@@ -205,7 +211,8 @@ def calibration_json(cal: Calibrator, keep: list[int], plan: QuantPlan) -> dict:
         "config": {"method": cfg.method, "percentile": cfg.percentile, "smoothquant_alpha": cfg.smoothquant_alpha,
                    "weight_method": cfg.weights_method, "samples": cfg.samples, "seq_len": cfg.seq_len,
                    "block_size": cfg.block_size if cfg.scheme == "w4a16" else None,
-                   "quantize_head": cfg.quantize_head, "keep_fp": keep, "keep_fp_requested": cfg.keep_fp},
+                   "quantize_head": cfg.quantize_head, "keep_fp": keep, "keep_fp_requested": cfg.keep_fp,
+                   "compute": cal.ops.name},
         "source_bundle": str(Path(cal.bundle.path).resolve()),
         "data": record.data,
         "groups": record.groups,

@@ -4,7 +4,7 @@
     ardeploy verify BUNDLE                   ONNX Runtime vs PyTorch reference (and transformers)
     ardeploy generate BUNDLE --prompt TEXT   stream a completion
     ardeploy chat BUNDLE                     interactive chat that keeps its KV cache between turns
-    ardeploy generate-image / calibrate / eval / build / inspect / compare / bench
+    ardeploy generate-image / calibrate / eval / build / inspect / compare / plan / bench
     ardeploy serve BUNDLE                    OpenAI-compatible HTTP server; ardeploy triton: a Triton model repository
 
 Each group of commands lives in its own module (text_commands, image_commands, calibration_commands,
@@ -25,10 +25,11 @@ import sys
 import threading
 import traceback
 
-from . import bench, calibration_commands, engine_commands, image_commands, serve_commands, text_commands
+from . import bench, calibration_commands, engine_commands, image_commands, plan_commands, serve_commands, text_commands
 from .errors import describe_bug, describe_user_error, is_user_error
 
-COMMAND_MODULES = [text_commands, engine_commands, calibration_commands, image_commands, bench, serve_commands]
+COMMAND_MODULES = [text_commands, engine_commands, plan_commands, calibration_commands, image_commands, bench,
+                   serve_commands]
 # SIGINT already raises KeyboardInterrupt; SIGHUP exists on POSIX only
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 SIGPIPE_STATUS = 128 + 13

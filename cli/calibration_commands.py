@@ -40,7 +40,8 @@ def calib_config(args):
                        max_ppl_ratio=args.max_ppl_ratio,
                        check_windows=args.check_windows, check_data=args.check_data, reuse_stats=args.reuse_stats,
                        target=args.target, compute_capabilities=tuple(c.strip().upper() for c in targets if c.strip()),
-                       threads=args.threads, progress=not args.quiet, force=args.force)
+                       threads=args.threads, progress=not args.quiet, force=args.force, compute=args.compute,
+                       device=args.device or "cpu", layers_per_pass=args.layers_per_pass)
 
 
 def cmd_calibrate(args) -> int:
@@ -164,6 +165,13 @@ def _register_calibrate(sub) -> None:
                    help="also build prefill/decode with TensorRT-RTX ahead of time on this machine and refuse what it cannot build")
     p.add_argument("--compute-capability", action="append", metavar="SM89",
                    help="TensorRT-RTX targets for --target (repeatable or comma-separated; default SM89)")
+    p.add_argument("--compute", default="auto", choices=["auto", "numpy", "torch", "cuda"],
+                   help="where the weight arithmetic (RTN, AWQ, GPTQ) runs: numpy, torch on the CPU, or torch on a CUDA "
+                        "GPU (auto: cuda when torch sees a GPU, else numpy; round to nearest is bit-identical everywhere)")
+    p.add_argument("--layers-per-pass", type=int, default=None,
+                   help="decoder layers per run of the score graph (default: as many as fit 4 GiB; models that fit run "
+                        "whole, bigger ones a few layers at a time, holding one pass's weights and X^T X)")
+    add_device(p, cuda_graph=False)
     add_threads(p)
     add_out_force(p, "new bundle folder")
     add_verbosity(p)

@@ -284,8 +284,7 @@ def test_broken_scale_fails_the_bound(peaked, tmp_path):
     cal = Calibrator(Bundle.load(peaked["fp32"]), CalibConfig(scheme="w4a16", int4_weights="rtn", samples=8,
                                                               seq_len=64, check_windows=0, progress=False))
     plan = cal.quant_plan(cal.units_to_quantize(set()))
-    good = quantize_graph(cal.source.graphs["score"], "score", cal.source.linears, plan, ev.in_memory_initializer,
-                          embed_int4=True)
+    good = quantize_graph(cal.source.graphs["score"], "score", cal.source.linears, plan, ev.in_memory_initializer)
     sess = ev.session(good, peaked["fp32"], arrays=plan.tensors, threads=threads())
     assert logit_error(None, peaked["fp32"], arrays_model=sess) < LOGIT_BOUND
     for name in plan.weight_scales.values():
