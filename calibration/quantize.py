@@ -38,6 +38,7 @@ from .data import calibration_data
 from .graphs import QuantPlan, quantize_graph
 from .int4 import check_block
 from .passes import Pass, perplexity_in_passes, plan_passes
+from .schemes import Scheme, scheme_named
 from .sensitivity import search_keep_fp
 from .smoothing import Smoothing, choose_smoothing
 from .source import SourceModel, check_source
@@ -46,10 +47,8 @@ from .weights import WeightQuantizer, quant_plan, smoothed_float_plan
 from .write import write_calibrated_bundle
 from ..runtime.errors import UserError
 
-SCHEMES = ("w8a16", "w8a8", "w4a16")
 WEIGHT_METHODS = ("max", "mse", "gptq")
 INT4_METHODS = ("rtn", "awq", "gptq", "awq-gptq")
-DEFAULT_BOUND = {"w8a16": 1.01, "w8a8": 1.05, "w4a16": 1.08}
 
 
 @dataclass
@@ -65,7 +64,7 @@ class CalibConfig:
     quantize_head: bool = False
     block_size: int = 32                        # w4a16: input channels per scale
     int4_weights: str = "awq-gptq"              # w4a16: rtn | awq | gptq | awq-gptq (AWQ's factors, GPTQ's rounding)
-    max_ppl_ratio: float | None = None          # default: DEFAULT_BOUND[scheme]
+    max_ppl_ratio: float | None = None          # default: the scheme's default_bound (schemes.py)
     check_windows: int = 4                      # held-out windows for the ppl check (0: no check)
     check_data: str | None = None
     reuse_stats: str | None = None              # calibration.json of an earlier run (same bundle, data, alpha)
@@ -79,8 +78,7 @@ class CalibConfig:
     force: bool = False
 
     def validate(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise UserError(f"unknown --scheme {self.scheme!r} (choose {' or '.join(SCHEMES)})")
+        scheme_named(self.scheme)
         if self.method not in METHODS:
             raise UserError(f"unknown --method {self.method!r} (choose {', '.join(METHODS)})")
         if self.weight_method not in WEIGHT_METHODS:
@@ -88,9 +86,9 @@ class CalibConfig:
         if self.int4_weights not in INT4_METHODS:
             raise UserError(f"unknown --weights {self.int4_weights!r} (choose {', '.join(INT4_METHODS)})")
         if self.needs_hessians and self.reuse_stats:
-            raise UserError(f"{'--weights ' + self.int4_weights if self.scheme == 'w4a16' else '--weight-method gptq'} "
+            raise UserError(f"{'--weights ' + self.int4_weights if self.kind.blocked else '--weight-method gptq'} "
                             f"needs the data's Hessians, which calibration.json does not keep: drop --reuse-stats")
-        if self.scheme == "w4a16" and self.reuse_stats:
+        if not self.kind.quantizes_activations and self.reuse_stats:
             raise UserError("--reuse-stats re-uses w8a8 activation statistics; w4a16 has none to re-use")
         if not 0 < self.percentile <= 100:
             raise UserError(f"--percentile must be in (0, 100] (got {self.percentile})")
@@ -106,20 +104,25 @@ class CalibConfig:
             raise UserError(f"unknown --target {self.target!r} (trt-rtx)")
 
     @property
+    def kind(self) -> Scheme:
+        """The scheme as an object (calibration/schemes.py)."""
+        return scheme_named(self.scheme)
+
+    @property
     def bound(self) -> float:
-        return self.max_ppl_ratio if self.max_ppl_ratio is not None else DEFAULT_BOUND[self.scheme]
+        return self.max_ppl_ratio if self.max_ppl_ratio is not None else self.kind.default_bound
 
     @property
     def needs_hessians(self) -> bool:
         """X^T X of every quantized linear's input: GPTQ (INT8 or INT4) and AWQ."""
-        if self.scheme == "w4a16":
+        if self.kind.blocked:
             return self.int4_weights != "rtn"
         return self.weight_method == "gptq"
 
     @property
     def weights_method(self) -> str:
         """How the weights are rounded: --weight-method (INT8) or --weights (INT4)."""
-        return self.int4_weights if self.scheme == "w4a16" else self.weight_method
+        return self.int4_weights if self.kind.blocked else self.weight_method
 
 
 
@@ -142,14 +145,14 @@ class Calibrator:
     def __init__(self, bundle: Bundle, cfg: CalibConfig):
         cfg.validate()
         check_source(bundle)
-        runs_score = cfg.scheme == "w8a8" or cfg.check_windows or cfg.needs_hessians
+        runs_score = cfg.kind.quantizes_activations or cfg.check_windows or cfg.needs_hessians
         if runs_score and "score" not in bundle.manifest["graphs"]:
             raise BundleError(f"{bundle.path}: bundle has no score graph, which calibration runs "
                               f"(re-export without --no-score)")
         self.bundle, self.cfg = bundle, cfg
         self.source = SourceModel(bundle, cfg.quantize_head)
         self.ops = ops_for(cfg.compute)
-        if cfg.scheme == "w4a16":
+        if cfg.kind.blocked:
             for lin in self.source.quantized_linears():
                 check_block(lin.shape[1 - lin.out_axis], cfg.block_size, lin.param)
         self.record = CalibrationRecord()
@@ -202,14 +205,14 @@ class Calibrator:
         q, cfg = self._quantizer, self.cfg
         if q is None or q.smoothing is not self.smoothing or q.method != cfg.weights_method \
                 or q.hessians is not self.hessians:
-            bits = 4 if cfg.scheme == "w4a16" else 8
+            bits = cfg.kind.weight_bits
             self._quantizer = WeightQuantizer(self.source, self.smoothing, cfg.weights_method, self.hessians,
                                               bits, cfg.block_size, self.ops)
         return self._quantizer
 
     def quant_plan(self, units) -> QuantPlan:
         """Quantize `units` (decoder layers; None: the head), leave the rest in FP."""
-        act_scales = self.act_scales if self.cfg.scheme == "w8a8" else None
+        act_scales = self.act_scales if self.cfg.kind.quantizes_activations else None
         return quant_plan(self.quantizer, units, act_scales, self.cfg.progress)
 
     def units_to_quantize(self, keep: set[int]) -> list:
@@ -259,9 +262,9 @@ class Calibrator:
 
     def _statistics(self, t0: float, units: list) -> None:
         cfg = self.cfg
-        if cfg.scheme in ("w8a16", "w4a16") and cfg.needs_hessians:
+        if not cfg.kind.quantizes_activations and cfg.needs_hessians:
             self._weight_statistics(t0, units)
-        elif cfg.scheme == "w8a8":
+        elif cfg.kind.quantizes_activations:
             self.set_activation_scales(*self._w8a8_statistics(t0))
 
     def _weight_statistics(self, t0: float, units: list) -> None:
@@ -270,7 +273,7 @@ class Calibrator:
         dropped, so the statistics of one pass are held at a time. Each layer's result depends only on
         its own statistics, so this is what collecting everything first gives."""
         cfg, record, seconds = self.cfg, self.record, {"awq_scales": 0.0, "quantize_in_passes": 0.0}
-        awq = cfg.scheme == "w4a16" and cfg.int4_weights in ("awq", "awq-gptq")
+        awq = cfg.kind.blocked and cfg.int4_weights in ("awq", "awq-gptq")
         self.smoothing = Smoothing()
         groups = self.source.groups()
 
@@ -334,7 +337,7 @@ class Calibrator:
                              "ratio": full / base, "bound": cfg.bound, "kept_fp_layers": keep}
         if len(self.passes()) > 1:
             self.record.check["passes"] = [[p.first, p.last] for p in self.passes()]
-        if cfg.scheme in ("w8a8", "w4a16") and cfg.keep_fp == "auto" and full / base > cfg.bound:
+        if cfg.kind.searches_keep_fp and cfg.keep_fp == "auto" and full / base > cfg.bound:
             if cfg.progress:
                 log.info(f"{cfg.scheme} perplexity ratio {full / base:.4f} > {cfg.bound} on the check windows: "
                          f"measuring per-layer sensitivity")

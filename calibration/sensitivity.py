@@ -1,4 +1,4 @@
-"""`--keep-fp auto` (w8a8): when the quantized model misses the perplexity bound on the check
+"""`--keep-fp auto` (w8a8 and w4a16): when the quantized model misses the perplexity bound on the check
 windows, measure each layer's sensitivity (perplexity with only that layer quantized), then keep
 the fewest most sensitive layers in FP that meet the bound (binary search over how many)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .quantize import Calibrator
+    from .run_state import CalibrationRun as Calibrator
 
 
 def layer_sensitivity(cal: Calibrator, windows) -> tuple[float, dict[int, float]]:

@@ -26,7 +26,7 @@ from .graphs import QuantPlan, find_linears, group_inputs, quantize_graph
 from .source import SourceModel, SourceWeights
 
 if TYPE_CHECKING:
-    from .quantize import Calibrator
+    from .run_state import CalibrationRun as Calibrator
 
 CALIBRATION_FORMAT = 1
 
@@ -75,7 +75,7 @@ def ort_flavor(cal: Calibrator) -> dict[str, onnx.ModelProto]:
     rewrites into its MatMulNBits kernel at load. w8a8's activation pairs and SmoothQuant folds are
     placed on the portable graphs' patterns only, and w8a16 bundles keep their portable-only layout."""
     kind = cal.bundle.ort_graph
-    if kind is None or cal.cfg.scheme != "w4a16":
+    if kind is None or not cal.cfg.kind.blocked:
         return {}
     return {kind: onnx.load(str(cal.bundle.graph_path(kind)), load_external_data=False)}
 
@@ -151,13 +151,13 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
     m["weights"] = {"file": weights.path.name, "bytes": weights.offset, "tensors": len(weights.placed)}
     # the portable graphs it quantized, and the ONNX Runtime one for w4a16 (ort_flavor)
     m["graphs"] = {kind: m["graphs"][kind] for kind in [*cal.source.graphs, *extra]}
-    wdtype = "int4" if cfg.scheme == "w4a16" else "int8"
-    head_dtype = f"int{qhead.HEAD_BITS}" if cfg.scheme == "w4a16" else wdtype     # per block of --block-size
+    wdtype = cfg.kind.weight_dtype
+    head_dtype = f"int{qhead.HEAD_BITS}" if cfg.kind.blocked else wdtype     # per block of --block-size
     m["quantization"] = {
         "scheme": cfg.scheme,
         "format": "onnx-qdq",
         "weights": _weights_section(cfg, np.dtype(cal.source.float_np).name),
-        "activations": None if cfg.scheme != "w8a8" else
+        "activations": None if not cfg.kind.quantizes_activations else
         {"dtype": "int8", "symmetric": True, "granularity": "per-tensor", "static": True, "method": cfg.method,
          "percentile": cfg.percentile if cfg.method == "percentile" else None,
          "smoothquant_alpha": cfg.smoothquant_alpha,
@@ -170,7 +170,7 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
         "lm_head": head_dtype if cfg.quantize_head else m["dtype"],
         "embeddings": head_dtype if (cfg.quantize_head and m["spec"].get("tie_word_embeddings")) else m["dtype"],
         "needs": {"int4_weight_only_gemm": True} if wdtype == "int4" else
-        {"int8_weight_only_gemm": True, "int8_gemm": cfg.scheme == "w8a8"},
+        {"int8_weight_only_gemm": True, "int8_gemm": cfg.kind.quantizes_activations},
         "calibration": "calibration.json",
         "check": cal.record.check or None,
         "source_bundle": _source_summary(bundle),
@@ -179,7 +179,7 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
 
 
 def _weights_section(cfg, scale_dtype: str) -> dict:
-    if cfg.scheme == "w4a16":
+    if cfg.kind.blocked:
         return {"dtype": "int4", "symmetric": True, "granularity": "per-block", "block_size": cfg.block_size,
                 "block_axis": "input", "layout": "onnx-int4 [in, out], two per byte, low nibble first",
                 "method": cfg.int4_weights, "scale_dtype": scale_dtype}
@@ -210,7 +210,7 @@ def calibration_json(cal: Calibrator, keep: list[int], plan: QuantPlan) -> dict:
         "scheme": cfg.scheme,
         "config": {"method": cfg.method, "percentile": cfg.percentile, "smoothquant_alpha": cfg.smoothquant_alpha,
                    "weight_method": cfg.weights_method, "samples": cfg.samples, "seq_len": cfg.seq_len,
-                   "block_size": cfg.block_size if cfg.scheme == "w4a16" else None,
+                   "block_size": cfg.block_size if cfg.kind.blocked else None,
                    "quantize_head": cfg.quantize_head, "keep_fp": keep, "keep_fp_requested": cfg.keep_fp,
                    "compute": cal.ops.name},
         "source_bundle": str(Path(cal.bundle.path).resolve()),

@@ -130,7 +130,9 @@ def _register_calibrate(sub) -> None:
     p.add_argument("bundle", help="FP bundle (from ardeploy export)")
     p.add_argument("--data", required=True,
                    help="calibration text: a text file (documents separated by blank lines) or .jsonl with a 'text' field")
-    p.add_argument("--scheme", required=True, choices=["w8a16", "w8a8", "w4a16"])
+    from ardeploy.calibration.schemes import SCHEMES
+    p.add_argument("--scheme", required=True, choices=list(SCHEMES),
+                   help="w8a16: INT8 weights; w8a8: INT8 weights and activations; w4a16: INT4 weights in blocks")
     p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128],
                    help="w4a16: input channels sharing one scale")
     p.add_argument("--weights", default="awq-gptq", choices=["rtn", "awq", "gptq", "awq-gptq"],

@@ -1,7 +1,7 @@
 """`ardeploy verify`: run a bundle in ONNX Runtime and compare it with the PyTorch reference.
 
-ONNX Runtime runs prefill and N greedy decode steps with its KV cache in the runtime's preallocated
-time-major arena (the real runtime path). The same tokens are fed to our PyTorch modules (float32,
+ONNX Runtime runs prefill and N greedy decode steps through the runtime's decode primitive and its
+preallocated KV arena (the real runtime path, on the graph --flavor picks). The same tokens are fed to our PyTorch modules (float32,
 with their own cache) and, when asked and available, to `transformers`. Reported per step: max
 |Δlogits| and whether the argmax agrees.
 """

@@ -1,6 +1,6 @@
 """The same workload through the tools users would pick instead, measured in the same run.
 
-GPU (issue 12): one command per model shape, each inside the GPU machine's 10-minute limit (--budget
+GPU: one command per model shape, each inside the GPU machine's 10-minute limit (--budget
 stops the benchmark in time and leaves its JSON complete). Run them in the project root with ardeploy
 importable (PYTHONPATH or pip --target) and the GPU wheels installed; fp16, random weights in the real
 shapes (scripts/gpu_shapes.py), the same prompt ids for every peer. Times are estimates from the
@@ -42,7 +42,7 @@ holds the machine (GPU name, driver, versions of torch, transformers, onnxruntim
 onnxruntime-genai(-cuda)), the settings, and per configuration the first 16 greedy tokens of row 0
 (ratios print how many leading tokens a peer shares with ours).
 
-CPU (the peers of issue 7/11, unchanged):
+CPU:
 
     python scripts/bench_peers.py --model smollm2 --bundle bundles/smollm2 [--prompt-len 16,512]
         [--new-tokens 128] [--repeat 3] [--threads 2] [--peers ours,ours-concat,transformers,llamacpp-f32,...]

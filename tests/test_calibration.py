@@ -17,7 +17,10 @@ from ardeploy.calibration import evaluate as ev
 from ardeploy.calibration import stats
 from ardeploy.calibration.data import make_windows, read_documents
 from ardeploy.calibration.graphs import quantize_graph
-from ardeploy.calibration.quantize import DEFAULT_BOUND, CalibConfig, Calibrator, calibrate_bundle
+from ardeploy.calibration.quantize import CalibConfig, Calibrator, calibrate_bundle
+from ardeploy.calibration.schemes import SCHEMES
+
+DEFAULT_BOUND = {name: scheme.default_bound for name, scheme in SCHEMES.items()}
 from ardeploy.engines.builder import build_engines
 from ardeploy.runtime.errors import EngineError
 from ardeploy.runtime.bundle import Bundle
