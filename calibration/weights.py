@@ -114,43 +114,39 @@ class WeightQuantizer:
         return self.ops.quantize_gptq(w_io, self.ops.gptq_factor(self._hessian(group)), self.block,
                                       clip=self.method != "gptq-absmax")
 
-    def _by_group(self, weights: dict[str, np.ndarray], quantize):
-        """(param, Int4Weight) pairs: the linears reading one input quantized together as one [in, out]
-        matrix by `quantize(group, matrix)` (GPTQ treats output channels independently given the input)."""
+    def _groups(self, weights: dict[str, np.ndarray]):
+        """The linears reading one input (q/k/v, gate/up) together: (group, params, their [in, out]
+        matrices, each param's columns in the matrices joined side by side). GPTQ treats output channels
+        independently given the input, so a group is quantized as one wider matrix (INT8 and INT4 alike)."""
         linears = self.source.linears
         by_group: dict[str, list[str]] = {}
         for param in weights:
             by_group.setdefault(linears[param].group, []).append(param)
         for group, params in by_group.items():
             cols = [weights[p] if linears[p].out_axis == 1 else weights[p].T for p in params]
+            ends = np.cumsum([c.shape[1] for c in cols])
+            yield group, params, cols, [slice(end - c.shape[1], end) for c, end in zip(cols, ends)]
+
+    def _by_group(self, weights: dict[str, np.ndarray], quantize):
+        """(param, Int4Weight) pairs: each group quantized as one [in, out] matrix by `quantize(group, matrix)`."""
+        for group, params, cols, columns in self._groups(weights):
             w = quantize(group, np.concatenate(cols, axis=1))
-            start = 0
-            for p, c in zip(params, cols):
-                n = c.shape[1]
-                yield p, Int4Weight(w.q[start: start + n].copy(), w.scales[start: start + n].copy(), w.block)
-                start += n
+            for p, c in zip(params, columns):
+                yield p, Int4Weight(w.q[c].copy(), w.scales[c].copy(), w.block)
 
     def _round_to_nearest(self, weights: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {param: quantize_weight(wf, self.source.linears[param].out_axis, self.source.float_np, self.method)
                 for param, wf in weights.items()}
 
     def _gptq(self, weights: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """GPTQ treats output channels independently given the input Hessian, so the linears
-        reading one input (q/k/v, gate/up) are quantized together, as one wider matrix."""
+        """INT8 GPTQ, a group at a time (see _groups)."""
         linears = self.source.linears
-        by_group: dict[str, list[str]] = {}
-        for param in weights:
-            by_group.setdefault(linears[param].group, []).append(param)
         quantized = {}
-        for group, params in by_group.items():
-            cols = [weights[p] if linears[p].out_axis == 1 else weights[p].T for p in params]    # [in, out]
+        for group, params, cols, columns in self._groups(weights):
             q, s = self.ops.gptq_quantize(np.concatenate(cols, axis=1), 1, self.ops.gptq_factor(self._hessian(group)),
                                           self.source.float_np)
-            start = 0
-            for p, c in zip(params, cols):
-                qp, sp = q[:, start: start + c.shape[1]], s[start: start + c.shape[1]]
-                start += c.shape[1]
-                quantized[p] = (np.ascontiguousarray(qp if linears[p].out_axis == 1 else qp.T), sp.copy())
+            for p, c in zip(params, columns):
+                quantized[p] = (np.ascontiguousarray(q[:, c] if linears[p].out_axis == 1 else q[:, c].T), s[c].copy())
         return quantized
 
     def _hessian(self, group: str) -> np.ndarray:

@@ -128,12 +128,14 @@ def calibration_entries(scratch: Path) -> dict:
     from ardeploy.calibration.quantize import CalibConfig, calibrate_bundle
     ids = np.random.default_rng(0).integers(3, 256, 64 * 16)
     out = {}
-    for scheme, extra in (("w8a16", {}), ("w8a8", {}), ("w4a16", {"int4_weights": "awq-gptq"})):
-        q = scratch / f"q_{scheme}"
+    for scheme, extra in (("w8a16", {}), ("w8a8", {}), ("w4a16", {"int4_weights": "awq-gptq"}),
+                          ("w8a16", {"weight_method": "gptq"})):
+        name = scheme + ("-gptq" if extra.get("weight_method") == "gptq" else "")
+        q = scratch / f"q_{name}"
         calibrate_bundle(scratch / "b_gqa8x2_untied_linear", ids, q,
                          CalibConfig(scheme=scheme, samples=8, seq_len=64, check_windows=0, progress=False, **extra))
         files = sorted(p for p in q.iterdir() if p.suffix in (".bin", ".onnx"))
-        out[f"calibration/{scheme}"] = digest([p.name for p in files], *[graph_bytes(p) for p in files])
+        out[f"calibration/{name}"] = digest([p.name for p in files], *[graph_bytes(p) for p in files])
     return out
 
 
