@@ -53,6 +53,13 @@ def add_device(p, cuda_graph: bool = True) -> None:
                             "CUDA graph (slower; for comparisons and diagnosis)")
 
 
+def add_kv_budget(p) -> None:
+    p.add_argument("--kv-budget", metavar="SIZE", default=None,
+                   help="memory for the KV cache (e.g. 512MiB, 2GiB): the cache gets the longest max_seq that fits "
+                        "at the batch size, at most the bundle's; too small for 16 positions is refused (see "
+                        "`ardeploy plan BUNDLE --kv-budget SIZE`)")
+
+
 def run_options(args, **fields):
     """The RunOptions (runtime/run_options.py) a command's flags describe, resolved once; an option the
     chosen backend cannot honour is refused there in one line. `fields` set what a command fixes itself."""

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import UserError
-from .options import add_backend_threads, add_device, add_flavor, add_verbosity, run_options
+from .options import add_backend_threads, add_device, add_flavor, add_kv_budget, add_verbosity, run_options
 
 
 def cmd_serve(args) -> int:
@@ -25,7 +25,8 @@ def cmd_serve(args) -> int:
         raise UserError(f"--drain-timeout must be >= 0 (got {args.drain_timeout})")
     api_key = args.api_key if args.api_key is not None else os.environ.get("ARDEPLOY_API_KEY") or None
     generator, scheduler = build_engine(args.bundle, max_batch=args.max_batch, max_queue=args.max_queue,
-                                        options=run_options(args), scheduler=args.scheduler)
+                                        options=run_options(args), scheduler=args.scheduler,
+                                        kv_budget=args.kv_budget)
     name = args.model_name or Path(args.bundle).resolve().name
     run_server(ModelService(generator, scheduler, name), host=args.host, port=args.port, api_key=api_key,
                drain_timeout=args.drain_timeout, access_log=args.verbose > 0)
@@ -79,6 +80,7 @@ def _register_serve(sub) -> None:
     add_backend_threads(p)
     add_flavor(p)
     add_device(p)
+    add_kv_budget(p)
     add_verbosity(p, "more detail (-v: one access-log line per request)")
     p.set_defaults(func=cmd_serve)
 

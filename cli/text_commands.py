@@ -11,8 +11,8 @@ from ardeploy.runtime.text import check_text
 
 from .errors import UserError
 from .options import (add_backend_threads, add_device, add_flavor, add_json, add_out_force, add_sampling,
-                      add_speculation, add_threads, add_verbosity, comma_ints, run_options, sampling_config,
-                      speculation)
+                      add_kv_budget, add_speculation, add_threads, add_verbosity, comma_ints, run_options,
+                      sampling_config, speculation)
 
 
 # -- export / verify ------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def load_generator(args, warmup: bool = True):
     token), and the speculation its flags ask for (None: off)."""
     from ardeploy.runtime import Generator
     options = run_options(args)
-    gen = Generator.load(args.bundle, options, warmup=warmup)      # a host cache too big for RAM: refused there
+    gen = Generator.load(args.bundle, options, warmup=warmup, kv_budget=args.kv_budget)   # refused there if too big
     return gen, speculation(args, options)
 
 
@@ -215,6 +215,7 @@ def _register_generate(sub) -> None:
     add_json(p, "the result (text, token ids, timings, speculation statistics; nothing streamed)")
     add_sampling(p)
     add_speculation(p)
+    add_kv_budget(p)
     add_backend_threads(p)
     add_flavor(p)
     add_device(p)
@@ -228,6 +229,7 @@ def _register_chat(sub) -> None:
     p.add_argument("--system", help="system prompt")
     add_sampling(p)
     add_speculation(p)
+    add_kv_budget(p)
     add_backend_threads(p)
     add_flavor(p)
     add_device(p)

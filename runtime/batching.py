@@ -95,11 +95,11 @@ class BatchingScheduler:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _check(self, request: Request) -> None:
-        ids, bundle = request.prompt_ids, self.gen.bundle
+        ids, bundle, max_seq = request.prompt_ids, self.gen.bundle, self.gen.arena.max_seq
         if not ids:
             raise UserError("empty prompt: give at least one token")
-        if len(ids) >= bundle.max_seq:
-            raise UserError(f"prompt of {len(ids)} tokens does not fit max_seq {bundle.max_seq}")
+        if len(ids) >= max_seq:
+            raise UserError(f"prompt of {len(ids)} tokens does not fit max_seq {max_seq}")
         bad = [t for t in ids if not 0 <= int(t) < bundle.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {bundle.vocab_size})")

@@ -68,30 +68,45 @@ class Run:
         self.results = yield from self._events
 
 
+MIN_BUDGETED_SEQ = 16            # a KV budget must hold at least this many positions
+
+
+def cache_length(bundle: Bundle, kv_budget, max_batch: int | None) -> int | None:
+    """The cache length a KV budget allows (None: no budget, the bundle's max_seq)."""
+    if kv_budget is None:
+        return None
+    from .memory_plan import fit_kv, parse_bytes
+    budget = parse_bytes(kv_budget) if isinstance(kv_budget, str) else int(kv_budget)
+    return fit_kv(bundle, budget, max_batch or bundle.max_batch, min_seq=MIN_BUDGETED_SEQ)
+
+
 class Generator:
     """Load, use, close: `with Generator.load(B) as gen: ...` frees its sessions, device buffers and
     captured graphs at the end (or call `close()`)."""
 
-    def __init__(self, bundle: Bundle, backend, max_batch: int | None = None):
+    def __init__(self, bundle: Bundle, backend, max_batch: int | None = None, max_seq: int | None = None):
         self.bundle, self.backend = bundle, backend
         self.tokenizer = bundle.tokenizer()
-        self.arena: KVArena = backend.new_arena(max_batch)
+        self.arena: KVArena = backend.new_arena(max_batch, max_seq)
         self.batch = Rows(backend, self.arena)      # the decode primitive (runtime/decode.py)
         self.cached: list[int] = []          # batch-1 tokens whose K/V are in the arena (chat)
         self.load_s = self.warmup_s = 0.0
 
     @classmethod
     def load(cls, path, options: RunOptions | None = None, max_batch: int | None = None,
-             warmup: bool | None = None, **changes) -> "Generator":
+             warmup: bool | None = None, kv_budget: int | str | None = None, **changes) -> "Generator":
         """options: how to run it (runtime/run_options.py); keywords override single fields, e.g.
         `Generator.load(B, device="cuda")`. warmup: run `warmup()` for batch 1 before returning (None: on
-        the GPU, where the first runs record CUDA graphs and cost hundreds of milliseconds)."""
+        the GPU, where the first runs record CUDA graphs and cost hundreds of milliseconds). kv_budget
+        (bytes, or "512MiB"): the cache gets the longest max_seq that fits it at max_batch rows
+        (runtime/memory_plan.fit_kv); a budget too small for a short prompt is refused in one line."""
         started = time.perf_counter()
         options = (options or RunOptions()).replace(**changes)
         bundle = Bundle.load(path)
-        if options.backend == "ort" and options.where == "cpu":     # before a host cache is allocated
+        max_seq = cache_length(bundle, kv_budget, max_batch)
+        if options.backend == "ort" and options.where == "cpu" and max_seq is None:   # before a host cache exists
             check_kv_memory(bundle.manifest, bundle.path, max_batch)
-        gen = cls(bundle, load_backend(bundle, options), max_batch)
+        gen = cls(bundle, load_backend(bundle, options), max_batch, max_seq)
         gen.load_s = time.perf_counter() - started
         if warmup or (warmup is None and gen.backend.device == "cuda"):
             gen.warmup()
@@ -310,9 +325,10 @@ class Generator:
         for ids in prompt_ids:
             if not ids:
                 raise UserError("empty prompt: give at least one token")
-            if len(ids) >= self.bundle.max_seq:
-                raise UserError(f"prompt of {len(ids)} tokens does not fit max_seq {self.bundle.max_seq} "
-                                f"(re-export with a larger --max-seq)")
+            if len(ids) >= self.arena.max_seq:
+                raise UserError(f"prompt of {len(ids)} tokens does not fit max_seq {self.arena.max_seq} "
+                                f"(re-export with a larger --max-seq"
+                                f"{' or give a larger --kv-budget' if self.arena.max_seq < self.bundle.max_seq else ''})")
 
     def _eos_ids(self, cfg: SamplingConfig) -> set[int]:
         if cfg.ignore_eos:

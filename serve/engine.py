@@ -14,7 +14,7 @@ from .scheduler import SequentialScheduler
 
 
 def build_engine(bundle, max_batch: int | None = None, max_queue: int = 64, options=None, warmup: bool = True,
-                 scheduler: str = "auto", **changes):
+                 scheduler: str = "auto", kv_budget=None, **changes):
     """(generator, scheduler) for a bundle. max_batch: rows run at once (None: the bundle's limit).
     options: a RunOptions (runtime/run_options.py); `changes` override single fields (threads=1).
     scheduler: "auto", "batching" or "sequential"."""
@@ -26,7 +26,7 @@ def build_engine(bundle, max_batch: int | None = None, max_queue: int = 64, opti
     if scheduler not in ("auto", "batching", "sequential"):
         raise UserError(f"unknown scheduler {scheduler!r} (auto, batching or sequential)")
     rows = max_batch or limit
-    generator = Generator.load(bundle, options, max_batch=rows, warmup=warmup, **changes)
+    generator = Generator.load(bundle, options, max_batch=rows, warmup=warmup, kv_budget=kv_budget, **changes)
     try:
         batching = scheduler == "batching" or (scheduler == "auto" and rows > 1 and generator.backend.rows_own_lengths)
         if batching:

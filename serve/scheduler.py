@@ -36,7 +36,7 @@ def constraint_processor(constraint):
 
 def check_request(generator: Generator, request: Request) -> None:
     """What a scheduler refuses at submit time (a UserError naming the problem)."""
-    ids, limit = request.prompt_ids, generator.bundle.max_seq
+    ids, limit = request.prompt_ids, generator.arena.max_seq
     if not ids:
         raise UserError("empty prompt: give at least one token")
     if len(ids) >= limit:

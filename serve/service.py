@@ -59,7 +59,7 @@ class ModelService:
 
     @property
     def max_seq(self) -> int:
-        return self.generator.bundle.max_seq
+        return self.generator.arena.max_seq           # a KV budget may have shortened it
 
     # -- request -> scheduler ---------------------------------------------------------------------
     def admit(self, body, received: float) -> Job:

@@ -418,3 +418,21 @@ def test_runtime_works_without_torch(tiny_bundle):
         "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_kv_budget_sizes_the_cache(tiny_bundle, capsys):
+    """--kv-budget: the arena gets the longest max_seq that fits (not the bundle's), a prompt longer than
+    that is refused naming the budget, and a budget too small for 16 positions is one line."""
+    bundle = Bundle.load(tiny_bundle[0])
+    per_position = 2 * bundle.n_layers * bundle.max_batch * bundle.kv_shape[0] * bundle.kv_shape[1] * 4
+    gen = Generator.load(tiny_bundle[0], threads=threads(), kv_budget=40 * per_position)
+    assert gen.arena.max_seq == 40 < bundle.max_seq and gen.arena.nbytes == 40 * per_position
+    r = gen.generate(rng_ids(30), SamplingConfig(greedy=True, max_new_tokens=50, ignore_eos=True))
+    assert r.stop_reason == "max_seq" and len(r.token_ids) == 40 - 30 + 1
+    with pytest.raises(UserError, match="--kv-budget"):
+        gen.generate(rng_ids(45), SamplingConfig(max_new_tokens=2))
+    code = main(["generate", str(tiny_bundle[0]), "--prompt-ids", "5,6", "--kv-budget", "1KiB"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "KV budget" in err and "\n" not in err
+    assert main(["generate", str(tiny_bundle[0]), "--prompt-ids", "5,6", "--max-new-tokens", "2",
+                 "--kv-budget", "1MiB", "--threads", str(threads())]) == 0

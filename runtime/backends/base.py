@@ -57,8 +57,9 @@ class Backend(ABC):
 
     # -- the contract --------------------------------------------------------------------------------
     @abstractmethod
-    def new_arena(self, max_batch: int | None = None) -> KVArena:
-        """A zeroed KV arena in the layout and memory this backend's graph reads."""
+    def new_arena(self, max_batch: int | None = None, max_seq: int | None = None) -> KVArena:
+        """A zeroed KV arena in the layout and memory this backend's graph reads (max_seq: a shorter cache
+        than the bundle's, e.g. what a KV budget allows)."""
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False):
         """Run S new tokens per row ([B, S] ids, attention mask [B, length + S]); returns Logits [B, vocab]

@@ -200,7 +200,7 @@ class OrtBackend(Backend):
             check_io(self.sessions[kind], self.bundle.graph(kind).raw, path)
         return self.sessions[kind]
 
-    def new_arena(self, max_batch: int | None = None) -> KVArena:
+    def new_arena(self, max_batch: int | None = None, max_seq: int | None = None) -> KVArena:
         bundle = self.bundle
         n_kv, head_dim = bundle.kv_shape
         allocate = None
@@ -214,7 +214,7 @@ class OrtBackend(Backend):
                 # 0 x NaN is NaN), and stale bytes read as fp16 hold NaNs: every logit became NaN.
                 value = ort.OrtValue.ortvalue_from_numpy(np.zeros(count, dtype), "cuda", 0)
                 return value, value.data_ptr()
-        return KVArena(bundle.n_layers, bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
+        return KVArena(bundle.n_layers, max_seq or bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
                        bundle.kv_dtype, allocate, layout=bundle.kv_layout(self.graph))
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False):

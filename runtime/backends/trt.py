@@ -175,8 +175,11 @@ class TrtBackend(Backend):
         self.logits_dev = self.cuda.malloc(max_batch * bundle.vocab_size * 4)
         self._logits = np.zeros((max_batch, bundle.vocab_size), np.float32)
 
-    def new_arena(self, max_batch: int | None = None) -> KVArena:
+    def new_arena(self, max_batch: int | None = None, max_seq: int | None = None) -> KVArena:
         bundle = self.bundle
+        if max_seq is not None and max_seq != self.max_seq:
+            raise UserError("a KV budget sizes ONNX Runtime's cache; TensorRT engines keep the max_seq they were "
+                            "built for (rebuild them with a smaller one)")
         if max_batch is not None and max_batch > self.max_batch:
             raise UserError(f"the engines were built for batch up to {self.max_batch} (asked for {max_batch})")
         n_kv, hd = bundle.kv_shape
