@@ -7,13 +7,15 @@ Sampling settings default to the family's published ones (manifest.json "image.d
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from ardeploy.runtime.text import check_text
 
 from .errors import UserError
-from .options import add_backend_threads, add_device, add_flavor, add_token_filters, add_verbosity, run_options
+from .options import (add_backend_threads, add_device, add_flavor, add_json, add_token_filters, add_verbosity,
+                      run_options)
 
 
 def _size(text: str | None):
@@ -134,11 +136,27 @@ def cmd_generate_image(args) -> int:
     if args.save_tokens:
         _save_tokens(results, args.save_tokens)
     written = save_images(results, out) if decode else []
+    if args.json:
+        print(json.dumps({"images": [_image_json(r, path) for r, path in
+                                     zip([r for r in results if r.image is not None or not decode], written or
+                                         [None] * len(results))]}, indent=1))
+        return 0
     rates = [r.timings.get("image_tokens_per_s", 0.0) for r in results]
     h, w = results[0].codes.shape if results[0].codes is not None else (0, 0)
+    per_image = [_image_json(r, None)["seconds_per_image"] for r in results]
     print(f"wrote {len(written)} image(s) to {out} ({w}x{h} tokens each, "
-          f"{sum(rates) / len(rates):.1f} image tokens/s per batch)", file=sys.stderr)
+          f"{sum(rates) / len(rates):.1f} image tokens/s per batch, {sum(per_image) / len(per_image):.2f} s per "
+          f"image: tokens, VQ decode and PNG)", file=sys.stderr)
     return 0
+
+
+def _image_json(result, path) -> dict:
+    """One image's file and seconds: its share of its batch's token generation, VQ decoding and PNG."""
+    t = result.timings
+    parts = {"tokens_s": t.get("tokens_s", 0.0), "decode_s": t.get("decode_s", 0.0), "png_s": t.get("png_s", 0.0)}
+    return {"file": str(path) if path else None, "tokens": list(result.codes.shape) if result.codes is not None else None,
+            **parts, "seconds_per_image": round(sum(parts.values()), 4),
+            "image_tokens_per_s": t.get("image_tokens_per_s", 0.0), "images_in_batch": t.get("images_in_batch")}
 
 
 def _save_tokens(results, path) -> None:
@@ -168,6 +186,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="a .png file (one image) or a folder")
     p.add_argument("--save-tokens", help="also save the codes as a .npy array [N, h, w]")
     p.add_argument("--no-decode", action="store_true", help="tokens only (with --save-tokens)")
+    add_json(p, "each image's file and seconds (its share of the batch's tokens, VQ decoding, PNG)")
     _add_guidance_and_sampling(p)
     add_backend_threads(p)
     add_device(p)

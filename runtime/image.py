@@ -266,9 +266,12 @@ class ImageGenerator:
             batch = self._generate_batch(chunk, settings, negative, h, w, rngs, progress, trace)
             done = [result for result in batch if result.codes is not None]
             if decode and done:
+                decoding = time.perf_counter()
                 images = to_uint8(self.decode_codes(np.stack([result.codes for result in done])))
+                decode_s = (time.perf_counter() - decoding) / len(done)
                 for result, image in zip(done, images):
                     result.image = image
+                    result.timings["decode_s"] = round(decode_s, 4)
             results += batch
         return results
 
@@ -342,7 +345,8 @@ class ImageGenerator:
         elapsed = finished - first_code_at
         rate = (n_codes - 1) * len(chunk) / elapsed if n_codes > 1 and elapsed > 0 else 0.0
         timings = {"seconds": round(finished - started, 4), "first_token_s": round(first_code_at - started, 4),
-                   "image_tokens_per_s": round(rate, 2)}
+                   "image_tokens_per_s": round(rate, 2), "images_in_batch": len(chunk),
+                   "tokens_s": round((finished - started) / len(chunk), 4)}     # this image's share of the batch
         return [ImageResult(codes=image_codes.reshape(h, w), token_ids=tokens, timings=dict(timings))
                 for image_codes, tokens in zip(codes, generated)]
 
@@ -471,7 +475,12 @@ def save_images(results: list[ImageResult], out: str | Path, names: list[str] | 
         if len(images) != 1:
             raise UserError(f"{out}: one file name for {len(images)} images; give a folder")
         out.parent.mkdir(parents=True, exist_ok=True)
-        return [write_png(out, images[0].image)]
-    out.mkdir(parents=True, exist_ok=True)
-    names = names or [f"{index:03d}" for index in range(len(images))]
-    return [write_png(out / f"{name}.png", result.image) for name, result in zip(names, images)]
+        paths = [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"{name}.png" for name in (names or [f"{index:03d}" for index in range(len(images))])]
+    for path, result in zip(paths, images):
+        started = time.perf_counter()
+        write_png(path, result.image)
+        result.timings["png_s"] = round(time.perf_counter() - started, 4)
+    return paths

@@ -10,6 +10,7 @@ Its only departure: the categorical draw uses the same per-image numpy generator
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,6 +235,14 @@ def test_generate_image_writes_pngs(c2i, tmp_path, capsys):
             assert im.size == (IMAGE, IMAGE) and im.mode == "RGB"
     assert np.load(tmp_path / "t.npy").shape == (4, GRID, GRID)
     single = tmp_path / "one.png"
+    capsys.readouterr()
+    assert main(["generate-image", str(c2i[2]), "--class-id", "1", "--class-id", "2", "--out", str(tmp_path / "two"),
+                 "--greedy", "--size", f"{IMAGE}x{IMAGE}", "--json", "--threads", str(threads())]) == 0
+    report = json.loads(capsys.readouterr().out)["images"]          # seconds per image, split
+    assert [Path(r["file"]).name for r in report] == ["000.png", "001.png"]
+    for r in report:
+        assert r["tokens"] == [GRID, GRID] and r["tokens_s"] > 0 and r["decode_s"] > 0 and r["png_s"] > 0
+        assert r["seconds_per_image"] == pytest.approx(r["tokens_s"] + r["decode_s"] + r["png_s"], abs=1e-3)
     assert main(["generate-image", str(c2i[2]), "--class-id", "1", "--out", str(single), "--greedy",
                  "--size", f"{IMAGE}x{IMAGE}"]) == 0
     with Image.open(single) as im:
