@@ -203,7 +203,7 @@ class AdaptiveK:
         if not self.timed:
             return self.k
         if 1 not in self.cost:
-            return self.k_max                      # nothing measured yet: try the most
+            return 0                               # a plain step first: the cost every draft must beat
         best = max(range(self.k_max + 1), key=self.tokens_per_second)
         if best == 0 and self.plain_run >= self.PROBE_AFTER:
             return 2
@@ -214,8 +214,8 @@ class AdaptiveK:
         return (1 - a ** (k + 1)) / (1 - a) / self._cost(k + 1)
 
     def _cost(self, width: int) -> float:
-        """Measured, else interpolated between measured widths, else as the widest measured (a guess
-        that leans to trying wider drafts: they get measured once tried)."""
+        """Measured; else on the line through the two nearest measured widths (extended past the widest);
+        with one width measured, as that one (which leans to trying a draft: it gets measured once tried)."""
         if width in self.cost:
             return self.cost[width]
         known = sorted(self.cost)
@@ -223,8 +223,12 @@ class AdaptiveK:
         above = [w for w in known if w > width]
         if below and above:
             lo, hi = below[-1], above[0]
-            return self.cost[lo] + (self.cost[hi] - self.cost[lo]) * (width - lo) / (hi - lo)
-        return self.cost[below[-1] if below else above[0]]
+        elif len(known) >= 2:
+            lo, hi = (known[-2], known[-1]) if below else (known[0], known[1])
+        else:
+            return self.cost[known[0]]
+        slope = (self.cost[hi] - self.cost[lo]) / (hi - lo)
+        return max(self.cost[lo] + slope * (width - lo), 1e-9)
 
     def update(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
         """A verify step of `drafted` tokens kept `accepted` of them and took `seconds`."""

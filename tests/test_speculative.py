@@ -57,7 +57,9 @@ def test_greedy_acceptance_keeps_the_agreeing_prefix_and_the_models_token():
 
 def test_adaptive_k_weighs_acceptance_against_the_measured_cost_of_wider_steps():
     gpu_like = AdaptiveK(8)
-    assert gpu_like.budget() == 8                        # nothing measured: try the most
+    assert gpu_like.budget() == 0                        # nothing measured: a plain step first, the baseline
+    gpu_like.plain_step(1.0)
+    assert gpu_like.budget() == 8                        # one width measured: try the most
     for _ in range(20):
         gpu_like.plain_step(1.0)
         gpu_like.update(8, 6, 1.05)                      # wide steps cost about what one does
@@ -68,6 +70,11 @@ def test_adaptive_k_weighs_acceptance_against_the_measured_cost_of_wider_steps()
         cpu_like.update(8, 6, 4.0)                       # 9 tokens cost 4 steps: with alpha 0.85, drafting less pays
         cpu_like.update(2, 2, 1.3)
     assert 1 <= cpu_like.budget() < 8
+    draft_like = AdaptiveK(6)                            # a draft model: a round of 6 costs 6 plain steps
+    draft_like.plain_step(1.0)
+    for _ in range(10):
+        draft_like.update(6, 3, 6.0)
+    assert draft_like.budget() == 0                      # plain steps pay more: stop drafting
     failing = AdaptiveK(8)
     for _ in range(10):
         failing.plain_step(1.0)
