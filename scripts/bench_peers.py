@@ -74,6 +74,9 @@ Peers (each runs in its own subprocess, so its memory is its own):
   ort-genai-graph
                 the same GenAI model with CUDA graphs (the builder's enable_cuda_graph=true changes only the
                 CUDA provider option in genai_config.json, so both read one build)
+  ort-genai-int4 / ort-genai-int4-graph
+                GenAI's INT4 build of --hf (`-p int4 -e cuda`: its MatMulNBits weights, RTN, block 32), without
+                and with CUDA graphs: the peer of our w4a16 bundles on the GPU
 
 Measured per peer, batch and prompt length (medians of --repeat runs): first token (prompt in, first token
 chosen), decode tokens/s (tokens after the first / their time; batches: all rows' tokens) and the median
@@ -103,7 +106,9 @@ import numpy as np
 DEFAULT_PEERS = ["ours", "ours-portable", "ours-concat", "transformers", "llamacpp-q4_1", "llamacpp-f32", "llamacpp-f16",
                  "ort-genai"]
 GPU_PEERS = ["ours", "ours-portable", "transformers", "transformers-compile", "ort-genai", "ort-genai-graph"]
-ALL_PEERS = [*DEFAULT_PEERS, "transformers-compile", "llamacpp-q4_0", "ort-genai-graph"]
+ALL_PEERS = [*DEFAULT_PEERS, "transformers-compile", "llamacpp-q4_0", "ort-genai-graph", "ort-genai-int4",
+             "ort-genai-int4-graph"]
+GENAI_PEERS = {"ort-genai", "ort-genai-graph", "ort-genai-int4", "ort-genai-int4-graph"}
 CPU_ONLY = {"ours-concat", "llamacpp-q4_1", "llamacpp-q4_0", "llamacpp-f32", "llamacpp-f16"}
 BATCH_ONE = CPU_ONLY                 # their loops feed one sequence
 INSTALL = {
@@ -489,20 +494,27 @@ def run_builder(hf: Path, out: Path, precision: str, ep: str, cache: Path, log: 
     say(f"built in {time.perf_counter() - started:.0f} s")
 
 
-def genai_build_dir(args) -> Path:
-    return Path(args.scratch_dir) / "ort-genai"
+def genai_precision(args, peer: str) -> str:
+    """The builder's -p for a GenAI peer: int4 for the -int4 peers, else fp16 on the GPU and fp32 on the CPU."""
+    if "-int4" in peer:
+        return "int4"
+    return "fp16" if args.device == "cuda" else "fp32"
 
 
-def prepare_genai(args) -> Path:
-    """The GenAI model of --hf, built once into the scratch folder (fp16 CUDA or FP32 CPU)."""
-    out = genai_build_dir(args)
+def genai_build_dir(args, peer: str) -> Path:
+    return Path(args.scratch_dir) / f"ort-genai-{genai_precision(args, peer)}"
+
+
+def prepare_genai(args, peer: str) -> Path:
+    """The GenAI model of --hf for `peer`, built once per precision into the scratch folder."""
+    out = genai_build_dir(args, peer)
     if (out / "genai_config.json").exists():
         return out
     cuda = args.device == "cuda"
     work = Path(args.scratch_dir) / "ort-genai-build"
     shutil.rmtree(work, ignore_errors=True)     # a build cut off earlier in this run
     work.mkdir(parents=True)
-    run_builder(Path(args.hf), work / "out", "fp16" if cuda else "fp32", "cuda" if cuda else "cpu", work / "cache",
+    run_builder(Path(args.hf), work / "out", genai_precision(args, peer), "cuda" if cuda else "cpu", work / "cache",
                 work / "builder.log")
     os.replace(work / "out", out)
     shutil.rmtree(work, ignore_errors=True)
@@ -537,10 +549,11 @@ def set_cuda_graph(cfg: dict) -> None:
     cuda[0]["cuda"]["enable_cuda_graph"] = "1"
 
 
-def worker_ort_genai(args, graph: bool = False):
+def worker_ort_genai(args, peer: str):
     preload_cuda(args.device)
     import onnxruntime_genai as og
-    folder = prepare_genai(args) if args.hf else ort_genai_model(args)
+    graph = peer.endswith("-graph")
+    folder = prepare_genai(args, peer) if args.hf else ort_genai_model(args)
     if graph:
         folder = cuda_graph_variant(folder)
     cfg_path = folder / "genai_config.json"
@@ -638,10 +651,10 @@ def run_worker(args) -> dict:
         return worker_ours(args, concat=worker == "ours-concat", flavor="portable" if worker == "ours-portable" else "auto")
     if worker in ("transformers", "transformers-compile"):
         return worker_transformers(args, compiled=worker == "transformers-compile")
-    if worker in ("ort-genai", "ort-genai-graph"):
-        return worker_ort_genai(args, graph=worker == "ort-genai-graph")
+    if worker in GENAI_PEERS:
+        return worker_ort_genai(args, worker)
     if worker == "ort-genai-prepare":
-        return {"folder": str(prepare_genai(args) if args.hf else ort_genai_model(args))}
+        return {"folder": str(prepare_genai(args, args.genai_peer) if args.hf else ort_genai_model(args))}
     return worker_llamacpp(args, worker.split("-")[1])
 
 
@@ -657,12 +670,13 @@ def missing(peer: str) -> str | None:
     import importlib.util
     genai = ["onnxruntime_genai", "torch", "transformers", "gguf"]
     hf_gguf = ["torch", "transformers", "gguf", "accelerate"]
-    need = {"transformers": hf_gguf, "transformers-compile": hf_gguf, "ort-genai": genai, "ort-genai-graph": genai}
+    need = {"transformers": hf_gguf, "transformers-compile": hf_gguf, **{p: genai for p in GENAI_PEERS}}
     mods = need.get(peer, ["llama_cpp"] if peer.startswith("llamacpp") else [])
     lacking = [m for m in mods if importlib.util.find_spec(m) is None]
     if not lacking:
         return None
-    key = "llamacpp" if peer.startswith("llamacpp") else peer.replace("-graph", "").replace("-compile", "")
+    key = "llamacpp" if peer.startswith("llamacpp") else \
+        "ort-genai" if peer in GENAI_PEERS else peer.replace("-compile", "")
     return f"{peer}: missing {', '.join(lacking)} — install with: {INSTALL[key]}"
 
 
@@ -670,7 +684,7 @@ def missing_for(peer: str, args) -> str | None:
     """What keeps `peer` from running with these options (None: nothing)."""
     if args.device == "cuda" and peer in CPU_ONLY:
         return f"{peer}: runs on the CPU only (drop it, or use --device cpu)"
-    if peer == "ort-genai-graph" and args.device != "cuda":
+    if peer.endswith("-graph") and args.device != "cuda":
         return f"{peer}: CUDA graphs need --device cuda"
     if peer.startswith("ours") and not args.bundle:
         return f"{peer}: give --bundle (export one with: ardeploy export HF --out BUNDLE)"
@@ -754,9 +768,10 @@ def last_json(lines: list[str]) -> dict | None:
     return None
 
 
-def worker_command(worker: str, args) -> list[str]:
+def worker_command(worker: str, args, genai_peer: str | None = None) -> list[str]:
     spec = {k: getattr(args, k) for k in ("bundle", "gguf", "cache", "hf", "device", "prompt_len", "batch", "new_tokens",
                                            "repeat", "threads", "curve_tokens", "ours_loop", "scratch_dir")}
+    spec["genai_peer"] = genai_peer
     return [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--spec", json.dumps(spec)]
 
 
@@ -769,9 +784,9 @@ def time_left(args) -> float | None:
 
 
 def run_peer(peer: str, args) -> dict:
-    if peer.startswith("ort-genai") and not (args.hf and (genai_build_dir(args) / "genai_config.json").exists()):
+    if peer.startswith("ort-genai") and not (args.hf and (genai_build_dir(args, peer) / "genai_config.json").exists()):
         # its model is built in another process first, so the timed one's RSS is its own
-        prep = run_subprocess(worker_command("ort-genai-prepare", args), time_left(args), peer + " (build)")
+        prep = run_subprocess(worker_command("ort-genai-prepare", args, peer), time_left(args), peer + " (build)")
         if "error" in prep:
             return {"error": "its model builder failed: " + prep["error"], "log_tail": prep.get("log_tail", [])}
     started = time.perf_counter()
