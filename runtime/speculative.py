@@ -178,12 +178,16 @@ class AdaptiveK:
     is kept (alpha, estimated from recent drafts) and what a step costs at each verify width (measured:
     on a GPU a step of 8 tokens costs about what one does, on a CPU several times more). It picks the k
     in [0, K] with the most expected tokens per second, (1 - alpha^(k+1)) / (1 - alpha) / cost(k + 1);
-    k = 0 is a plain step. After a run of plain steps it tries a small draft again, since what the text
-    repeats changes as it goes. adaptive=False always drafts K. timed=False sizes drafts from acceptance
+    k = 0 is a plain step. After a run of plain steps it tries a small draft again (a probe), since what the
+    text repeats changes as it goes; a probe that did not pay doubles the run before the next one, so where
+    drafts never pay (a draft model as slow as the target) probing costs a few steps per generation, not one
+    in every PROBE_AFTER. adaptive=False always drafts K. timed=False sizes drafts from acceptance
     alone (one more after a fully kept draft, one more than was kept otherwise), so that sampling with a
     draft model, whose random draws depend on how much was drafted, stays reproducible for a seed."""
 
-    PROBE_AFTER = 8                  # plain steps in a row before a draft is tried again
+    PROBE_AFTER = 8                  # plain steps in a row before a draft is tried again ...
+    PROBE_AFTER_MAX = 256            # ... doubled after each probe that did not pay, up to this
+    PROBE = 2                        # the tokens a probe drafts
     MEMORY = 0.8                     # weight of the past in the running estimates
 
     def __init__(self, k_max: int, adaptive: bool = True, timed: bool = True):
@@ -192,6 +196,8 @@ class AdaptiveK:
         self.kept, self.ended = 2.0, 1.0          # running counts: kept drafted tokens, drafts cut short
         self.cost: dict[int, float] = {}          # verify width -> seconds per step (width 1: a plain step)
         self.plain_run = 0
+        self.probe_after = self.PROBE_AFTER
+        self.probing = False                      # the pending draft is a probe
 
     @property
     def alpha(self) -> float:
@@ -204,10 +210,17 @@ class AdaptiveK:
             return self.k
         if 1 not in self.cost:
             return 0                               # a plain step first: the cost every draft must beat
+        if len(self.cost) == 1:
+            return self._probe()                   # then a small draft: its cost says how wider ones will go
         best = max(range(self.k_max + 1), key=self.tokens_per_second)
-        if best == 0 and self.plain_run >= self.PROBE_AFTER:
-            return 2
+        if best == 0 and self.plain_run >= self.probe_after:
+            return self._probe()
+        self.probing = False
         return best
+
+    def _probe(self) -> int:
+        self.probing = True
+        return min(self.PROBE, self.k_max)
 
     def tokens_per_second(self, k: int) -> float:
         a = min(self.alpha, 0.999)
@@ -240,7 +253,11 @@ class AdaptiveK:
         self.ended = m * self.ended + (accepted < drafted)
         self.plain_run = 0
         if seconds is not None:
+            if self.probing and 1 in self.cost:    # did trying again pay? if not, wait twice as long next time
+                paid = (accepted + 1) / seconds >= 1 / self.cost[1]
+                self.probe_after = self.PROBE_AFTER if paid else min(2 * self.probe_after, self.PROBE_AFTER_MAX)
             self._measure(drafted + 1, seconds)
+        self.probing = False
 
     def plain_step(self, seconds: float) -> None:
         self.plain_run += 1

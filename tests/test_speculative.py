@@ -59,7 +59,9 @@ def test_adaptive_k_weighs_acceptance_against_the_measured_cost_of_wider_steps()
     gpu_like = AdaptiveK(8)
     assert gpu_like.budget() == 0                        # nothing measured: a plain step first, the baseline
     gpu_like.plain_step(1.0)
-    assert gpu_like.budget() == 8                        # one width measured: try the most
+    assert gpu_like.budget() == AdaptiveK.PROBE          # one width measured: a small draft, to measure a wider step
+    gpu_like.update(2, 2, 1.0)
+    assert gpu_like.budget() == 8                        # it cost what a plain step does: draft the most
     for _ in range(20):
         gpu_like.plain_step(1.0)
         gpu_like.update(8, 6, 1.05)                      # wide steps cost about what one does
@@ -82,7 +84,18 @@ def test_adaptive_k_weighs_acceptance_against_the_measured_cost_of_wider_steps()
     assert failing.budget() == 0
     for _ in range(AdaptiveK.PROBE_AFTER):
         failing.plain_step(1.0)
-    assert failing.budget() == 2                         # ... but a small draft is tried again later
+    assert failing.budget() == AdaptiveK.PROBE           # ... but a small draft is tried again later
+    failing.update(2, 0, 1.3)                            # a probe that did not pay ...
+    for _ in range(AdaptiveK.PROBE_AFTER):
+        failing.plain_step(1.0)
+    assert failing.budget() == 0                         # ... waits twice as long for the next
+    for _ in range(AdaptiveK.PROBE_AFTER):
+        failing.plain_step(1.0)
+    assert failing.budget() == AdaptiveK.PROBE
+    failing.update(2, 2, 1.1)                            # one that paid: back to the short wait
+    for _ in range(AdaptiveK.PROBE_AFTER):
+        failing.plain_step(1.0)
+    assert failing.probe_after == AdaptiveK.PROBE_AFTER
     fixed = AdaptiveK(5, adaptive=False)
     fixed.update(5, 0, 9.0)
     assert fixed.budget() == 5
