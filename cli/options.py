@@ -66,6 +66,8 @@ def run_options(args, **fields):
     from ardeploy.runtime.run_options import RunOptions
     given = {name: getattr(args, name) for name in ("backend", "device", "flavor", "threads", "cuda_graph")
              if name in vars(args)}
+    if getattr(args, "draft", None):
+        given["spin"] = False          # the model and its draft take turns on the same cores (RunOptions.spin)
     return RunOptions(**{**given, **fields})
 
 

@@ -32,6 +32,7 @@ from .sampling import LogitsProcessor, Sampler, SamplingConfig
 from .speculative import AdaptiveK, Draft, DraftModel, NgramDrafter, Speculation, Verifier
 from .text import Detokenizer, StopStrings, check_text, render_chat
 from .errors import UserError
+from .log import log
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Generator:
     captured graphs at the end (or call `close()`)."""
 
     def __init__(self, bundle: Bundle, backend, max_batch: int | None = None, max_seq: int | None = None):
+        self._told_spin = False
         self.bundle, self.backend = bundle, backend
         self.tokenizer = bundle.tokenizer()
         self.arena: KVArena = backend.new_arena(max_batch, max_seq)
@@ -313,6 +315,10 @@ class Generator:
     def _drafter(self, speculation: Speculation, sampler: Sampler):
         if speculation.method == "ngram":
             return NgramDrafter(speculation.ngram)
+        if (self.backend.spins or speculation.draft.backend.spins) and not self._told_spin:
+            self._told_spin = True
+            log.warning("note: the model and its draft take turns on the CPU; load both with spin=False "
+                        "(RunOptions) or each one's spinning threads slow the other down")
         drafter = DraftModel(speculation.draft, self.bundle, self.tokenizer)
         drafter.start(sampler.cfg, (sampler.seed + 7919) % (1 << 63))    # its own random stream, fixed by the seed
         return drafter

@@ -87,10 +87,11 @@ def ask_exact_int8(options) -> None:
     options.add_session_config_entry(*EXACT_INT8_ON_X86)
 
 
-def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True):
+def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True, spin: bool = True):
     """Full graph optimization, `threads` intra-op threads (None: all cores), one inter-op thread.
     prepack=False keeps ONNX Runtime from making packed copies of the weights;
-    warnings=False hides ONNX Runtime's warnings (used when running graphs held in memory)."""
+    warnings=False hides ONNX Runtime's warnings (used when running graphs held in memory);
+    spin=False: idle intra-op threads sleep instead of spinning (RunOptions.spin says when)."""
     import onnxruntime as ort
     if threads is not None and threads < 0:
         raise UserError(f"--threads must be at least 1 (got {threads})")
@@ -103,6 +104,8 @@ def session_options(threads: int | None = None, prepack: bool = True, warnings: 
     options.inter_op_num_threads = 1
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

@@ -28,20 +28,26 @@ def ours(args, prompts: dict) -> dict:
     options = RunOptions(device=args.device, threads=args.threads if args.device == "cpu" else None)
     gen = Generator.load(args.bundle, options, max_batch=1, warmup=True)
     modes = {"plain": None, "ngram": Speculation("ngram", draft_tokens=args.draft_tokens)}
-    if args.draft:
-        draft = Generator.load(args.draft, options, max_batch=1, warmup=True)
+    gens = {"plain": gen, "ngram": gen}
+    if args.draft and "draft" in args.modes:
+        # the model and its draft take turns on the same cores: both without spinning threads (RunOptions.spin);
+        # plain decoding keeps them, as it runs fastest that way
+        turns = options.replace(spin=False)
+        draft = Generator.load(args.draft, turns, max_batch=1, warmup=True)
         draft.warmup(verify_widths=range(2, args.draft_tokens + 2))
         modes["draft"] = Speculation("draft", draft_tokens=min(args.draft_tokens, 6), draft=draft)
+        gens["draft"] = Generator.load(args.bundle, turns, max_batch=1, warmup=True)
     modes = {name: spec for name, spec in modes.items() if name in args.modes}
     cfg = SamplingConfig(greedy=True, max_new_tokens=args.new_tokens)
     out = {}
     for kind, texts in prompts.items():
         ids = [gen.encode(text, chat=True) for text in texts]
         # each prompt length's and verify width's first-run cost (GPU: ~40 ms each) kept out of the timing
-        gen.warmup(prompt_lengths=[len(x) for x in ids], verify_widths=range(2, args.draft_tokens + 2))
+        for g in {id(g): g for g in gens.values()}.values():
+            g.warmup(prompt_lengths=[len(x) for x in ids], verify_widths=range(2, args.draft_tokens + 2))
         rows, tokens = {}, {}
         for name, spec in modes.items():
-            runs = [gen.generate(x, cfg, speculation=spec) for x in ids]
+            runs = [gens[name].generate(x, cfg, speculation=spec) for x in ids]
             rows[name], tokens[name] = summarize(runs), [r.token_ids for r in runs]
             print(f"  ours {kind:5} {name:6} {rows[name]['decode_tokens_per_s']:8.1f} tok/s "
                   f"{json.dumps(rows[name].get('speculation', {}))}", file=sys.stderr, flush=True)

@@ -148,6 +148,7 @@ class OrtBackend(Backend):
         super().__init__()
         options = (options or RunOptions()).replace(**changes)
         self.options, self.bundle, self.device = options, bundle, options.where
+        self.spins = options.spin and self.device == "cpu"
         self.graph = _decode_graph(bundle, options.flavor, self.device)
         self.flavor = "portable" if self.graph == "decode" else "ort"
         # Pieces bound the host memory ONNX Runtime keeps on the CPU; on the GPU one piece is fastest.
@@ -186,7 +187,7 @@ class OrtBackend(Backend):
         """Sessions are created on first use (the score graph only when evaluating)."""
         if kind not in self.sessions:
             path = self.bundle.graph_path(kind)
-            options = session_options(self.options.threads, self.options.prepack)
+            options = session_options(self.options.threads, self.options.prepack, spin=self.options.spin)
             if self.weights is not None:
                 self.weights.add_to(options, path)
             try:
