@@ -23,7 +23,9 @@ from ardeploy.calibration.schemes import SCHEMES
 DEFAULT_BOUND = {name: scheme.default_bound for name, scheme in SCHEMES.items()}
 from ardeploy.engines.builder import build_engines
 from ardeploy.runtime.errors import EngineError
+from ardeploy.runtime import Generator
 from ardeploy.runtime.bundle import Bundle
+from conftest import threads
 from quant_checks import BREAKAGES, compare_logits, decode_logits, peaked_bundle, sample_stream, score_logits
 
 
@@ -225,6 +227,15 @@ def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src):
                     (mm,) = [x for x in g.node if c.output[0] in x.input]
                     assert mm.op_type == "MatMul" and mm.input[0] == c.output[0]
         assert not any(n.op_type == "DequantizeLinear" and "embed_tokens" in n.output[0] for n in g.node)
+    if scheme == "w8a16":        # weight-only: the ONNX Runtime graph is carried and agrees with the portable one
+        assert b.ort_graph == "decode_ort"
+        ids = IDS[None, :24]
+        logits = {}
+        for flavor in ("portable", "ort"):
+            backend = Generator.load(out, backend="ort", flavor=flavor, threads=threads()).backend
+            assert backend.flavor == flavor
+            logits[flavor] = backend.step(ids, np.ones_like(ids), backend.new_arena())
+        np.testing.assert_allclose(logits["ort"], logits["portable"], atol=1e-3 * float(logits["portable"].std()))
     # identical scales in every graph for the same layer
     by_name = {}
     for (kind, name), s in scales.items():
@@ -232,7 +243,8 @@ def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src):
     assert all(len(v) == 3 and all(np.array_equal(v[0], x) for x in v) for v in by_name.values())
     # one weights file, smaller than the FP one, and nothing else of size
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "calibration.json", "decode.onnx", "prefill.onnx", "score.onnx", "weights.bin"])
+        ["manifest.json", "calibration.json", "decode.onnx", "prefill.onnx", "score.onnx", "weights.bin"]
+        + (["decode_ort.onnx"] if scheme == "w8a16" else []))
     assert m["weights"]["bytes"] == (out / "weights.bin").stat().st_size
 
 
