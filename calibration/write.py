@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto
 
 from ..runtime import atomic
-from ..runtime.bundle import Bundle, numpy_dtype, write_manifest
+from ..runtime.bundle import Bundle, device_numerics, numpy_dtype, write_manifest
 from ..runtime.paths import inside
 from ..runtime.weights_file import WeightsFile
 from . import evaluate as ev
@@ -175,8 +175,10 @@ def build_manifest(cal: Calibrator, keep: list[int], weights: WeightsFile, extra
         {"int8_weight_only_gemm": True, "int8_gemm": cfg.kind.quantizes_activations},
         "calibration": "calibration.json",
         "check": cal.record.check or None,
+        "numerics": None,                             # filled below from the section itself
         "source_bundle": _source_summary(bundle),
     }
+    m["quantization"]["numerics"] = device_numerics(m)     # what each device computes (runtime/bundle.py)
     return m
 
 

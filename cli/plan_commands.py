@@ -7,16 +7,19 @@ from .options import add_json, add_verbosity
 
 
 def cmd_plan(args) -> int:
-    from ardeploy.runtime.bundle import Bundle
+    from ardeploy.runtime.bundle import Bundle, device_numerics
     from ardeploy.runtime.memory_plan import parse_bytes, plan_memory, render
     bundle = Bundle.load(args.bundle)
     budget = parse_bytes(args.kv_budget) if args.kv_budget else None
     plans = [plan_memory(bundle, args.max_seq, args.batch, device, args.flavor, budget)
              for device in (["cpu", "cuda"] if args.device == "both" else [args.device])]
+    numerics = device_numerics(bundle.manifest)          # a quantized bundle computes differently per device
     if args.json:
-        print(json.dumps([p.to_json() for p in plans] if len(plans) > 1 else plans[0].to_json(), indent=2))
+        out = [{**p.to_json(), "numerics": numerics.get(p.device)} for p in plans]
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
     else:
-        print("\n".join(render(p) for p in plans))
+        print("\n".join(render(p) + (f"\n  numerics: {numerics[p.device]}" if p.device in numerics else "")
+                        for p in plans))
     return 0
 
 

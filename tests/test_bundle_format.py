@@ -57,3 +57,15 @@ def test_image_bundles_state_their_condition_and_version_1_gets_it_derived(tmp_p
     assert image_condition({"caption": {"dim": 8}}) == "caption"
     assert image_condition({"visual_tokens": {}}) == "prompt"
     assert image_condition({"condition": "caption", "class_conditional": {}}) == "caption"   # stated wins
+
+
+def test_quantized_bundles_state_what_each_device_computes():
+    """One quantized bundle, two arithmetics: the CPU's MatMulNBits rounds activations to int8, CUDA's does
+    not (the CPU/GPU greedy answers of SmolLM2 w4a16 agreed on 5 of 10 prompts, fp16 on 9): said per device."""
+    from ardeploy.runtime.bundle import device_numerics
+    assert device_numerics({"dtype": "fp16"}) == {}
+    w4 = device_numerics({"dtype": "fp16", "quantization": {"scheme": "w4a16", "activations": None}})
+    assert "int4 weights" in w4["cpu"] and "int8 per block" in w4["cpu"]
+    assert "fp16 activations" in w4["cuda"] and "int8" not in w4["cuda"]
+    w8a8 = device_numerics({"dtype": "fp32", "quantization": {"scheme": "w8a8", "activations": {"dtype": "int8"}}})
+    assert w8a8["cpu"] == w8a8["cuda"] and "int8 activations" in w8a8["cpu"]

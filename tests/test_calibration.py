@@ -180,6 +180,7 @@ def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src):
     act_dtype = np.float16 if src == "fp16" else np.float32
     q = m["quantization"]
     assert q["scheme"] == scheme and q["format"] == "onnx-qdq" and q["kept_fp_layers"] == []
+    assert set(q["numerics"]) == {"cpu", "cuda"} and (q["numerics"]["cpu"] == q["numerics"]["cuda"]) == (scheme == "w8a8")
     assert q["check"]["ratio"] < 1.05      # near-uniform logits: a smoke check (the accuracy tests below can fail)
     cal_json = json.loads((out / "calibration.json").read_text())
     assert len(cal_json["weights"]) == 4 * Bundle.load(out).n_layers   # every scale: q|k|v, o, gate|up, down
