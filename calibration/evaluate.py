@@ -195,4 +195,11 @@ def bundle_perplexity(bundle, stream: np.ndarray, seq_len: int, stride: int | No
     if not bundle.has_graph("score"):
         raise UserError(f"{bundle.path}: bundle has no score graph (re-export without --no-score)")
     sess = session(bundle.graph_path("score"), threads=threads, device=device)
-    return perplexity(score_fn(sess), stream, seq_len, stride, progress, desc=f"eval {Path(bundle.path).name}")
+    try:
+        return perplexity(score_fn(sess), stream, seq_len, stride, progress, desc=f"eval {Path(bundle.path).name}")
+    except Exception as e:              # noqa: BLE001 - ONNX Runtime's own exception types are not importable
+        if device != "cpu" and "Unsupported quantization type" in str(e):
+            # e.g. ONNX Runtime 1.31's CUDA DequantizeLinear has no blocked INT8 (a w4a16 bundle's 8-bit head)
+            raise UserError(f"{bundle.path}: ONNX Runtime's {device} provider cannot run this bundle's score graph "
+                            f"({str(e).split('Status Message: ')[-1].strip()}); evaluate it with --device cpu") from None
+        raise
