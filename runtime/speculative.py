@@ -193,15 +193,16 @@ class AdaptiveK:
     on a GPU a step of 8 tokens costs about what one does, on a CPU several times more). It picks the k
     in [0, K] with the most expected tokens per second, (1 - alpha^(k+1)) / (1 - alpha) / cost(k + 1);
     k = 0 is a plain step. After a run of plain steps it tries a small draft again (a probe), since what the
-    text repeats changes as it goes; a probe that did not pay doubles the run before the next one, so where
-    drafts never pay (a draft model as slow as the target) probing costs a few steps per generation, not one
-    in every PROBE_AFTER. adaptive=False always drafts K. timed=False sizes drafts from acceptance
+    text repeats changes as it goes; a costly probe that did not pay doubles the run before the next one, so
+    where a draft model's drafts never pay, probing costs a few steps per generation, not one in every
+    PROBE_AFTER. adaptive=False always drafts K. timed=False sizes drafts from acceptance
     alone (one more after a fully kept draft, one more than was kept otherwise), so that sampling with a
     draft model, whose random draws depend on how much was drafted, stays reproducible for a seed."""
 
     PROBE_AFTER = 8                  # plain steps in a row before a draft is tried again ...
     PROBE_AFTER_MAX = 256            # ... doubled after each probe that did not pay, up to this
     PROBE = 2                        # the tokens a probe drafts
+    COSTLY_PROBE = 1.5               # plain steps a probe may cost and still not count as costly
     MEMORY = 0.8                     # weight of the past in the running estimates
 
     def __init__(self, k_max: int, adaptive: bool = True, timed: bool = True):
@@ -267,9 +268,13 @@ class AdaptiveK:
         self.ended = m * self.ended + (accepted < drafted)
         self.plain_run = 0
         if seconds is not None:
-            if self.probing and 1 in self.cost:    # did trying again pay? if not, wait twice as long next time
+            if self.probing and 1 in self.cost:
+                # a probe that did not pay and cost much (a draft model's steps) doubles the wait for the next;
+                # a cheap one (n-gram: only a wider step) may come back as often as it likes
                 paid = (accepted + 1) / seconds >= 1 / self.cost[1]
-                self.probe_after = self.PROBE_AFTER if paid else min(2 * self.probe_after, self.PROBE_AFTER_MAX)
+                costly = seconds > self.COSTLY_PROBE * self.cost[1]
+                self.probe_after = min(2 * self.probe_after, self.PROBE_AFTER_MAX) if not paid and costly \
+                    else self.PROBE_AFTER
             self._measure(drafted + 1, seconds)
         self.probing = False
 

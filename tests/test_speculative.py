@@ -85,7 +85,11 @@ def test_adaptive_k_weighs_acceptance_against_the_measured_cost_of_wider_steps()
     for _ in range(AdaptiveK.PROBE_AFTER):
         failing.plain_step(1.0)
     assert failing.budget() == AdaptiveK.PROBE           # ... but a small draft is tried again later
-    failing.update(2, 0, 1.3)                            # a probe that did not pay ...
+    failing.update(2, 0, 1.3)                            # a cheap probe that did not pay: the usual wait
+    for _ in range(AdaptiveK.PROBE_AFTER):
+        failing.plain_step(1.0)
+    assert failing.budget() == AdaptiveK.PROBE
+    failing.update(2, 0, 3.0)                            # a costly probe (a draft model's) that did not pay ...
     for _ in range(AdaptiveK.PROBE_AFTER):
         failing.plain_step(1.0)
     assert failing.budget() == 0                         # ... waits twice as long for the next
