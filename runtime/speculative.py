@@ -66,6 +66,10 @@ class Speculation:
             raise UserError(f"--ngram must be a whole number in [1, 16] (got {self.ngram!r})")
         if self.method == "draft" and self.draft is None:
             raise UserError("speculation by a draft model needs the draft bundle (--draft BUNDLE)")
+        margin = self.tie_margin
+        if not (margin is None or margin == "auto" or (isinstance(margin, (tuple, list)) and len(margin) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in margin))):
+            raise UserError(f"tie_margin must be 'auto', None or (atol, rtol) of numbers >= 0 (got {margin!r})")
 
 
 # How far a k+1-token step's fp16 logits may stand from a one-token step's (as the CUDA-graph replay check:

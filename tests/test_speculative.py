@@ -228,6 +228,9 @@ def test_near_ties_are_left_to_a_one_token_step(tiny, margin):
         cut += result.timings["speculation"]["near_ties"]
     assert cut > 0
     assert Speculation().tie_margin_for(2) is not None and Speculation().tie_margin_for(4) is None
+    for bad in ("tight", (0.1,), (-1.0, 0.0), (True, 0.0)):
+        with pytest.raises(UserError, match="tie_margin"):
+            Speculation(tie_margin=bad)
 
 
 def test_a_rejected_draft_leaves_the_cache_as_plain_decoding_would(tiny):
