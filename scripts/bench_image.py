@@ -56,7 +56,10 @@ import torch        # before onnxruntime: on the GPU machine torch's CUDA librar
 import numpy as np
 from llamagen_reference import RefLlamaGen, find_multiple, grid_rope_table      # beside this script
 
+# LlamaGen's c2i shapes (its GPT_B / GPT_L / GPT_XL: 111M, 343M, 775M parameters), random weights
 MODELS = {"gpt-b": dict(dim=768, n_layer=12, n_head=12, vocab=16384, num_classes=1000),
+          "gpt-l": dict(dim=1024, n_layer=24, n_head=16, vocab=16384, num_classes=1000),
+          "gpt-xl": dict(dim=1280, n_layer=36, n_head=20, vocab=16384, num_classes=1000),
           "tiny": dict(dim=64, n_layer=2, n_head=4, vocab=256, num_classes=10)}
 ENGINES = ("ours", "ours-host", "torch-eager", "torch-compiled")
 CHILD_TIMEOUT = {"ours": 240, "ours-host": 240, "torch-eager": 300, "torch-compiled": 420, "codes": 300}
