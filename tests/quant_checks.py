@@ -52,6 +52,18 @@ def decode_logits(bundle, ids, prefill: int, threads: int | None = None, backend
     return np.stack(out)
 
 
+def check_ort_graph_matches_portable(bundle, ids: np.ndarray, threads: int | None = None) -> None:
+    """A calibrated bundle's ONNX Runtime graph runs through the runtime and gives its portable graph's
+    logits (to 1e-3 of their spread) for the prompt `ids` [1, S]."""
+    from ardeploy.runtime import Generator
+    logits = {}
+    for flavor in ("portable", "ort"):
+        backend = Generator.load(bundle, backend="ort", flavor=flavor, threads=threads).backend
+        assert backend.flavor == flavor
+        logits[flavor] = backend.step(ids, np.ones_like(ids), backend.new_arena())
+    np.testing.assert_allclose(logits["ort"], logits["portable"], atol=1e-3 * float(logits["portable"].std()))
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, np.float64)
     x = x - x.max(axis=-1, keepdims=True)

@@ -23,10 +23,10 @@ from ardeploy.calibration.schemes import SCHEMES
 DEFAULT_BOUND = {name: scheme.default_bound for name, scheme in SCHEMES.items()}
 from ardeploy.engines.builder import build_engines
 from ardeploy.runtime.errors import EngineError
-from ardeploy.runtime import Generator
 from ardeploy.runtime.bundle import Bundle
 from conftest import threads
-from quant_checks import BREAKAGES, compare_logits, decode_logits, peaked_bundle, sample_stream, score_logits
+from quant_checks import (BREAKAGES, check_ort_graph_matches_portable, compare_logits, decode_logits, peaked_bundle,
+                          sample_stream, score_logits)
 
 
 # -- statistics ---------------------------------------------------------------------------------------
@@ -230,13 +230,7 @@ def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src):
         assert not any(n.op_type == "DequantizeLinear" and "embed_tokens" in n.output[0] for n in g.node)
     if scheme == "w8a16":        # weight-only: the ONNX Runtime graph is carried and agrees with the portable one
         assert b.ort_graph == "decode_ort"
-        ids = IDS[None, :24]
-        logits = {}
-        for flavor in ("portable", "ort"):
-            backend = Generator.load(out, backend="ort", flavor=flavor, threads=threads()).backend
-            assert backend.flavor == flavor
-            logits[flavor] = backend.step(ids, np.ones_like(ids), backend.new_arena())
-        np.testing.assert_allclose(logits["ort"], logits["portable"], atol=1e-3 * float(logits["portable"].std()))
+        check_ort_graph_matches_portable(out, IDS[None, :24], threads())
     # identical scales in every graph for the same layer
     by_name = {}
     for (kind, name), s in scales.items():

@@ -18,6 +18,7 @@ from ardeploy.runtime.bundle import Bundle
 from ardeploy.runtime.errors import UserError
 
 from conftest import threads
+from quant_checks import check_ort_graph_matches_portable
 
 IDS = np.random.default_rng(0).integers(3, 256, 64 * 16)
 MODEL = "gqa8x2_untied_linear"
@@ -251,20 +252,13 @@ def test_tiny_model_close_to_fp32(peaked, tmp_path, method):
 def check_ort_flavor(out):
     """The ONNX Runtime graph is carried, reads the same INT4 tensors (no second copy) and gives the
     portable graph's logits through the runtime."""
-    from ardeploy.runtime import Generator
     b = Bundle.load(out)
     assert b.ort_graph == "decode_ort"
     inits = {kind: {t.name: {e.key: e.value for e in t.external_data}
                     for t in onnx.load(str(b.graph_path(kind)), load_external_data=False).graph.initializer
                     if t.name.endswith((".int4", ".scale"))} for kind in ("decode", "decode_ort")}
     assert inits["decode"] == inits["decode_ort"] and len(inits["decode"]) == 8 * b.n_layers
-    ids = IDS[None, :24]
-    logits = {}
-    for flavor in ("portable", "ort"):
-        backend = Generator.load(out, backend="ort", flavor=flavor, threads=threads()).backend
-        assert backend.flavor == flavor
-        logits[flavor] = backend.step(ids, np.ones_like(ids), backend.new_arena())
-    np.testing.assert_allclose(logits["ort"], logits["portable"], atol=1e-3 * float(logits["portable"].std()))
+    check_ort_graph_matches_portable(out, IDS[None, :24], threads())
 
 
 def _changed(out, source):
