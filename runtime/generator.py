@@ -255,7 +255,7 @@ class Generator:
         if speculation is None:
             first_token_at = yield from self._plain_loop(logits, rows, sampler, eos, cfg)
         else:
-            verifier = Verifier(sampler, tie_margin=speculation.tie_margin_for(self.arena.dtype.itemsize))
+            verifier = Verifier(sampler)
             first_token_at = yield from self._speculative_loop(logits, rows[0], sampler, eos, cfg, speculation,
                                                                verifier)
             extra["speculation"] = verifier.stats.to_json()
@@ -287,11 +287,9 @@ class Generator:
         token = int(sampler(logits, [row.history])[0])
         first_token_at = time.perf_counter()
         yield from take_tokens([row], [token], eos, cfg.max_new_tokens)
-        decide_plainly = False                 # after a near-tie: the next token from a one-token step
         while not self._all_stopped([row]):
             room = min(cfg.max_new_tokens - len(row.token_ids) - 1, self.arena.max_seq - self.arena.length - 1)
-            budget = 0 if decide_plainly else min(k.budget(), room)
-            decide_plainly = False
+            budget = min(k.budget(), room)
             drafted_at = time.perf_counter()       # a round's cost, drafting included, sizes the next draft
             draft = drafter.propose(row.history, budget) if budget > 0 else Draft([])
             verifier.stats.draft_seconds += time.perf_counter() - drafted_at
@@ -305,18 +303,9 @@ class Generator:
             fed = [token] + draft.tokens
             logits = self.batch.verify(fed)
             kept, token = verifier.accept(logits, row.history, draft)
-            k.update(len(draft.tokens), kept, time.perf_counter() - drafted_at)
-            if token is None:                  # a near-tie after fed[kept]: rolled back to before it, fed again alone
-                self.batch.rollback(len(fed) - kept)
-                self.cached += fed[:kept]
-                token, decide_plainly = fed[kept], True
-                for accepted in draft.tokens[:kept]:
-                    yield from take_tokens([row], [accepted], eos, cfg.max_new_tokens)
-                    if row.stop_reason:
-                        break
-                continue
             self.batch.rollback(len(draft.tokens) - kept)
             self.cached += fed[:1 + kept]
+            k.update(len(draft.tokens), kept, time.perf_counter() - drafted_at)
             for accepted in draft.tokens[:kept] + [token]:
                 yield from take_tokens([row], [accepted], eos, cfg.max_new_tokens)
                 if row.stop_reason:

@@ -47,14 +47,6 @@ class Speculation:
     ngram: int = 3                   # n-gram lookup: the longest suffix matched (down to 1)
     adaptive: bool = True            # size K from recent acceptances, pause after repeated misses
     draft: object = None             # method "draft": a Generator of the draft bundle
-    # greedy: (atol, rtol) of a near-tie that a one-token step decides (Verifier); "auto": HALF_TIE for a
-    # half-precision cache, None (verify decides everything) for fp32
-    tie_margin: object = "auto"
-
-    def tie_margin_for(self, cache_itemsize: int) -> tuple[float, float] | None:
-        if self.tie_margin == "auto":
-            return HALF_TIE if cache_itemsize == 2 else None
-        return self.tie_margin
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,15 +58,6 @@ class Speculation:
             raise UserError(f"--ngram must be a whole number in [1, 16] (got {self.ngram!r})")
         if self.method == "draft" and self.draft is None:
             raise UserError("speculation by a draft model needs the draft bundle (--draft BUNDLE)")
-        margin = self.tie_margin
-        if not (margin is None or margin == "auto" or (isinstance(margin, (tuple, list)) and len(margin) == 2 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in margin))):
-            raise UserError(f"tie_margin must be 'auto', None or (atol, rtol) of numbers >= 0 (got {margin!r})")
-
-
-# How far a k+1-token step's fp16 logits may stand from a one-token step's (as the CUDA-graph replay check:
-# SmolLM2 fp16 on an H100, up to 0.039 at logits of 35): top-two gaps within this are near-ties.
-HALF_TIE = (0.05, 0.005)
 
 
 @dataclass
@@ -83,14 +66,13 @@ class SpeculationStats:
     plain_steps: int = 0             # one-token steps where nothing was drafted
     drafted: int = 0
     accepted: int = 0
-    near_ties: int = 0               # verify steps cut at a near-tie, left to a one-token step (Verifier.tie_margin)
     draft_seconds: float = 0.0
 
     def to_json(self) -> dict:
         steps = self.verify_steps + self.plain_steps
-        produced = self.accepted + steps - self.near_ties   # a step makes one token of the model's own, unless cut
+        produced = self.accepted + steps            # every step also makes one token of the model's own
         return {"verify_steps": self.verify_steps, "plain_steps": self.plain_steps, "drafted": self.drafted,
-                "accepted": self.accepted, "near_ties": self.near_ties,
+                "accepted": self.accepted,
                 "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
                 "mean_accepted_per_verify": round(self.accepted / self.verify_steps, 3) if self.verify_steps else 0.0,
                 "tokens_per_model_step": round(produced / steps, 3) if steps else 0.0,
@@ -297,14 +279,6 @@ def draw(probs: np.ndarray, rng) -> int:
     return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(probs) - 1)
 
 
-def first_near_tie(rows: np.ndarray, atol: float, rtol: float) -> int | None:
-    """The first row whose two largest values are within atol + rtol * |largest| (None: no such row)."""
-    top2 = np.partition(rows, -2, axis=-1)[:, -2:]
-    gap = top2[:, 1] - top2[:, 0]
-    close = np.nonzero(gap <= atol + rtol * np.abs(top2[:, 1]))[0]
-    return int(close[0]) if len(close) else None
-
-
 def accept_greedy(argmaxes: np.ndarray, drafted: list[int]) -> tuple[int, int]:
     """argmaxes [k + 1]: the model's choice after each verified token. Returns (drafted tokens kept,
     the model's own next token)."""
@@ -347,27 +321,15 @@ def _point(token: int, vocab: int) -> np.ndarray:
 
 @dataclass
 class Verifier:
-    """Turns a verify step's logits into kept tokens, with the generation's sampling settings.
-
-    tie_margin (atol, rtol), greedy only: a k+1-token step rounds differently from a one-token step (in fp16
-    by up to ~0.05 at logits of 35), so where a kept position's top two logits are closer than atol + rtol *
-    |top|, plain decoding might have chosen the other token. accept() then keeps only the drafted tokens
-    decided before that position and returns None as the next token: a one-token step decides it, as plain
-    decoding would."""
+    """Turns a verify step's logits into kept tokens, with the generation's sampling settings."""
     sampler: Sampler
     stats: SpeculationStats = field(default_factory=SpeculationStats)
-    tie_margin: tuple[float, float] | None = None
 
-    def accept(self, logits, history: list[int], draft: Draft) -> tuple[int, int | None]:
+    def accept(self, logits, history: list[int], draft: Draft) -> tuple[int, int]:
         k = len(draft.tokens)
         greedy, chain = self.sampler.cfg.is_greedy, self.sampler.chain
         if greedy and not chain:
             kept, token = accept_greedy(argmax_rows(logits), draft.tokens)
-            if self.tie_margin is not None:
-                tie = first_near_tie(np.asarray(logits, np.float32)[:kept + 1], *self.tie_margin)
-                if tie is not None:
-                    kept, token = tie, None
-                    self.stats.near_ties += 1
         else:
             host = np.asarray(logits, np.float32)
             histories = [history + draft.tokens[:i] for i in range(k + 1)]

@@ -208,31 +208,6 @@ def test_a_model_and_its_draft_take_turns_without_spinning_threads(tiny, draft_o
         assert capsys.readouterr().err.count("spin=False") == (1 if told else 0)
 
 
-@pytest.mark.parametrize("margin", [(1e9, 0.0), (0.0, 0.26)])      # all positions; some (gaps ~0.25 of the top)
-def test_near_ties_are_left_to_a_one_token_step(tiny, margin):
-    """Greedy in half precision: a verify step's near-ties (top two logits within the margin) are cut and
-    decided by a one-token step. Forced here on fp32 (every position a near-tie, or some by a relative
-    margin): the tokens stay plain decoding's, the cache stays consistent, and the cuts are counted."""
-    from ardeploy.runtime.speculative import first_near_tie
-    assert first_near_tie(np.array([[1.0, 3.0, 2.9], [0.0, 5.0, 1.0]]), 0.2, 0.0) == 0
-    assert first_near_tie(np.array([[1.0, 3.0, 2.0], [0.0, 5.0, 4.95]]), 0.1, 0.0) == 1
-    assert first_near_tie(np.array([[1.0, 3.0, 2.0]]), 0.1, 0.0) is None
-    gen = Generator.load(tiny[TINY[0]], threads=threads())
-    cut = 0
-    for seed in range(3):
-        prompt = rng_ids(6, seed=seed) * 3                     # repeats: n-gram drafts find something
-        spec = Speculation("ngram", draft_tokens=4, tie_margin=margin)
-        result = gen.generate(prompt, GREEDY, speculation=spec)
-        assert gen.arena.length == len(gen.cached) == len(prompt) + len(result.token_ids) - 1
-        assert result.token_ids == gen.generate(prompt, GREEDY).token_ids
-        cut += result.timings["speculation"]["near_ties"]
-    assert cut > 0
-    assert Speculation().tie_margin_for(2) is not None and Speculation().tie_margin_for(4) is None
-    for bad in ("tight", (0.1,), (-1.0, 0.0), (True, 0.0)):
-        with pytest.raises(UserError, match="tie_margin"):
-            Speculation(tie_margin=bad)
-
-
 def test_a_rejected_draft_leaves_the_cache_as_plain_decoding_would(tiny):
     """After speculating, the arena holds exactly the K/V of the tokens it names (`cached`): a
     continuation that reuses it gives the logits of a fresh run of the whole sequence."""
