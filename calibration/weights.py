@@ -46,13 +46,16 @@ class WeightQuantizer:
         if layer not in self.done:
             weights, tensors = smoothed_layer(self.source, self.smoothing, layer)
             quantized = self._gptq(weights) if self.method == "gptq" else self._round_to_nearest(weights)
-            scales, groups = {}, set()
+            scales, groups, aliases = {}, set(), {}
             for param, (q, s) in quantized.items():
                 tensors[QuantPlan.qweight_name(param)] = q
                 tensors[QuantPlan.scale_name(param)] = s
                 scales[param] = QuantPlan.scale_name(param)
                 groups.add(self.source.linears[param].group)
-            self.done[layer] = QuantizedLayer(tensors, scales, groups)
+                if layer is None and self.source.linears[param].out_axis == 0:
+                    aliases.update(qhead.int8_head_for_ort(param, q, s, tensors))
+            self.done[layer] = QuantizedLayer(tensors, scales, groups, head_bits=8 if aliases else None,
+                                              aliases=aliases)
         self.source.weights.release()
         return self.done[layer]
 

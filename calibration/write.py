@@ -102,8 +102,8 @@ def _quantized_ort_head(model: onnx.ModelProto, plan: QuantPlan) -> None:
     for blocks, table in plan.aliases.items():
         param = table.rsplit(".", 1)[0]
         if any(list(n.output) == [param] and n.op_type == "DequantizeLinear" for n in model.graph.node):
-            qhead.rewrite_ort_head(model, param, plan.head_bits, plan.block_size, ev.in_memory_initializer,
-                                   plan.tensors)
+            block = plan.block_size or plan.tensors[blocks].shape[2]      # w8a16: the blocked view's block
+            qhead.rewrite_ort_head(model, param, plan.head_bits, block, ev.in_memory_initializer, plan.tensors)
 
 
 def relocate(model: onnx.ModelProto, weights: WeightsFile, arrays: dict[str, np.ndarray],

@@ -187,6 +187,27 @@ def test_quantized_tied_head(tied_peaked, tmp_path, monkeypatch, bits):
     assert float(np.sqrt(np.mean((broken - fp) ** 2)) / fp.std()) > HEAD_BOUND[bits]
 
 
+def test_w8a16_tied_head_is_read_without_dequantizing_the_table(tied_peaked, tmp_path):
+    """w8a16 --quantize-head: the ONNX Runtime graph reads the per-channel INT8 table through the same
+    GatherBlockQuantized + MatMulNBits pair, each row's scale repeated over its blocks (same values), instead
+    of dequantizing the whole table twice a step; logits as the portable graph's."""
+    from ardeploy.calibration import head as qhead
+    out = tmp_path / "q"
+    calibrate_bundle(tied_peaked, IDS, out, CalibConfig(scheme="w8a16", samples=4, seq_len=64, check_windows=0,
+                                                        quantize_head=True, progress=False, threads=threads()))
+    g = onnx.load(str(out / "decode_ort.onnx"), load_external_data=False).graph
+    readers = {n.op_type: n for n in g.node if any(i.startswith("embed_tokens.weight") for i in n.input)}
+    assert set(readers) == {"GatherBlockQuantized", "MatMulNBits"}
+    gbq, mnb = readers["GatherBlockQuantized"], readers["MatMulNBits"]
+    assert gbq.input[2] == mnb.input[2] == qhead.blocked_scale_name("embed_tokens.weight")
+    assert {a.name: a.i for a in mnb.attribute}["bits"] == 8
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in g.initializer}
+    assert where[gbq.input[0]] == where[mnb.input[1]]                 # one table, two views
+    fp, ort_q, portable = _ort_logits(tied_peaked), _ort_logits(out), _ort_logits(out, "portable")
+    np.testing.assert_allclose(ort_q, portable, atol=0.02 * float(portable.std()))
+    assert float(np.sqrt(np.mean((ort_q - fp) ** 2)) / fp.std()) < HEAD_BOUND[8]
+
+
 def test_quantized_untied_head(tiny_hf, export_once, tmp_path):
     """--quantize-head on an untied model: the ONNX Runtime graph's head (x @ W^T) becomes one
     MatMulNBits over the blocked table, no whole-table dequantize or transpose left, the embedding
