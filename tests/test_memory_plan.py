@@ -72,6 +72,7 @@ def test_plan_command(smollm2_bundle, capsys):
     assert main(["plan", str(smollm2_bundle), "--max-seq", "512", "--batch", "2", "--json"]) == 0
     cpu, gpu = json.loads(capsys.readouterr().out)
     assert cpu["device"] == "cpu" and gpu["device"] == "cuda" and cpu["graph"] == "decode_ort.onnx"
+    assert cpu["numerics"] is None and gpu["numerics"] is None        # a float bundle: one arithmetic everywhere
     assert cpu["kv_bytes"] == 512 * kv_bytes_per_position(Bundle.load(smollm2_bundle), 2)
     assert cpu["host_bytes"] == cpu["weights_bytes"] + cpu["kv_bytes"] + cpu["activation_bytes"] + cpu["runtime_host_bytes"]
     assert gpu["device_bytes"] > gpu["kv_bytes"] + gpu["weights_bytes"] and gpu["graph"] == "decode.onnx"   # fp32: portable
