@@ -171,7 +171,7 @@ def small_value(path: Path, t: TensorProto) -> np.ndarray:
 
 @pytest.mark.parametrize("scheme,src", [("w8a16", "gqa_tied_llama3_bias"), ("w8a8", "gqa_tied_llama3_bias"),
                                         ("w8a8", "fp16")])
-def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src):
+def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src, capsys):
     out = tmp_path / "q"
     weights = "gptq" if src == "fp16" else "max"          # GPTQ: Hessians from the graph, grouped q/k/v
     m = calibrate_bundle(tiny_bundles[src], IDS, out, CalibConfig(scheme=scheme, samples=8, seq_len=64,
@@ -181,6 +181,9 @@ def test_qdq_graphs_follow_tensorrt_rules(tiny_bundles, tmp_path, scheme, src):
     q = m["quantization"]
     assert q["scheme"] == scheme and q["format"] == "onnx-qdq" and q["kept_fp_layers"] == []
     assert set(q["numerics"]) == {"cpu", "cuda"} and (q["numerics"]["cpu"] == q["numerics"]["cuda"]) == (scheme == "w8a8")
+    from ardeploy.cli import main
+    assert main(["plan", str(out), "--device", "cpu"]) == 0
+    assert f"numerics: {q['numerics']['cpu']}" in capsys.readouterr().out       # what the user is told
     assert q["check"]["ratio"] < 1.05      # near-uniform logits: a smoke check (the accuracy tests below can fail)
     cal_json = json.loads((out / "calibration.json").read_text())
     assert len(cal_json["weights"]) == 4 * Bundle.load(out).n_layers   # every scale: q|k|v, o, gate|up, down
