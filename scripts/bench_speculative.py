@@ -54,6 +54,7 @@ def ours(args, prompts: dict) -> dict:
         for name, row in rows.items():
             row["vs_plain"] = round(row["decode_tokens_per_s"] / rows["plain"]["decode_tokens_per_s"], 3)
             row["same_tokens_as_plain"] = tokens[name] == tokens["plain"]
+            row["prompts_identical_to_plain"] = f"{sum(a == b for a, b in zip(tokens[name], tokens['plain']))}/{len(texts)}"
         out[kind] = rows
     return out
 
