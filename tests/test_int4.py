@@ -208,13 +208,14 @@ def test_w8a16_tied_head_is_read_without_dequantizing_the_table(tied_peaked, tmp
     assert float(np.sqrt(np.mean((ort_q - fp) ** 2)) / fp.std()) < HEAD_BOUND[8]
 
 
-def test_quantized_untied_head(tiny_hf, export_once, tmp_path):
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+def test_quantized_untied_head(tiny_hf, export_once, tmp_path, scheme):
     """--quantize-head on an untied model: the ONNX Runtime graph's head (x @ W^T) becomes one
-    MatMulNBits over the blocked table, no whole-table dequantize or transpose left, the embedding
-    untouched; its logits are the portable graph's."""
+    MatMulNBits over the blocked table (w8a16: its per-channel table, scales repeated per block), no
+    whole-table dequantize or transpose left, the embedding untouched; its logits are the portable graph's."""
     src = export_once(tiny_hf("mha_untied_theta")[0], max_seq=128)
     out = tmp_path / "q"
-    calibrate_bundle(src, IDS, out, CalibConfig(scheme="w4a16", int4_weights="rtn", samples=4, seq_len=64,
+    calibrate_bundle(src, IDS, out, CalibConfig(scheme=scheme, int4_weights="rtn", samples=4, seq_len=64,
                                                 check_windows=0, quantize_head=True, progress=False,
                                                 threads=threads()))
     g = onnx.load(str(out / "decode_ort.onnx"), load_external_data=False).graph
