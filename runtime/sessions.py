@@ -117,6 +117,8 @@ def open_session(model: str | Path | bytes, options, device: str = "cpu", name: 
     import onnxruntime as ort
     if device == "cpu" and wants_exact_int8(model):
         ask_exact_int8(options)
+    if device == "cuda" and isinstance(model, (str, Path)):
+        name, model = name or model, _as_cuda_runs_it(model, options)
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                     providers=providers(device, cuda_graph))
@@ -124,6 +126,21 @@ def open_session(model: str | Path | bytes, options, device: str = "cpu", name: 
         raise
     except Exception as e:
         raise BundleError(f"{name or model}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+
+
+def _as_cuda_runs_it(path: str | Path, options):
+    """The graph file, or its bytes rewritten where ONNX Runtime's CUDA provider lacks a kernel
+    (runtime/cuda_compat.py), its external data still read from the file's folder."""
+    from .cuda_compat import for_cuda
+    try:
+        fixed = for_cuda(path)
+    except Exception:                   # noqa: BLE001 - unreadable here: ONNX Runtime's own load reports it
+        return path
+    if fixed is None:
+        return path
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(Path(path).parent.resolve()))
+    return fixed
 
 
 def check_io(session, graph: dict, path: str | Path) -> None:

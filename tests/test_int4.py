@@ -208,6 +208,37 @@ def test_w8a16_tied_head_is_read_without_dequantizing_the_table(tied_peaked, tmp
     assert float(np.sqrt(np.mean((ort_q - fp) ** 2)) / fp.std()) < HEAD_BOUND[8]
 
 
+def test_blocked_int8_head_rewritten_for_cuda_computes_the_same(tied_peaked, tmp_path):
+    """ONNX Runtime's CUDA provider has no blocked INT8 DequantizeLinear (a w4a16 head in the portable graphs):
+    sessions on the GPU get it as Cast, Reshape and Mul (runtime/cuda_compat.py). On the CPU, both graphs
+    unoptimized, the rewritten one gives bit-identical logits; graphs without such a node are left alone."""
+    import onnxruntime as ort
+    from ardeploy.runtime.cuda_compat import blocked_int8_dequantizes, for_cuda
+    from ardeploy.runtime.sessions import _as_cuda_runs_it, open_session, session_options
+    out = tmp_path / "q"
+    calibrate_bundle(tied_peaked, IDS, out, CalibConfig(scheme="w4a16", int4_weights="rtn", samples=4, seq_len=64,
+                                                        check_windows=0, quantize_head=True, progress=False,
+                                                        threads=threads()))
+    score = out / "score.onnx"
+    assert len(blocked_int8_dequantizes(onnx.load(str(score), load_external_data=False))) == 1
+    assert for_cuda(out / "decode_ort.onnx") is None and for_cuda(tied_peaked / "score.onnx") is None
+
+    def plain_options():
+        options = session_options(threads())
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return options
+    options = plain_options()
+    rewritten = _as_cuda_runs_it(score, options)
+    assert isinstance(rewritten, bytes)
+    assert not blocked_int8_dequantizes(onnx.load_from_string(rewritten))
+    ids = IDS[None, :32]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    got = open_session(rewritten, options).run(["logits"], feeds)[0]
+    want = open_session(score, plain_options()).run(["logits"], feeds)[0]
+    assert want.std() > 1
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
 def test_quantized_untied_head(tiny_hf, export_once, tmp_path, scheme):
     """--quantize-head on an untied model: the ONNX Runtime graph's head (x @ W^T) becomes one
