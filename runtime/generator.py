@@ -17,6 +17,7 @@ The model runs only through the decode primitive, runtime/decode.py.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -29,7 +30,7 @@ from .manifest_checks import check_kv_memory
 from .backends import load_backend
 from .run_options import RunOptions
 from .sampling import LogitsProcessor, Sampler, SamplingConfig
-from .speculative import AdaptiveK, Draft, DraftModel, NgramDrafter, Speculation, Verifier
+from .speculative import AdaptiveK, Draft, DraftModel, NgramDrafter, Speculation, Verifier, check_same_vocabulary
 from .text import Detokenizer, StopStrings, check_text, render_chat
 from .errors import UserError
 from .log import log
@@ -86,7 +87,7 @@ class Generator:
     captured graphs at the end (or call `close()`)."""
 
     def __init__(self, bundle: Bundle, backend, max_batch: int | None = None, max_seq: int | None = None):
-        self._told_spin = False
+        self._drafts_met = weakref.WeakSet()     # draft Generators already checked against this one
         self.bundle, self.backend = bundle, backend
         self.tokenizer = bundle.tokenizer()
         self.arena: KVArena = backend.new_arena(max_batch, max_seq)
@@ -315,11 +316,13 @@ class Generator:
     def _drafter(self, speculation: Speculation, sampler: Sampler):
         if speculation.method == "ngram":
             return NgramDrafter(speculation.ngram)
-        if (self.backend.spins or speculation.draft.backend.spins) and not self._told_spin:
-            self._told_spin = True
-            log.warning("note: the model and its draft take turns on the CPU; load both with spin=False "
-                        "(RunOptions) or each one's spinning threads slow the other down")
-        drafter = DraftModel(speculation.draft, self.bundle, self.tokenizer)
+        if speculation.draft not in self._drafts_met:     # once per draft: comparing vocabularies takes ~40 ms
+            check_same_vocabulary(speculation.draft, self.bundle, self.tokenizer)
+            if self.backend.spins or speculation.draft.backend.spins:
+                log.warning("note: the model and its draft take turns on the CPU; load both with spin=False "
+                            "(RunOptions) or each one's spinning threads slow the other down")
+            self._drafts_met.add(speculation.draft)
+        drafter = DraftModel(speculation.draft)
         drafter.start(sampler.cfg, (sampler.seed + 7919) % (1 << 63))    # its own random stream, fixed by the seed
         return drafter
 

@@ -118,8 +118,7 @@ class DraftModel:
     """A draft bundle's Generator proposing tokens greedily (or by sampling with `cfg`); its arena holds
     the K/V of `self.tokens`, a prefix of what it was last asked about, and only the rest runs."""
 
-    def __init__(self, draft, target_bundle, target_tokenizer):
-        check_same_vocabulary(draft, target_bundle, target_tokenizer)
+    def __init__(self, draft):
         self.gen, self.tokens = draft, []
         self.sampler: Sampler | None = None
 
