@@ -3,7 +3,6 @@ steps and leave when done; each gets exactly the tokens it gets alone."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -100,16 +99,16 @@ def test_cancel_frees_the_row_at_the_next_step(bundle):
 def test_a_full_queue_is_refused_and_bad_requests_are_one_line(bundle):
     scheduler = BatchingScheduler(Generator.load(bundle, threads=threads(), max_batch=1), max_queue=1)
     cfg = SamplingConfig(greedy=True, max_new_tokens=60, ignore_eos=True)
-    first = scheduler.submit(Request(rng_ids(5), cfg))
-    deadline = time.time() + 10
-    while scheduler.stats()["running"] == 0 and time.time() < deadline:
-        time.sleep(0.01)
+    gate = Gate()                                              # holds the first request in its row
+    first = scheduler.submit(Request(rng_ids(5), cfg, gate))
+    assert gate.reached.wait(30)
     second = scheduler.submit(Request(rng_ids(5), cfg))        # waits in the queue
     with pytest.raises(QueueFull):
         scheduler.submit(Request(rng_ids(5), cfg))
     for bad, needle in (([], "empty prompt"), ([5, 300], "outside the vocabulary"), (list(range(3, 131)), "max_seq")):
         with pytest.raises(UserError, match=needle):
             scheduler.submit(Request(bad, cfg))
+    gate.open.set()
     scheduler.close(drain=False)                               # cancels what is still running or waiting
     assert first.wait(5) and second.wait(5)
     with pytest.raises(QueueFull, match="shutting down"):
