@@ -157,7 +157,7 @@ class ImageGenerator:
     def load(cls, path, options: RunOptions | None = None, **changes) -> "ImageGenerator":
         """options (runtime/run_options.py; keywords override single fields): device "cpu" or "cuda" for
         the transformer, the sampler graph and the VQ decoder; flavor: which transformer graph ONNX Runtime
-        runs (auto: the ONNX Runtime graph when the bundle has one, LlamaGen c2i; else the portable one);
+        runs (auto: the ONNX Runtime graph when the bundle has one: LlamaGen c2i, Emu3, Emu3.5; else the portable one);
         prepack (on by default) matters here: guidance always runs >= 2 rows, and without pre-packing ONNX
         Runtime re-packs every weight at each M=2 step: 3.5x slower on GPT-B (74 vs 259 ms/step, one
         thread). The cost is a private copy of the weights per session."""

@@ -92,7 +92,7 @@ def test_manifest_layout(emu3):
     assert {k: img["special"][k] for k in ("boi", "img", "eoi", "eol", "eof", "bos", "eos")} == \
         {"boi": BOI, "img": IMG, "eoi": EOI, "eol": EOL, "eof": EOF, "bos": BOS, "eos": EOS}
     assert img["header_ids"]["*"] == 20 and img["vq"]["downsample"] == 2
-    assert set(m["graphs"]) == {"prefill", "decode", "vq_decoder"}
+    assert set(m["graphs"]) == {"prefill", "decode", "decode_ort", "vq_decoder"}
 
 
 def test_lm_matches_transformers(emu3):
@@ -190,6 +190,34 @@ def test_emu35_layout_and_unified_text_phase(emu3, generator):
         uncond = model(input_ids=torch.tensor([negative + header])).logits[0, -1].numpy()
     assert float(np.abs(first_code[0] - cond).max()) <= ATOL
     assert float(np.abs(first_code[1] - uncond).max()) <= ATOL
+
+
+def test_both_graph_flavors_draw_the_same_codes(emu3, generator):
+    """The ONNX Runtime graph (GroupQueryAttention, rows at their own lengths: a cond prompt and a shorter
+    negative prompt, the waiting unconditional row of the unified text phase) and the portable graph give
+    the same tokens for a seed, and logits that agree to float32 rounding, in both layouts."""
+    from ardeploy.runtime import SamplingConfig
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageGenerator, ImageRequest, ImageSettings
+    assert generator.backend.flavor == "ort"
+    portable = ImageGenerator.load(emu3[2], threads=threads(), flavor="portable")
+    assert portable.backend.flavor == "portable"
+    for kind, text_tokens in (("emu3", 0), ("emu3.5", 3)):
+        runs = []
+        for gen in (generator, portable):
+            gen = ImageGenerator(gen.bundle, gen.backend)
+            gen.layout = dataclasses.replace(gen.layout, kind=kind)
+            settings = ImageSettings(guidance=Guidance(3.0), visual=SamplingConfig(temperature=1.0, top_k=16),
+                                     text=SamplingConfig(temperature=1.0, top_k=8), size=(8, 6), seed=7,
+                                     negative_ids=[BOS, 26], max_text_tokens=text_tokens)
+            trace: list = []
+            runs.append((gen.generate([ImageRequest(prompt_ids=[BOS, 21, 22, 23, 24])], settings, trace=trace,
+                                      decode=False)[0].token_ids, trace))
+        (ort_tokens, ort_trace), (portable_tokens, portable_trace) = runs
+        assert ort_tokens == portable_tokens and len(ort_trace) == len(portable_trace)
+        for step, (a, b) in enumerate(zip(ort_trace, portable_trace)):
+            rows = [0] if 0 < step <= text_tokens else [0, 1]     # a waiting row's logits mean nothing
+            assert float(np.abs(a[rows] - b[rows]).max()) <= ATOL, (kind, step)
 
 
 def test_generate_image_cli_writes_png(emu3, tmp_path, capsys):

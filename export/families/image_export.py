@@ -5,9 +5,10 @@ one class per family overriding only what differs (registry.py names each family
   family gets max_batch >= 2 (a conditional and an unconditional row for classifier-free guidance).
 * LlamaGen t2i: the prefill graph starts from caption features instead of token ids (one extra traced
   prologue piece, the blocks and head are the usual ones).
-* LlamaGen c2i, with target "ort": the ONNX Runtime graph `decode_ort.onnx` (families/llamagen_ort.py:
-  the text graph with LlamaGen's 2D rotary as GroupQueryAttention's cos/sin tables), which the runtime
-  runs; t2i, Emu3 and Emu3.5 keep the portable graphs.
+* with target "ort", the ONNX Runtime graph `decode_ort.onnx`, which the runtime runs: Emu3 and Emu3.5
+  take the text graph as it is (their language models are Llama and Qwen3); LlamaGen c2i the text graph
+  with LlamaGen's 2D rotary as GroupQueryAttention's cos/sin tables (families/llamagen_ort.py); LlamaGen
+  t2i keeps the portable graphs (its padded caption prefix needs a mask GroupQueryAttention lacks).
 * the VQ decoder graph `vq_decoder.onnx`: `tokens` int64 [batch, height, width] -> `pixels` float32
   [batch, 3, height*f, width*f]; its weights are appended to the shared weights file.
 * manifest.json's "image" section and arrays the runtime needs (LlamaGen t2i's null caption).
@@ -21,6 +22,7 @@ from onnx import TensorProto
 from torch import nn
 
 from ...runtime.bundle import image_condition
+from .. import ort_graph
 from ..assemble import ONNX_DTYPE, ExternalWeights
 from ..contract import describe, graph_io
 from ..pieces import Piece, export_program, to_piece, trace_model
@@ -58,8 +60,8 @@ class ImageGraphs(TextGraphs):
         return {**entries, "vq_decoder": {"file": "vq_decoder.onnx", **io}}
 
     def ort_image_graph(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
-        """The family's ONNX Runtime graph, where it has one (none here: the portable graphs run)."""
-        return {}
+        """The family's ONNX Runtime graph: the text model's (Emu3, Emu3.5)."""
+        return self.ort_flavor(folder, ort_graph.supports, ort_graph.build_ort_graph, weights, dtype, opset, max_seq)
 
     def manifest_sections(self, folder) -> dict:
         image = dict(self.ckpt.image)
@@ -79,6 +81,10 @@ class LlamaGenGraphs(ImageGraphs):
     def limits(self, max_seq: int, max_batch: int) -> tuple[int, int]:
         cfg = self.spec.extra["llamagen"]
         return super().limits(cfg["cls_token_num"] + cfg["grid"] ** 2, max_batch)
+
+    def ort_image_graph(self, folder, weights: ExternalWeights, dtype: str, opset: int, max_seq: int) -> dict:
+        """None here (t2i: the portable graphs run); c2i overrides."""
+        return {}
 
 
 class LlamaGenC2IGraphs(LlamaGenGraphs):

@@ -73,21 +73,26 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int,
     cache, so a padded row's real tokens move to the front of its S slots, and the graph is told each
     row's length and where its last token is (all_positions, batch 1: every token's index, so the graph
     gives every position's logits). Its attention takes a step's S tokens as the last S of every row
-    once the cache holds tokens: only a first step may carry padding."""
+    once the cache holds tokens: after a first step (which may carry padding) a row takes all S tokens,
+    or none (a row that waits, e.g. an image's unconditional row while the model writes text): that row
+    runs its S padding tokens just past its length, where its next real tokens will overwrite them, and
+    its logits are meaningless."""
     batch, n_new = input_ids.shape
     lengths = attention_mask.sum(axis=1)
     new = attention_mask[:, past:].sum(axis=1)
-    if past and (new != n_new).any():
-        raise ValueError("with tokens in the cache every row must take all its new tokens in this step "
+    if past and ((new != n_new) & (new != 0)).any():
+        raise ValueError("with tokens in the cache every row must take all its new tokens in this step, or none "
                          "(feed padded prompts in one piece)")
     if not past and new.max() != n_new:
         raise ValueError("a first step needs at least one row without padding")
     ids = np.array(input_ids, dtype=np.int64)
-    for row in np.nonzero(new != n_new)[0]:
+    waiting = (new == 0) if past else np.zeros(batch, bool)
+    for row in np.nonzero((new != n_new) & ~waiting)[0]:
         ids[row] = np.roll(ids[row], -(n_new - new[row]))       # real tokens first, padding after
-    last = np.arange(n_new) if all_positions else np.arange(batch) * n_new + new - 1
-    return {"input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32),
-            "total_seq_len": np.array(lengths.max(), dtype=np.int32), "last_token": last.astype(np.int64)}
+    ends = np.where(waiting, lengths + n_new, lengths)           # where each row's written tokens end
+    last = np.arange(n_new) if all_positions else np.arange(batch) * n_new + np.where(waiting, n_new, new) - 1
+    return {"input_ids": ids, "seqlens_k": (ends - 1).astype(np.int32),
+            "total_seq_len": np.array(ends.max(), dtype=np.int32), "last_token": last.astype(np.int64)}
 
 
 def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
