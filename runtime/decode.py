@@ -79,12 +79,13 @@ class Rows:
             logits = backend.step(ids[:, start:stop], mask[:, :past + stop], self.arena)
         return self._took(logits)
 
-    def feed(self, ids: np.ndarray, visible: np.ndarray | None = None):
+    def feed(self, ids: np.ndarray, visible: np.ndarray | None = None, sample: dict | None = None):
         """One decode step: new tokens [B, S] per row; `visible` [B, S] (default all 1) is 0 where a row
-        must not see a token (padding fed to a row that waits). Returns the logits."""
+        must not see a token (padding fed to a row that waits); `sample`: the sampler tail's inputs (see
+        backends/base.py). Returns the logits."""
         visible = np.ones_like(ids, dtype=np.int64) if visible is None else visible.astype(np.int64)
         self.mask = np.concatenate([self.mask, visible], axis=1)
-        return self._took(self.backend.step(ids, self.mask, self.arena))
+        return self._took(self.backend.step(ids, self.mask, self.arena, sample=sample))
 
     def verify(self, ids: list[int]):
         """A speculative verify step of one row: the last sampled token and the drafted ones, run at once;

@@ -1,18 +1,31 @@
-"""Guided sampling of image codes as a small ONNX graph that ONNX Runtime runs where the logits are
-(the GPU with --device cuda), so that per step only the [images] codes cross to the host.
+"""Guided sampling of image codes as ONNX nodes that ONNX Runtime runs where the logits are (the GPU with
+--device cuda), so that per step only the [images] codes cross to the host.
+
+The nodes are a *tail* that reads a [rows, vocab] logits tensor. It runs in one of two places:
+
+- appended to the decode step's own graph (`add_sampler`, asked for by the image generator on the GPU):
+  the captured CUDA-graph step then computes the logits and draws the codes in one replay;
+- as a graph of its own (`build_sampler_graph`, `DeviceSampler`) on logits a step already made: the
+  first code of an image (its logits come from the prompt) and any step that was not replayed.
 
 It computes what the host path computes (runtime/guidance.py, then runtime/sampling.py's Sampler),
 operation for operation in the same precision:
 
+    the image's rows               Gather the conditional and the unconditional row of each image
     restrict to [lo, hi)           Slice
     guidance                       uncond + (cond - uncond) * scale in float32; the conditional rows
-                                   themselves when this step's scale is 1 (cfg_interval)
-    temperature                    Div (float32)
-    top-k                          TopK's k-th value; entries below it -> -inf (ties with it kept)
+                                   themselves when this step's scale is 1 (cfg_interval, no guidance)
     greedy                         ArgMax (the first maximum, as numpy's argmax)
+    temperature                    Div (float32; x / 1 is x)
+    top-k                          the smallest of TopK's k values; entries below it -> -inf (ties kept)
     draw                           softmax in float64, the CDF in token order, one uniform per image
                                    drawn on the host from that image's numpy generator (the same
                                    stream the host sampler uses), token = #{j: cdf[j] <= u * cdf[-1]}
+
+Every setting is an input (`sampler_feeds`), so one graph serves every batch and setting; a step that
+draws nothing (a prompt) is given `default_feeds()` and computes a throwaway code for row 0. k is read
+on the host by TopK: a captured step records it, so a captured step is recorded per k
+(runtime/backends/ort.py). No top-k sorts the whole row (k = width).
 
 The CDF is a two-level prefix sum (inside blocks of 128, then over the block totals): ONNX Runtime's
 CUDA CumSum sums every prefix from the start (quadratic in the row length). Summing in another
@@ -29,6 +42,26 @@ from .sampling import SamplingConfig
 
 BLOCK = 128
 OPSET = 21
+PREFIX = "sampler/"                 # names of the tail's nodes and values inside a step graph
+OUTPUT = "sampled_ids"              # int64 [images]: the drawn token ids (lo already added)
+HOST_INPUTS = ("sample_top_k",)     # read on the host by TopK: fixed in a captured step
+
+
+def _inputs():
+    """(name, ONNX type, dims, default) of the tail's inputs."""
+    from onnx import TensorProto as T
+    return (("sample_cond_rows", T.INT64, ["images"], np.zeros(1, np.int64)),
+            ("sample_uncond_rows", T.INT64, ["images"], np.zeros(1, np.int64)),
+            ("sample_scale", T.FLOAT, [], np.array(1.0, np.float32)),
+            ("sample_greedy", T.BOOL, [], np.array(True)),
+            ("sample_temperature", T.FLOAT, [], np.array(1.0, np.float32)),
+            ("sample_top_k", T.INT64, [1], np.ones(1, np.int64)),
+            ("sample_uniform", T.DOUBLE, ["images"], np.zeros(1, np.float64)))
+
+
+def default_feeds() -> dict:
+    """Inputs for a step that draws nothing: one image, row 0, greedy."""
+    return {name: default for name, _, _, default in _inputs()}
 
 
 def device_supports(cfg: SamplingConfig) -> str | None:
@@ -42,66 +75,65 @@ def device_supports(cfg: SamplingConfig) -> str | None:
     return None
 
 
+def sampler_feeds(cfg: SamplingConfig, images: int, guided: bool, scale: float, rngs: list, width: int) -> dict:
+    """The tail's inputs for one code of each image: rows b and images + b (guided), this step's scale,
+    the settings, and one uniform per image from its generator (none drawn when greedy, as on the host)."""
+    rows = np.arange(images, dtype=np.int64)
+    greedy = cfg.is_greedy
+    k = 1 if greedy else min(cfg.top_k or width, width)
+    uniform = np.zeros(images) if greedy else np.array([rng.random() for rng in rngs], dtype=np.float64)
+    return {"sample_cond_rows": rows, "sample_uncond_rows": rows + images if guided else rows,
+            "sample_scale": np.array(scale if guided else 1.0, np.float32), "sample_greedy": np.array(greedy),
+            "sample_temperature": np.array(1.0 if greedy else cfg.temperature, np.float32),
+            "sample_top_k": np.array([k], np.int64), "sample_uniform": uniform}
+
+
 class _Graph:
-    """Nodes and constants of the sampler graph (onnx.helper; no torch)."""
+    """Nodes and constants of the tail (onnx.helper; no torch), every name under PREFIX."""
 
     def __init__(self):
         from onnx import helper
         self.helper, self.nodes, self.inits = helper, [], []
 
-    def op(self, kind: str, inputs: list[str], out: str, **attrs) -> str:
-        self.nodes.append(self.helper.make_node(kind, inputs, [out], name=out, **attrs))
-        return out
+    def op(self, kind: str, inputs: list[str], out: str, n_out: int = 1, **attrs) -> str:
+        outs = [PREFIX + out] + [f"{PREFIX}{out}/{i}" for i in range(1, n_out)]
+        self.nodes.append(self.helper.make_node(kind, inputs, outs, name=PREFIX + out, **attrs))
+        return outs[0]
 
     def const(self, name: str, values, dtype) -> str:
         from onnx import numpy_helper
-        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
-        return name
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), PREFIX + name))
+        return PREFIX + name
 
 
-def build_sampler_graph(cfg: SamplingConfig, lo: int, hi: int, vocab: int, guided: bool) -> bytes:
-    """The serialized ONNX model: logits float32 [rows, vocab] (cond rows, then uncond rows when
-    guided), scale float32 [] (guided), uniform float64 [images] (sampling) -> ids int64 [images]."""
-    from onnx import TensorProto, helper
+def add_sampler(graph, lo: int, hi: int, vocab: int, logits: str = "logits") -> None:
+    """Append the tail to `graph` (an onnx GraphProto whose value `logits` is [rows, vocab] float32): its
+    inputs and the output OUTPUT."""
+    from onnx import helper
     g = _Graph()
-    x = "logits"
+    cond = g.op("Gather", [logits, "sample_cond_rows"], "cond_rows", axis=0)
+    uncond = g.op("Gather", [logits, "sample_uncond_rows"], "uncond_rows", axis=0)
     if (lo, hi) != (0, vocab):
-        x = g.op("Slice", [x, g.const("lo", [lo], np.int64), g.const("hi", [hi], np.int64),
-                           g.const("axis1", [1], np.int64)], "visual")
-    inputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", vocab])]
-    if guided:
-        inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
-        g.nodes.append(helper.make_node("Split", [x], ["cond", "uncond"], name="halves", axis=0, num_outputs=2))
-        mixed = g.op("Add", ["uncond", g.op("Mul", [g.op("Sub", ["cond", "uncond"], "diff"), "scale"], "scaled")],
-                     "mixed")
-        off = g.op("Equal", ["scale", g.const("one", 1.0, np.float32)], "unguided")
-        x = g.op("Where", [off, "cond", mixed], "guided")
-    width = hi - lo
-    if cfg.is_greedy:
-        out = g.op("ArgMax", [x], "best", axis=1, keepdims=0)
-    else:
-        inputs.append(helper.make_tensor_value_info("uniform", TensorProto.DOUBLE, ["images"]))
-        out = _draw(g, _filters(g, cfg, x, width), width)
-    ids = g.op("Add", [out, g.const("offset", lo, np.int64)], "ids")
-    graph = helper.make_graph(g.nodes, "image_sampler", inputs,
-                              [helper.make_tensor_value_info(ids, TensorProto.INT64, ["images"])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ardeploy")
-    model.ir_version = 10
-    return model.SerializeToString()
-
-
-def _filters(g: _Graph, cfg: SamplingConfig, x: str, width: int) -> str:
-    """Temperature, then top-k (runtime/sampling.py's order and definitions)."""
-    if cfg.temperature != 1.0:
-        x = g.op("Div", [x, g.const("temperature", cfg.temperature, np.float32)], "tempered")
-    if cfg.top_k:
-        kept = min(cfg.top_k, width)
-        values = g.op("TopK", [x, g.const("k", [kept], np.int64)], "topk", axis=1)
-        g.nodes[-1].output.append("topk_idx")
-        kth = g.op("Slice", [values, g.const("kth_lo", [kept - 1], np.int64), g.const("kth_hi", [kept], np.int64),
-                             g.const("axis1_k", [1], np.int64)], "kth")
-        x = g.op("Where", [g.op("Less", [x, kth], "below"), g.const("neg_inf", -np.inf, np.float32), x], "top_k")
-    return x
+        bounds = [g.const("lo", [lo], np.int64), g.const("hi", [hi], np.int64), g.const("axis1", [1], np.int64)]
+        cond, uncond = g.op("Slice", [cond, *bounds], "cond"), g.op("Slice", [uncond, *bounds], "uncond")
+    mixed = g.op("Add", [uncond, g.op("Mul", [g.op("Sub", [cond, uncond], "diff"), "sample_scale"], "scaled")],
+                 "mixed")
+    off = g.op("Equal", ["sample_scale", g.const("one", 1.0, np.float32)], "unguided")
+    guided = g.op("Where", [off, cond, mixed], "guided")
+    best = g.op("ArgMax", [guided], "best", axis=1, keepdims=0)
+    tempered = g.op("Div", [guided, "sample_temperature"], "tempered")
+    top = g.op("TopK", [tempered, "sample_top_k"], "top_values", n_out=2, axis=1)
+    kth = g.op("ReduceMin", [top, g.const("axis1r", [1], np.int64)], "kth", keepdims=1)
+    kept = g.op("Where", [g.op("Less", [tempered, kth], "below"), g.const("neg_inf", -np.inf, np.float32), tempered],
+                "top_k")
+    drawn = _draw(g, kept, hi - lo)
+    picked = g.op("Where", ["sample_greedy", best, drawn], "picked")
+    graph.node.extend(g.nodes + [helper.make_node("Add", [picked, g.const("offset", lo, np.int64)], [OUTPUT],
+                                                  name=PREFIX + "ids")])
+    graph.initializer.extend(g.inits)
+    for name, kind, dims, _ in _inputs():
+        graph.input.append(helper.make_tensor_value_info(name, kind, dims))
+    graph.output.append(helper.make_tensor_value_info(OUTPUT, helper.TensorProto.INT64, ["images"]))
 
 
 def _draw(g: _Graph, x: str, width: int) -> str:
@@ -118,30 +150,43 @@ def _draw(g: _Graph, x: str, width: int) -> str:
     cdf = g.op("Reshape", [g.op("Add", [inner, before], "cdf_tiled"), g.const("flat", [0, -1], np.int64)], "cdf")
     total = g.op("Slice", [cdf, g.const("end_lo", [-1], np.int64), g.const("end_hi", [blocks * BLOCK], np.int64),
                            g.const("axis1e", [1], np.int64)], "total")
-    target = g.op("Mul", [g.op("Unsqueeze", ["uniform", g.const("axis1u", [1], np.int64)], "u"), total], "target")
+    target = g.op("Mul", [g.op("Unsqueeze", ["sample_uniform", g.const("axis1u", [1], np.int64)], "u"), total],
+                  "target")
     under = g.op("Cast", [g.op("LessOrEqual", [cdf, target], "under_b")], "under", to=1)
-    count = g.op("Cast", [g.op("ReduceSum", [under, g.const("axis1r", [1], np.int64)], "count_f", keepdims=0)],
+    count = g.op("Cast", [g.op("ReduceSum", [under, g.const("axis1c", [1], np.int64)], "count_f", keepdims=0)],
                  "count", to=7)
     return g.op("Min", [count, g.const("last_id", width - 1, np.int64)], "drawn")
 
 
-class DeviceSampler:
-    """One session of the sampler graph for one batch's settings; `__call__` per image token. On CUDA
-    its run is captured once per logits buffer as a CUDA graph (one launch instead of ~30): logits
-    that are already on the device are read where they are (the CUDA-graph decode step keeps them at
-    one address per batch size), host logits are staged into a buffer of this sampler's."""
+def build_sampler_graph(lo: int, hi: int, vocab: int) -> bytes:
+    """The tail as a serialized model of its own: logits float32 [rows, vocab] and the tail's inputs ->
+    OUTPUT int64 [images]."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([], "image_sampler", [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                   ["rows", vocab])], [])
+    add_sampler(graph, lo, hi, vocab)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ardeploy")
+    model.ir_version = 10
+    return model.SerializeToString()
 
-    def __init__(self, cfg: SamplingConfig, lo: int, hi: int, vocab: int, guided: bool, rngs: list,
-                 device: str = "cpu", threads: int | None = None, capture: bool | None = None):
+
+class DeviceSampler:
+    """One session of the sampler graph for a visual range; `__call__` per image token. On CUDA its run
+    is captured once per logits buffer and k as a CUDA graph (one launch instead of ~30): logits that
+    are already on the device are read where they are (the CUDA-graph decode step keeps them at one
+    address per batch size), host logits are staged into a buffer of this sampler's."""
+
+    def __init__(self, lo: int, hi: int, vocab: int, device: str = "cpu", threads: int | None = None,
+                 capture: bool | None = None):
         """capture: fixed buffers and CUDA graphs (default: on CUDA; on the CPU the same bindings run
         without a graph, which is how the tests exercise them)."""
-        self.cfg, self.guided, self.rngs, self.device, self.vocab = cfg, guided, rngs, device, vocab
-        self.model = build_sampler_graph(cfg, lo, hi, vocab, guided)
+        self.device, self.vocab, self.width = device, vocab, hi - lo
+        self.model = build_sampler_graph(lo, hi, vocab)
         self.threads = threads
         self.captured = device == "cuda" if capture is None else capture
         self.session = self._open()
-        self._buffers: dict = {}        # rows -> fixed device buffers (captured runs)
-        self._graphs: dict = {}         # (rows, logits address) -> (IOBinding, RunOptions)
+        self._buffers: dict = {}        # (rows, images) -> fixed device buffers (captured runs)
+        self._graphs: dict = {}         # (rows, images, k, logits address) -> (IOBinding, RunOptions)
         self.seconds = 0.0              # spent in __call__ (benchmarks)
 
     def _open(self):
@@ -149,63 +194,84 @@ class DeviceSampler:
         return open_session(self.model, session_options(self.threads or 1, warnings=False), self.device,
                             name="image sampler graph", cuda_graph=self.captured)
 
-    def __call__(self, logits, scale: float) -> np.ndarray:
-        """logits: [rows, vocab] float32, a numpy array or an OrtValue (on the session's device);
-        returns the sampled ids [images] (int64, on the host)."""
+    def __call__(self, logits, feeds: dict) -> np.ndarray:
+        """logits: [rows, vocab] float32, a numpy array or an OrtValue (on the session's device); feeds:
+        `sampler_feeds`; returns the sampled ids [images] (int64, on the host)."""
         started = time.perf_counter()
         try:
-            return self._sample(logits, scale)
+            if self.captured:
+                try:
+                    return self._replay(logits, feeds)
+                except Exception:       # ONNX Runtime refused to capture: run the graph plainly from now on
+                    self.captured = False
+                    self.session = self._open()
+            return self._run(logits, feeds)
         finally:
             self.seconds += time.perf_counter() - started
 
-    def _sample(self, logits, scale: float) -> np.ndarray:
-        uniform = np.array([rng.random() for rng in self.rngs], dtype=np.float64) if not self.cfg.is_greedy else None
-        if self.captured:
-            try:
-                return self._replay(logits, scale, uniform)
-            except Exception:           # ONNX Runtime refused to capture: run the graph plainly from now on
-                self.captured = False
-                self.session = self._open()
+    def _run(self, logits, feeds: dict) -> np.ndarray:
         io = self.session.io_binding()
         if isinstance(logits, np.ndarray):
             io.bind_cpu_input("logits", np.ascontiguousarray(logits, dtype=np.float32))
         else:
             io.bind_ortvalue_input("logits", logits)
-        if self.guided:
-            io.bind_cpu_input("scale", np.array(scale, dtype=np.float32))
-        if uniform is not None:
-            io.bind_cpu_input("uniform", uniform)
-        io.bind_output("ids", "cpu")
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        io.bind_output(OUTPUT, "cpu")
         self.session.run_with_iobinding(io)
         return io.copy_outputs_to_cpu()[0]
 
-    def _replay(self, logits, scale: float, uniform) -> np.ndarray:
-        import onnxruntime as ort
-        from .sessions import graph_run_options
+    def _replay(self, logits, feeds: dict) -> np.ndarray:
         rows = logits.shape[0] if isinstance(logits, np.ndarray) else logits.shape()[0]
-        buffers = self._buffers.get(rows)
+        images = len(feeds["sample_cond_rows"])
+        buffers = self._buffers.get((rows, images))
         if buffers is None:
-            def zeros(shape, dtype):
-                return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
-            images = rows // 2 if self.guided else rows
-            buffers = self._buffers[rows] = {"staging": zeros((rows, self.vocab), np.float32),
-                                             "scale": zeros((), np.float32), "uniform": zeros(images, np.float64),
-                                             "ids": zeros(images, np.int64)}
+            buffers = self._buffers[(rows, images)] = FeedBuffers(feeds, self.device)
+            buffers.staging = buffers.zeros((rows, self.vocab), np.float32)
         if isinstance(logits, np.ndarray):
-            buffers["staging"].update_inplace(np.ascontiguousarray(logits, dtype=np.float32))
-            logits = buffers["staging"]
-        if self.guided:
-            buffers["scale"].update_inplace(np.array(scale, dtype=np.float32))
-        if uniform is not None:
-            buffers["uniform"].update_inplace(uniform)
-        key = (rows, logits.data_ptr())
+            buffers.staging.update_inplace(np.ascontiguousarray(logits, dtype=np.float32))
+            logits = buffers.staging
+        buffers.update(feeds)
+        key = (rows, images, int(feeds["sample_top_k"][0]), logits.data_ptr())
         if key not in self._graphs:
+            from .sessions import graph_run_options
             io = self.session.io_binding()
             io.bind_ortvalue_input("logits", logits)
-            for name in ("scale",) * self.guided + ("uniform",) * (uniform is not None):
-                io.bind_ortvalue_input(name, buffers[name])
-            io.bind_ortvalue_output("ids", buffers["ids"])
+            buffers.bind(io, feeds)
             self._graphs[key] = (io, graph_run_options(len(self._graphs) + 1))
         io, options = self._graphs[key]
         self.session.run_with_iobinding(io, options)
-        return buffers["ids"].numpy()
+        return buffers.ids.numpy()
+
+
+class FeedBuffers:
+    """The tail's inputs and output at fixed device addresses (what a captured graph reads and writes),
+    for one number of images. `update` copies only the inputs that changed since the last step (a
+    host-to-device copy each is most of a small step's overhead): per code that is the uniforms, and the
+    scale where a schedule moves it."""
+
+    def __init__(self, feeds: dict, device: str):
+        self.device = device
+        self.values = {name: self.zeros(value.shape, value.dtype) for name, value in feeds.items()
+                       if name not in HOST_INPUTS}
+        self.ids = self.zeros(feeds["sample_cond_rows"].shape, np.int64)
+        self.last: dict = {}
+
+    def zeros(self, shape, dtype):
+        import onnxruntime as ort
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
+
+    def update(self, feeds: dict) -> None:
+        for name, buffer in self.values.items():
+            value = feeds[name]
+            if name not in self.last or not np.array_equal(self.last[name], value):
+                buffer.update_inplace(np.ascontiguousarray(value))
+                self.last[name] = value
+
+    def bind(self, io, feeds: dict) -> None:
+        """Bind the device inputs and the output; the host inputs as given (a captured graph keeps them)."""
+        for name, buffer in self.values.items():
+            io.bind_ortvalue_input(name, buffer)
+        for name in HOST_INPUTS:
+            io.bind_cpu_input(name, feeds[name])
+        io.bind_ortvalue_output(OUTPUT, self.ids)

@@ -12,9 +12,11 @@ models (text before the image), the unconditional row is fed padding (attention 
 and it does not advance that row's positions) until the image begins, so it sees only its own prompt
 and the image, as in Emu3.5.
 
-Codes are drawn on the host (guidance.py, sampling.py) or, on CUDA by default, by a small graph on
+Codes are drawn on the host (guidance.py, sampling.py) or, on CUDA by default, by sampler nodes on
 the device (device_sampler.py: the same definitions and per-image random streams), so that only the
-sampled ids come back to the host each step.
+sampled ids come back to the host each step. On CUDA those nodes end the step graph itself: a step
+replayed as a captured CUDA graph computes the logits and draws the codes in one launch (the first
+code, drawn from the prompt's logits, goes through the sampler graph of its own).
 
 Tokens the layout forces (EOL, EOF, EOI, the "H*W" header) are never sampled: they are fed together
 with the next sampled token in one decode step (S > 1), and the forced tokens after the last code are
@@ -33,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends.base import device_value
+from .backends.base import device_value, sampled_ids
 from .bundle import Bundle, BundleError
 from .decode import Rows
 from .guidance import Guidance, RangeSampler, guide, image_generators
@@ -112,15 +114,16 @@ class BatchRows:
         """The same token for every image."""
         return np.full(self.n_images, token, np.int64)
 
-    def feed(self, columns: list[np.ndarray], uncond_sees: bool) -> None:
+    def feed(self, columns: list[np.ndarray], uncond_sees: bool, sample: dict | None = None) -> None:
         """One decode step. columns: S arrays [images], image b's tokens; its unconditional row gets the
-        same tokens, or padding (attention mask 0) while it must not see them."""
+        same tokens, or padding (attention mask 0) while it must not see them. sample: the sampler
+        inputs of the codes this step's logits give (drawn in the step where the backend can)."""
         ids = np.stack(columns, axis=1).astype(np.int64)              # [images, S]
         real = np.ones_like(ids)
         if self.guided:
             ids = np.concatenate([ids, ids if uncond_sees else np.full_like(ids, self.pad)])
             real = np.concatenate([real, real if uncond_sees else np.zeros_like(real)])
-        self._took(self.rows.feed(ids, real))
+        self._took(self.rows.feed(ids, real, sample))
 
     def guided_logits(self, lo: int, hi: int, scale: float) -> np.ndarray:
         """Logits [images, hi - lo] of the range [lo, hi), guided by the unconditional rows."""
@@ -132,6 +135,52 @@ class BatchRows:
         self.logits = logits
         if self.trace is not None:
             self.trace.append(logits[:self.n_rows].copy())
+
+
+class HostCodes:
+    """Codes drawn on the host (guidance.py, sampling.py) from the rows' latest logits."""
+
+    def __init__(self, cfg: SamplingConfig, lo: int, hi: int, rows: BatchRows, rngs: list):
+        self.lo, self.hi, self.rows = lo, hi, rows
+        self.visual = RangeSampler(cfg, lo, hi, rngs)
+        self.in_step = 0
+
+    def prepare(self, scale: float) -> float:
+        return scale
+
+    def for_step(self, prepared) -> None:
+        return None
+
+    def __call__(self, scale: float) -> np.ndarray:
+        return self.visual(self.rows.guided_logits(self.lo, self.hi, scale))
+
+
+class DeviceCodes:
+    """Codes drawn by the sampler nodes (device_sampler.py), from the same inputs either way: inside the
+    step that made the logits where the backend's step graph ends in them and the step was replayed,
+    else by the sampler graph of its own on the step's logits. `in_step` counts the first kind."""
+
+    def __init__(self, sampler, cfg: SamplingConfig, rows: BatchRows, rngs: list, width: int, step_draws: bool):
+        self.sampler, self.cfg, self.rows, self.rngs, self.width = sampler, cfg, rows, rngs, width
+        self.step_draws, self.in_step = step_draws, 0
+
+    def prepare(self, scale: float) -> dict:
+        """The sampler inputs of the next code of each image (its uniforms drawn now)."""
+        from .device_sampler import sampler_feeds
+        return sampler_feeds(self.cfg, self.rows.n_images, self.rows.guided, scale, self.rngs, self.width)
+
+    def for_step(self, feeds: dict) -> dict | None:
+        """What the step that makes the next logits is given to draw with."""
+        return feeds if self.step_draws else None
+
+    def __call__(self, feeds: dict) -> np.ndarray:
+        logits = self.rows.logits
+        drawn = sampled_ids(logits)
+        if drawn is not None:
+            self.in_step += 1
+            return drawn
+        value = device_value(logits)
+        return self.sampler(np.asarray(logits)[:self.rows.n_rows] if value is None else value, feeds)
 
 
 class ImageGenerator:
@@ -169,7 +218,10 @@ class ImageGenerator:
         providers(options.where if options.backend == "ort" else "cpu")   # one line, before any session
         if options.backend == "ort" and options.where == "cpu":
             check_kv_memory(bundle.manifest, bundle.path)                  # before a host cache is allocated
-        return cls(bundle, load_backend(bundle, options), options)
+        # On the GPU the captured step also draws the codes (device_sampler.py): its graph gets the sampler.
+        layout = ImageLayout.from_manifest(bundle.manifest["image"])
+        in_step = (layout.lo, layout.hi) if options.where == "cuda" and options.cuda_graph else None
+        return cls(bundle, load_backend(bundle, options, sampler_range=in_step), options)
 
     def close(self) -> None:
         """Free the backend, the sampler and VQ decoder sessions and the arena. Idempotent."""
@@ -339,14 +391,15 @@ class ImageGenerator:
         if settings.max_text_tokens > 0 and self._text_before_image(rows, settings, rngs, generated[0], h, w):
             return [ImageResult(codes=None, token_ids=generated[0],
                                 timings={"seconds": round(time.perf_counter() - started, 4)})]
-        codes, first_code_at = self._sample_image(rows, settings, rngs, generated, h, w, progress)
+        codes, first_code_at, in_step = self._sample_image(rows, settings, rngs, generated, h, w, progress)
         finished = time.perf_counter()
         n_codes = h * w
         elapsed = finished - first_code_at
         rate = (n_codes - 1) * len(chunk) / elapsed if n_codes > 1 and elapsed > 0 else 0.0
         timings = {"seconds": round(finished - started, 4), "first_token_s": round(first_code_at - started, 4),
                    "image_tokens_per_s": round(rate, 2), "images_in_batch": len(chunk),
-                   "tokens_s": round((finished - started) / len(chunk), 4)}     # this image's share of the batch
+                   "tokens_s": round((finished - started) / len(chunk), 4),     # this image's share of the batch
+                   "codes_drawn_in_step": in_step}
         return [ImageResult(codes=image_codes.reshape(h, w), token_ids=tokens, timings=dict(timings))
                 for image_codes, tokens in zip(codes, generated)]
 
@@ -386,9 +439,10 @@ class ImageGenerator:
         return False
 
     def _sample_image(self, rows: "BatchRows", settings: ImageSettings, rngs, generated: list[list[int]],
-                      h: int, w: int, progress) -> tuple[np.ndarray, float]:
+                      h: int, w: int, progress) -> tuple[np.ndarray, float, int]:
         """Walk the layout's region: sample each code (guided, inside the visual range), queue the forced
-        tokens. Returns the codes [images, h*w] and when the first code was sampled."""
+        tokens. Returns the codes [images, h*w], when the first code was sampled and how many codes the
+        steps drew themselves."""
         layout = self.layout
         sample = self._code_sampler(settings, rows, rngs)
         n_codes = h * w
@@ -401,9 +455,10 @@ class ImageGenerator:
                 for tokens in generated:
                     tokens.append(slot)
                 continue
+            prepared = sample.prepare(settings.guidance.scale_at(index, n_codes))
             if pending:
-                rows.feed(pending, uncond_sees=True)
-            sampled = sample(settings.guidance.scale_at(index, n_codes))
+                rows.feed(pending, uncond_sees=True, sample=sample.for_step(prepared))
+            sampled = sample(prepared)
             codes[:, index] = sampled - layout.lo
             for tokens, token in zip(generated, sampled):
                 tokens.append(int(token))
@@ -413,29 +468,22 @@ class ImageGenerator:
                 first_code_at = time.perf_counter()
             if progress:
                 progress(rows.n_images)
-        return codes, first_code_at
+        return codes, first_code_at, sample.in_step
 
-    def _code_sampler(self, settings: ImageSettings, rows: "BatchRows", rngs) -> Callable[[float], np.ndarray]:
-        """sample(scale) -> the ids of one image token per image, from the rows' latest logits: restricted
-        to the visual range first, then guided and sampled there (exact, see guidance.py), on the host or
-        by the sampler graph on the backend's device (the same definitions and random streams)."""
+    def _code_sampler(self, settings: ImageSettings, rows: "BatchRows", rngs) -> "HostCodes | DeviceCodes":
+        """What draws one image token per image from the rows' latest logits: restricted to the visual
+        range first, then guided and sampled there (exact, see guidance.py), on the host or by the sampler
+        nodes on the backend's device (the same definitions and random streams)."""
         layout = self.layout
         if not self._on_device(settings):
-            visual = RangeSampler(settings.visual, layout.lo, layout.hi, rngs)
-            return lambda scale: visual(rows.guided_logits(layout.lo, layout.hi, scale))
+            return HostCodes(settings.visual, layout.lo, layout.hi, rows, rngs)
         from .device_sampler import DeviceSampler
-        cfg = settings.visual
-        key = (cfg.is_greedy, cfg.temperature, cfg.top_k, rows.guided)
-        sampler = self._samplers.get(key)
+        sampler = self._samplers.get("visual")
         if sampler is None:
-            sampler = self._samplers[key] = DeviceSampler(cfg, layout.lo, layout.hi, self.bundle.vocab_size,
-                                                          rows.guided, rngs, self.device, self.threads)
-        sampler.rngs = rngs
-
-        def sample(scale: float) -> np.ndarray:
-            value = device_value(rows.logits)
-            return sampler(np.asarray(rows.logits)[:rows.n_rows] if value is None else value, scale)
-        return sample
+            sampler = self._samplers["visual"] = DeviceSampler(layout.lo, layout.hi, self.bundle.vocab_size,
+                                                               self.device, self.threads)
+        return DeviceCodes(sampler, settings.visual, rows, rngs, layout.hi - layout.lo,
+                           step_draws=getattr(self.backend, "sampler_tail", False))
 
     def sampler_seconds(self) -> float:
         """Time spent in the device sampler graphs so far (benchmarks; 0 with the host sampler)."""

@@ -143,11 +143,12 @@ def _as_cuda_runs_it(path: str | Path, options):
     return fixed
 
 
-def check_io(session, graph: dict, path: str | Path) -> None:
+def check_io(session, graph: dict, path: str | Path, extra: dict | None = None) -> None:
     """The graph file's inputs and outputs must be the ones manifest.json describes (a graph swapped
-    for another, or an edited manifest, would otherwise fail deep inside a run)."""
+    for another, or an edited manifest, would otherwise fail deep inside a run); `extra`: what the
+    runtime appended to the graph in memory (same form)."""
     for side, got in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-        want = {x["name"] for x in graph.get(side, [])}
+        want = {x["name"] for x in graph.get(side, []) + (extra or {}).get(side, [])}
         have = {x.name for x in got}
         if want and have != want:
             odd = sorted(have - want) or sorted(want - have)

@@ -144,7 +144,7 @@ def test_a_wrong_replay_on_the_gpu_is_caught(smollm2_gguf, export_once, monkeypa
     from ardeploy.runtime.backends.ort import ReplayMismatch
     bundle = export_once(smollm2_gguf, max_seq=512, max_batch=1, dtype="fp16")
 
-    def stale_lengths(self, input_ids, seqlens_k):
+    def stale_lengths(self, input_ids, seqlens_k, sample=None):
         self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         self.session.run_with_iobinding(self.io, self.options)
         return cuda_graph.DeviceLogits(self.logits, self.next_token)

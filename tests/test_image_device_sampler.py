@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ardeploy.runtime.device_sampler import DeviceSampler, device_supports
+from ardeploy.runtime.device_sampler import DeviceSampler, device_supports, sampler_feeds
 from ardeploy.runtime.errors import UserError
 from ardeploy.runtime.guidance import RangeSampler, guide
 from ardeploy.runtime.sampling import SamplingConfig
@@ -29,7 +29,7 @@ def test_same_ids_as_the_host_sampler(cfg, lo, hi, vocab, guided, scales):
     rng = np.random.default_rng(0)
     host_rngs = [np.random.default_rng(7 + i) for i in range(images)]
     dev_rngs = [np.random.default_rng(7 + i) for i in range(images)]
-    sampler = DeviceSampler(cfg, lo, hi, vocab, guided, dev_rngs)
+    sampler = DeviceSampler(lo, hi, vocab)
     agree = 0
     for step in range(steps):
         logits = (rng.standard_normal((2 * images if guided else images, vocab)) * 3).astype(np.float32)
@@ -37,7 +37,7 @@ def test_same_ids_as_the_host_sampler(cfg, lo, hi, vocab, guided, scales):
             logits = np.round(logits, 1)           # ties, at the top-k boundary too
         scale = scales[step % len(scales)]
         want = host_ids(cfg, logits, images, lo, hi, scale, guided, host_rngs)
-        got = sampler(logits, scale)
+        got = sampler(logits, sampler_feeds(cfg, images, guided, scale, dev_rngs, hi - lo))
         assert got.dtype == np.int64 and got.shape == (images,)
         assert got.tolist() == want.tolist(), f"step {step}"
         agree += 1
@@ -51,20 +51,28 @@ def test_unexpressed_settings_stay_on_the_host():
     assert device_supports(SamplingConfig(greedy=True, top_p=0.9)) is None     # greedy ignores the filters
 
 
-def test_generator_device_sampler_matches_host(tmp_path):
-    """A tiny LlamaGen c2i bundle: the codes drawn by the sampler graph equal the host sampler's."""
+@pytest.fixture(scope="module")
+def llamagen_c2i(tmp_path_factory):
+    """A tiny LlamaGen c2i bundle (4x4 codes) with room for 2 guided images, or 4 unguided."""
     torch = pytest.importorskip("torch")
-    from conftest import threads
     from llamagen_reference import RefLlamaGen
 
     from ardeploy.export.bundle import export_path
+    folder = tmp_path_factory.mktemp("llamagen")
+    torch.manual_seed(3)
+    torch.save({"model": RefLlamaGen("c2i", grid=4).gpt_state_dict()}, folder / "gpt.pt")
+    export_path(folder / "gpt.pt", folder / "b", family="llamagen-c2i", quiet=True, score_graph=False,
+                max_batch=4, family_options={"image_size": 64, "n_head": 4})
+    return folder / "b"
+
+
+def test_generator_device_sampler_matches_host(llamagen_c2i):
+    """A tiny LlamaGen c2i bundle: the codes drawn by the sampler graph equal the host sampler's."""
+    from conftest import threads
+
     from ardeploy.runtime.guidance import Guidance
     from ardeploy.runtime.image import ImageGenerator, ImageRequest, ImageSettings
-    torch.manual_seed(3)
-    torch.save({"model": RefLlamaGen("c2i", grid=4).gpt_state_dict()}, tmp_path / "gpt.pt")
-    export_path(tmp_path / "gpt.pt", tmp_path / "b", family="llamagen-c2i", quiet=True, score_graph=False,
-                max_batch=4, family_options={"image_size": 64, "n_head": 4})
-    gen = ImageGenerator.load(tmp_path / "b", threads=threads())
+    gen = ImageGenerator.load(llamagen_c2i, threads=threads())
     requests = [ImageRequest(class_id=c) for c in (1, 8, 4)]
     codes = {}
     for sampler in ("host", "device"):
@@ -82,7 +90,8 @@ def test_logits_left_on_the_device_are_read_there():
     import onnxruntime as ort
     cfg = SamplingConfig(top_k=50)
     logits = np.random.default_rng(1).standard_normal((4, 1000)).astype(np.float32)
-    ids = [DeviceSampler(cfg, 0, 1000, 1000, True, [np.random.default_rng(5), np.random.default_rng(6)])(x, 3.0)
+    ids = [DeviceSampler(0, 1000, 1000)(x, sampler_feeds(cfg, 2, True, 3.0, [np.random.default_rng(5),
+                                                                           np.random.default_rng(6)], 1000))
            for x in (logits, ort.OrtValue.ortvalue_from_numpy(logits))]
     assert ids[0].tolist() == ids[1].tolist()
 
@@ -94,8 +103,8 @@ def test_fixed_buffers_path_matches_host():
     cfg = SamplingConfig(top_k=30, temperature=1.3)
     images, vocab = 2, 700
     host_rngs = [np.random.default_rng(20 + i) for i in range(images)]
-    sampler = DeviceSampler(cfg, 0, vocab, vocab, True, [np.random.default_rng(20 + i) for i in range(images)],
-                            capture=True)
+    dev_rngs = [np.random.default_rng(20 + i) for i in range(images)]
+    sampler = DeviceSampler(0, vocab, vocab, capture=True)
     device_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((2 * images, vocab), np.float32))
     rng = np.random.default_rng(2)
     for step in range(12):
@@ -105,6 +114,47 @@ def test_fixed_buffers_path_matches_host():
         if step % 2:                                   # a device buffer at one address, updated in place
             device_logits.update_inplace(logits)
             given = device_logits
-        assert sampler(given, scale).tolist() == host_ids(cfg, logits, images, 0, vocab, scale, True,
-                                                          host_rngs).tolist()
+        got = sampler(given, sampler_feeds(cfg, images, True, scale, dev_rngs, vocab))
+        assert got.tolist() == host_ids(cfg, logits, images, 0, vocab, scale, True, host_rngs).tolist()
     assert sampler.captured and len(sampler._graphs) == 2
+
+
+def drawing_in_the_step(bundle_path):
+    """An ImageGenerator whose step graph ends in the sampler and whose one-token steps take the GPU's
+    captured-step path, on the CPU (the stand-in: the same bindings without a CUDA graph)."""
+    from conftest import threads
+
+    from ardeploy.runtime.backends.ort import OrtBackend
+    from ardeploy.runtime.bundle import Bundle
+    from ardeploy.runtime.image import ImageGenerator
+    from ardeploy.runtime.image_layout import ImageLayout
+    from ardeploy.runtime.run_options import RunOptions
+    bundle, options = Bundle.load(bundle_path), RunOptions(threads=threads(), flavor="ort")
+    layout = ImageLayout.from_manifest(bundle.manifest["image"])
+    backend = OrtBackend(bundle, options, sampler_range=(layout.lo, layout.hi))
+    backend.cuda_graph = True
+    return ImageGenerator(bundle, backend, options)
+
+
+@pytest.mark.parametrize("guidance,visual,count", [
+    ((4.0, 5), SamplingConfig(top_k=20, temperature=0.9), 3),        # 2 images a batch, cfg_interval, then 1
+    ((3.0, -1), SamplingConfig(greedy=True), 2),
+    ((1.0, -1), SamplingConfig(top_k=7), 4),                          # no guidance: 4 images in one batch
+    ((2.0, -1), SamplingConfig(), 2),                                 # no top-k: k is the whole range
+])
+def test_codes_drawn_inside_the_replayed_step_equal_the_host_sampler(llamagen_c2i, guidance, visual, count):
+    """The captured step with the sampler appended draws every code after the first itself (one replay per
+    code on a GPU), and they are the host sampler's codes for the seed."""
+    from conftest import threads
+
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageGenerator, ImageRequest, ImageSettings
+    requests = [ImageRequest(class_id=c) for c in (1, 8, 4, 2)[:count]]
+    settings = ImageSettings(Guidance(*guidance), visual, seed=11, sampler="host")
+    host = ImageGenerator.load(llamagen_c2i, threads=threads()).generate(requests, settings, decode=False)
+    fused = drawing_in_the_step(llamagen_c2i)
+    got = fused.generate(requests, ImageSettings(Guidance(*guidance), visual, seed=11, sampler="device"),
+                         decode=False)
+    assert [r.codes.tolist() for r in got] == [r.codes.tolist() for r in host]
+    assert all(r.timings["codes_drawn_in_step"] == 15 for r in got)       # 4x4 codes, the first from the prompt
+    assert fused.backend._captured and fused.sampler_seconds() > 0        # the first codes: the sampler graph

@@ -220,6 +220,24 @@ def test_both_graph_flavors_draw_the_same_codes(emu3, generator):
             assert float(np.abs(a[rows] - b[rows]).max()) <= ATOL, (kind, step)
 
 
+def test_codes_drawn_inside_the_replayed_step(emu3, generator):
+    """Emu3's layout (EOL after each row: the step after a row's last code takes two tokens, one position at
+    a time, and the second one draws) with the sampler appended to the captured step, on the CPU stand-in:
+    every code after the first is drawn inside the step, and the tokens are the host sampler's."""
+    from test_image_device_sampler import drawing_in_the_step
+
+    from ardeploy.runtime import SamplingConfig
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageRequest, ImageSettings
+    requests = [ImageRequest(prompt_ids=[BOS, 21, 22]), ImageRequest(prompt_ids=[BOS, 25, 23, 24, 22])]
+    settings = dict(guidance=Guidance(3.0), visual=SamplingConfig(temperature=1.0, top_k=16), size=(8, 6), seed=3,
+                    negative_ids=[BOS, 26])
+    host = generator.generate(requests, ImageSettings(**settings, sampler="host"), decode=False)
+    fused = drawing_in_the_step(emu3[2]).generate(requests, ImageSettings(**settings, sampler="device"), decode=False)
+    assert [r.token_ids for r in fused] == [r.token_ids for r in host]
+    assert [r.timings["codes_drawn_in_step"] for r in fused] == [3 * 4 - 1] * 2
+
+
 def test_generate_image_cli_writes_png(emu3, tmp_path, capsys):
     from PIL import Image
 

@@ -118,13 +118,13 @@ def test_a_wrong_replay_is_caught_not_returned(tiny_bundle, monkeypatch, broken_
     run = cuda_graph.CapturedStep.run
     replays = []
 
-    def stale_lengths(self, input_ids, seqlens_k):
+    def stale_lengths(self, input_ids, seqlens_k, sample=None):
         replays.append(1)
         if len(replays) >= broken_from:
             self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
             self.session.run_with_iobinding(self.io, self.options)
             return cuda_graph.DeviceLogits(self.logits, self.next_token)
-        return run(self, input_ids, seqlens_k)
+        return run(self, input_ids, seqlens_k, sample)
     cfg = SamplingConfig(greedy=True, max_new_tokens=12, ignore_eos=True)
     gen = _replaying_on_cpu(tiny_bundle[0], check_replay_every=2)
     monkeypatch.setattr(cuda_graph.CapturedStep, "run", stale_lengths)

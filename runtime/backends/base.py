@@ -10,8 +10,8 @@
 and the arena advances by S. It returns `Logits` of each row's last position, [B, vocab] float32: a host
 array, or `DeviceLogits` left in device memory (runtime/backends/cuda_graph.py). Read them through
 `argmax_rows(logits)` (greedy: on the GPU only the graph's own argmax crosses to the host),
-`np.asarray(logits)` (the values) or `device_value(logits)` (the device buffer, for a consumer that stays
-on the GPU). `step` is a template method (Polygraphy's `infer` / `infer_impl`): it checks the arguments,
+`np.asarray(logits)` (the values), `device_value(logits)` (the device buffer, for a consumer that stays
+on the GPU) or `sampled_ids(logits)` (image codes the step drew itself: see `sample` below). `step` is a template method (Polygraphy's `infer` / `infer_impl`): it checks the arguments,
 times the call and, when `records` is a list, records it; subclasses implement `_step`.
 
 What a backend can do is declared as attributes, read by the decode primitive (runtime/decode.py):
@@ -50,6 +50,7 @@ class Backend(ABC):
     all_positions: bool = False          # step(..., all_positions=True) at batch 1: every new token's logits
     rows_own_lengths: bool = False       # step_rows: each arena row at its own length (continuous batching)
     spins: bool = False                  # idle CPU threads spin between steps (RunOptions.spin)
+    sampler_tail: bool = False           # the step graph ends in the image sampler (device_sampler.add_sampler)
 
     def __init__(self):
         self._run_s = 0.0
@@ -62,16 +63,19 @@ class Backend(ABC):
         """A zeroed KV arena in the layout and memory this backend's graph reads (max_seq: a shorter cache
         than the bundle's, e.g. what a KV budget allows)."""
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False):
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False,
+             sample: dict | None = None):
         """Run S new tokens per row ([B, S] ids, attention mask [B, length + S]); returns Logits [B, vocab]
         of each row's last position or, with all_positions (batch 1, where declared), [S, vocab] of
-        every new position (a speculative verify step)."""
+        every new position (a speculative verify step). sample: the sampler tail's inputs
+        (device_sampler.sampler_feeds), where declared (`sampler_tail`): a step replayed as a captured
+        graph then also draws each image's code (`sampled_ids(logits)`); other steps ignore it."""
         batch, n_new = check_step(input_ids, attention_mask, arena)
         if all_positions and not (self.all_positions and batch == 1):
             raise ValueError(f"this backend gives every position's logits only at batch 1 on the ONNX Runtime "
                              f"graph (asked at batch {batch}, {self.name}, graph {self.graph})")
         past, graph_before, started = arena.length, self._run_s, time.perf_counter()
-        logits = self._step(input_ids, attention_mask, arena, all_positions)
+        logits = self._step(input_ids, attention_mask, arena, all_positions, sample)
         if self.records is not None:
             self.records.append(StepRecord(past, n_new, time.perf_counter() - started, self._run_s - graph_before))
         return logits
@@ -103,7 +107,8 @@ class Backend(ABC):
 
     # -- what subclasses implement -------------------------------------------------------------------
     @abstractmethod
-    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool):
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool,
+              sample: dict | None = None):
         """The step itself (arguments already checked); advances the arena."""
 
 
@@ -118,6 +123,11 @@ def argmax_rows(logits) -> np.ndarray:
 def device_value(logits):
     """The OrtValue [rows, vocab] behind logits left in device memory, or None for host logits."""
     return logits.ortvalue() if isinstance(logits, DeviceLogits) else None
+
+
+def sampled_ids(logits) -> np.ndarray | None:
+    """The codes [images] a step drew with its sampler tail, on the host; None when it drew none."""
+    return logits.sampled_ids() if isinstance(logits, DeviceLogits) else None
 
 
 def check_step(inputs: np.ndarray, attention_mask: np.ndarray, arena: KVArena) -> tuple[int, int]:

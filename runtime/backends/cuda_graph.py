@@ -30,8 +30,8 @@ class DeviceLogits:
     the graph's own argmax (B int64 values): the one copy a greedy step needs. Valid until the next step
     (the buffers are the backend's, as the host logits buffer is on the CPU)."""
 
-    def __init__(self, logits, next_token=None):
-        self._logits, self._next_token, self._host = logits, next_token, None
+    def __init__(self, logits, next_token=None, sampled=None):
+        self._logits, self._next_token, self._sampled, self._host = logits, next_token, sampled, None
         self.shape = tuple(logits.shape())
 
     def host(self) -> np.ndarray:
@@ -61,6 +61,10 @@ class DeviceLogits:
             return np.argmax(self.host(), axis=-1)
         return self._next_token.numpy()
 
+    def sampled_ids(self) -> np.ndarray | None:
+        """The codes [images] the step's sampler tail drew (None: the step was given no sample)."""
+        return None if self._sampled is None else self._sampled.numpy()
+
 
 class CapturedStep:
     """The step of `width` tokens per row (1: decoding; more: a batch of one's speculative verify step,
@@ -68,10 +72,12 @@ class CapturedStep:
     and replayed as CUDA graph `graph_id` (recorded by ONNX Runtime on its first run)."""
 
     def __init__(self, session, arena: KVArena, batch: int, vocab_size: int, graph_id: int, bind_cache,
-                 device: str = "cuda", next_token: bool = True, width: int = 1):
+                 device: str = "cuda", next_token: bool = True, width: int = 1, sample: dict | None = None):
         """bind_cache(io) binds every past.* input and present.* output to the arena's buffers and
         returns the present addresses (the backend's own binder, so both paths bind alike).
-        device "cpu" runs the same bindings without a CUDA graph (how the tests exercise this path)."""
+        device "cpu" runs the same bindings without a CUDA graph (how the tests exercise this path).
+        sample: a session whose graph ends in the image sampler (device_sampler.py) gets its inputs
+        and output bound too, at buffers sized and set up by these inputs."""
         import onnxruntime as ort
 
         def on_device(array):
@@ -92,15 +98,25 @@ class CapturedStep:
         io.bind_ortvalue_input("last_token", self.last_token)
         io.bind_cpu_input("total_seq_len", self.total_seq_len)
         self.next_token = None
-        if next_token:          # bound last: the outputs after logits are the present.* ones, in order
+        if next_token:          # bound after the present.* outputs, which come right after logits, in order
             self.next_token = ort.OrtValue.ortvalue_from_shape_and_type([n_out], np.int64, device, 0)
             io.bind_ortvalue_output("next_token", self.next_token)
+        self.sample = None
+        if sample is not None:
+            from ..device_sampler import FeedBuffers
+            self.sample = FeedBuffers(sample, device)
+            self.sample.update(sample)
+            self.sample.bind(io, sample)
         self.io, self.options = io, graph_run_options(graph_id)
         self.runs = 0
 
-    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray) -> DeviceLogits:
-        """One step: new token ids [B, width] and each row's length - 1 in; the logits stay on the device."""
+    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray, sample: dict | None = None) -> DeviceLogits:
+        """One step: new token ids [B, width] and each row's length - 1 in; the logits stay on the device.
+        sample: this step's sampler inputs (the codes come back with the logits); None: the tail runs on
+        what its buffers hold and nothing is read from it."""
         self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         self.seqlens_k.update_inplace(np.ascontiguousarray(seqlens_k, dtype=np.int32))
+        if sample is not None:
+            self.sample.update(sample)
         self.session.run_with_iobinding(self.io, self.options)
-        return DeviceLogits(self.logits, self.next_token)
+        return DeviceLogits(self.logits, self.next_token, None if sample is None else self.sample.ids)

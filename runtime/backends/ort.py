@@ -95,6 +95,28 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int,
             "total_seq_len": np.array(ends.max(), dtype=np.int32), "last_token": last.astype(np.int64)}
 
 
+def _with_sampler(path, sampler_range: tuple[int, int], vocab: int, device: str, options) -> bytes:
+    """The step graph file with the image sampler appended (device_sampler.add_sampler), as bytes whose
+    external data ONNX Runtime reads from the file's folder (rewritten for CUDA as open_session would)."""
+    import onnx
+    from pathlib import Path
+    from ..cuda_compat import dequantize_blocks_by_hand
+    from ..device_sampler import add_sampler
+    model = onnx.load(str(path), load_external_data=False)
+    if device == "cuda":
+        dequantize_blocks_by_hand(model)
+    add_sampler(model.graph, *sampler_range, vocab)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(Path(path).parent.resolve()))
+    return model.SerializeToString()
+
+
+def _sampler_io() -> dict:
+    """What the sampler tail adds to a step graph's declared I/O (check_io's `extra`)."""
+    from ..device_sampler import OUTPUT, default_feeds
+    return {"inputs": [{"name": name} for name in default_feeds()], "outputs": [{"name": OUTPUT}]}
+
+
 def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
     """The graph that runs both phases for `flavor` (see the module docstring). On the GPU the ONNX
     Runtime graph runs for fp16/bf16 bundles only: GroupQueryAttention has no fp32 CUDA kernel, and ONNX
@@ -141,7 +163,8 @@ class _Binding:
 class OrtBackend(Backend):
     name = "ort"
 
-    def __init__(self, bundle: Bundle, options: RunOptions | None = None, **changes):
+    def __init__(self, bundle: Bundle, options: RunOptions | None = None, sampler_range: tuple[int, int] | None = None,
+                 **changes):
         """options (runtime/run_options.py; keywords override single fields): flavor picks the graph
         ("auto": the ONNX Runtime graph when the bundle has one and the device runs it); device "cpu" or
         "cuda" (see the module docstring); cuda_graph=False runs every GPU step plainly; audit counts K/V
@@ -149,7 +172,9 @@ class OrtBackend(Backend):
         replay and every Nth are run again as a regular step and compared (ReplayMismatch when they
         disagree; 0: never); prefill_chunk: prompts are fed in pieces of this many tokens on the CPU
         (bounds the activation memory ONNX Runtime keeps); prepack=False maps the weights instead of
-        letting ONNX Runtime make packed copies."""
+        letting ONNX Runtime make packed copies. sampler_range (lo, hi): the ONNX Runtime graph's session
+        runs it with the image sampler appended (device_sampler.add_sampler over the visual ids [lo, hi)),
+        so that a replayed step also draws the codes (`step(..., sample=...)`)."""
         super().__init__()
         options = (options or RunOptions()).replace(**changes)
         self.options, self.bundle, self.device = options, bundle, options.where
@@ -174,6 +199,8 @@ class OrtBackend(Backend):
         self.weights = SharedWeights(bundle) if self.device == "cpu" and not options.prepack else None
         self.sessions = {}
         self._reusable: _Binding | None = None
+        self.sampler_range = sampler_range if self.flavor == "ort" else None
+        self.sampler_tail = self.sampler_range is not None
         self.session(self.graph)
         rows_out = max(bundle.max_batch, MAX_VERIFY_WIDTH)   # logits of a batch's rows, or of a verify step's tokens
         self._logits = np.zeros((rows_out, bundle.vocab_size), np.float32)
@@ -195,15 +222,19 @@ class OrtBackend(Backend):
             options = session_options(self.options.threads, self.options.prepack, spin=self.options.spin)
             if self.weights is not None:
                 self.weights.add_to(options, path)
+            graph = path
+            if self.sampler_tail and kind == self.graph:
+                graph = _with_sampler(path, self.sampler_range, self.bundle.vocab_size, self.device, options)
             try:
-                self.sessions[kind] = open_session(path, options, self.device,
+                self.sessions[kind] = open_session(graph, options, self.device, name=path,
                                                    cuda_graph=self.cuda_graph and kind == self.graph)
             except BundleError as e:
                 if self.device == "cpu" and self.bundle.manifest.get("dtype") == "bf16":
                     raise BundleError(f"{path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 "
                                       f"graphs: export fp32 or fp16, or run it with --backend trt") from e
                 raise
-            check_io(self.sessions[kind], self.bundle.graph(kind).raw, path)
+            check_io(self.sessions[kind], self.bundle.graph(kind).raw, path,
+                     extra=_sampler_io() if graph is not path else None)
         return self.sessions[kind]
 
     def new_arena(self, max_batch: int | None = None, max_seq: int | None = None) -> KVArena:
@@ -223,30 +254,33 @@ class OrtBackend(Backend):
         return KVArena(bundle.n_layers, max_seq or bundle.max_seq, max_batch or bundle.max_batch, n_kv, head_dim,
                        bundle.kv_dtype, allocate, layout=bundle.kv_layout(self.graph))
 
-    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False):
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool = False,
+              sample: dict | None = None):
         batch, n_new = input_ids.shape
         if self.flavor == "ort":
-            return self._step_in_place(np.asarray(input_ids), np.asarray(attention_mask), arena, all_positions)
+            return self._step_in_place(np.asarray(input_ids), np.asarray(attention_mask), arena, all_positions,
+                                       sample if self.sampler_tail else None)
         # The decode graph also runs the prompt: with an empty arena its past is 0 positions long.
         inputs = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                   "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         return self._run("decode", inputs, arena, batch, n_new, bind_past=True)
 
     def _step_in_place(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena,
-                       all_positions: bool = False) -> np.ndarray:
+                       all_positions: bool = False, sample: dict | None = None) -> np.ndarray:
         """The ONNX Runtime graph's step. GroupQueryAttention takes several new tokens after a past only
-        for a batch of one, so a larger batch continuing with several tokens goes one position at a time.
-        On the GPU the one-token step, and a batch of one's verify step of each width, are replayed as
-        captured CUDA graphs."""
+        for a batch of one, so a larger batch continuing with several tokens goes one position at a time
+        (the last one draws the sample). On the GPU the one-token step, and a batch of one's verify step of
+        each width, are replayed as captured CUDA graphs."""
         batch, n_new = input_ids.shape
         past = arena.length
         if batch > 1 and past and n_new > 1:
             for i in range(n_new):
-                logits = self._step_in_place(input_ids[:, i:i + 1], attention_mask[:, :past + i + 1], arena)
+                logits = self._step_in_place(input_ids[:, i:i + 1], attention_mask[:, :past + i + 1], arena,
+                                             sample=sample if i == n_new - 1 else None)
             return logits
         inputs = gqa_inputs(input_ids, attention_mask, past, all_positions)
         if self.cuda_graph and past and (n_new == 1 or all_positions) and n_new <= MAX_VERIFY_WIDTH:
-            logits = self._replay(inputs, arena, batch, n_new)
+            logits = self._replay(inputs, arena, batch, n_new, sample)
             arena.advance(n_new)
             return logits
         return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True, all_positions=all_positions)
@@ -276,20 +310,24 @@ class OrtBackend(Backend):
                                            self._run_s - graph_before))
         return logits
 
-    def _replay(self, inputs: dict, arena: KVArena, batch: int, width: int = 1):
+    def _replay(self, inputs: dict, arena: KVArena, batch: int, width: int = 1, sample: dict | None = None):
         """A step of `width` tokens per row as this arena's captured CUDA graph for (batch, width),
         recorded on first use (width > 1: a batch of one's verify step, logits of every position).
-        The arena is not advanced here."""
-        key = (arena, batch, width)
+        With the sampler tail, one graph per number of images and top-k (a step without a sample binds
+        the tail's defaults). The arena is not advanced here."""
+        from ..device_sampler import default_feeds
+        feeds = (sample or default_feeds()) if self.sampler_tail else None
+        tail_key = None if feeds is None else (len(feeds["sample_cond_rows"]), int(feeds["sample_top_k"][0]))
+        key = (arena, batch, width, tail_key)
         step = self._captured.get(key)
         if step is None:
             step = CapturedStep(self.session(self.graph), arena, batch, self.bundle.vocab_size,
                                 graph_id=len(self._captured) + 1,       # entries are never replaced or removed
                                 bind_cache=lambda io: self._bind_cache(io, arena, arena.length, width, True),
-                                device=self.device, next_token=self.has_next_token, width=width)
+                                device=self.device, next_token=self.has_next_token, width=width, sample=feeds)
             self._captured[key] = step
         started = time.perf_counter()
-        logits = step.run(inputs["input_ids"], inputs["seqlens_k"])
+        logits = step.run(inputs["input_ids"], inputs["seqlens_k"], sample)
         self._run_s += time.perf_counter() - started
         step.runs += 1
         if self.options.audit and step.runs % 64 == 1:
@@ -346,6 +384,9 @@ class OrtBackend(Backend):
         session = self.session(kind)
         n_out = n_new if all_positions else batch
         io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past, n_out, row)
+        if self.sampler_tail and kind == self.graph:      # its codes are not read: a step that draws nothing
+            from ..device_sampler import default_feeds
+            inputs = {**default_feeds(), **inputs}
         for name, value in inputs.items():
             io.bind_cpu_input(name, value)
         logits = self._logits[:n_out]

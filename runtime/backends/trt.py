@@ -215,7 +215,7 @@ class TrtBackend(Backend):
         arena.advance(S)
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena,
-              all_positions: bool = False) -> np.ndarray:
+              all_positions: bool = False, sample: dict | None = None) -> np.ndarray:
         B, S = input_ids.shape
         P = arena.length
         started = time.perf_counter()
