@@ -209,9 +209,10 @@ def _add_guidance_and_sampling(p) -> None:
     image_sampling.add_argument("--greedy", action="store_true", help="always take the most likely token")
     image_sampling.add_argument("--seed", type=int, default=None, help="image k of the request draws from seed + k")
     image_sampling.add_argument("--sampler", default="auto", choices=["auto", "host", "device"],
-                                help="where codes are drawn: numpy on the host, or a small graph on the device "
-                                     "(guidance, temperature, top-k; the same draws for a seed); auto: the device "
-                                     "with --device cuda when the settings allow it")
+                                help="where codes are drawn: numpy on the host, or sampler nodes on the device "
+                                     "(guidance, temperature, top-k; the same draws for a seed; with --device cuda "
+                                     "inside the replayed step itself); auto: the device with --device cuda when "
+                                     "the settings allow it")
     text_sampling = p.add_argument_group("text before the image (unified models)")
     text_sampling.add_argument("--max-text-tokens", type=int, default=0,
                                help="free text allowed before the image starts")

@@ -4,8 +4,9 @@ on the same weights, each engine in its own process; JSON to --json.
 
 Engines (--engines, comma-separated):
   ours            ardeploy's ImageGenerator on the bundle's ONNX Runtime graph; on CUDA the codes are
-                  drawn by the sampler graph on the GPU (runtime/device_sampler.py, a captured CUDA
-                  graph reading the step's logits where they are), only [B] codes cross to the host
+                  drawn on the GPU inside the captured step itself (the sampler appended to the step
+                  graph, runtime/device_sampler.py: one replay per code; the first code of an image by
+                  the sampler graph of its own), only [B] codes cross to the host
   ours-host       the same with the numpy sampler on the host (logits copied to the host every step)
   torch-eager     PyTorch loop after LlamaGen's autoregressive/models/generate.py: static KV cache
                   (module buffers [2B, heads, L, hd], L a multiple of 8), boolean causal mask over the
@@ -139,9 +140,12 @@ def run_ours(args, size: int, bundle_dir: Path, sampler: str) -> list[dict]:
     for batch in ints(args.batches):
         requests = [ImageRequest(class_id=c) for c in class_ids(args.model, batch)]
         settings = ImageSettings(Guidance(args.cfg), SamplingConfig(top_k=args.top_k), seed=0, sampler=sampler)
-        # in the fastest batch: backend_run_s the transformer's runs, sampler_s the sampler graph's calls
-        row = timed(args, size, batch, lambda: gen.generate(requests, settings, decode=False),
+        # in the fastest batch: backend_run_s the transformer's runs (with the codes drawn inside the step),
+        # sampler_s the calls of the sampler graph of its own
+        last = {}
+        row = timed(args, size, batch, lambda: last.update(results=gen.generate(requests, settings, decode=False)),
                     {"backend_run_s": gen.backend.run_seconds, "sampler_s": gen.sampler_seconds})
+        row["codes_drawn_in_step"] = last["results"][0].timings["codes_drawn_in_step"]
         out.append(row)
     return out
 
