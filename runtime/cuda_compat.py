@@ -10,8 +10,6 @@ provider has: Cast(int8 -> float) [rows, cols], Reshape to [rows, cols / block, 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 
@@ -56,13 +54,3 @@ def dequantize_blocks_by_hand(model) -> int:
             model.graph.node.insert(at + i, new)
     return len(nodes)
 
-
-def for_cuda(path: str | Path):
-    """The graph file as serialized bytes ONNX Runtime's CUDA provider can run, or None when it needs no
-    rewrite (then the file is opened as it is). Its external data stays where the file says: the caller
-    points ONNX Runtime at the file's folder."""
-    import onnx
-    model = onnx.load(str(path), load_external_data=False)
-    if not dequantize_blocks_by_hand(model):
-        return None
-    return model.SerializeToString()

@@ -35,10 +35,12 @@ Top-p, min-p and the repetition penalty are not expressed: those settings stay o
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .sampling import SamplingConfig
+if TYPE_CHECKING:
+    from .sampling import SamplingConfig
 
 BLOCK = 128
 OPSET = 21
@@ -222,56 +224,32 @@ class DeviceSampler:
         return io.copy_outputs_to_cpu()[0]
 
     def _replay(self, logits, feeds: dict) -> np.ndarray:
+        import onnxruntime as ort
         rows = logits.shape[0] if isinstance(logits, np.ndarray) else logits.shape()[0]
         images = len(feeds["sample_cond_rows"])
         buffers = self._buffers.get((rows, images))
         if buffers is None:
-            buffers = self._buffers[(rows, images)] = FeedBuffers(feeds, self.device)
-            buffers.staging = buffers.zeros((rows, self.vocab), np.float32)
+            staging = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, self.vocab), np.float32), self.device, 0)
+            buffers = self._buffers[(rows, images)] = (fixed_feeds(feeds, self.device), staging)
+        fixed, staging = buffers
         if isinstance(logits, np.ndarray):
-            buffers.staging.update_inplace(np.ascontiguousarray(logits, dtype=np.float32))
-            logits = buffers.staging
-        buffers.update(feeds)
+            staging.update_inplace(np.ascontiguousarray(logits, dtype=np.float32))
+            logits = staging
+        fixed.update(feeds)
         key = (rows, images, int(feeds["sample_top_k"][0]), logits.data_ptr())
         if key not in self._graphs:
             from .sessions import graph_run_options
             io = self.session.io_binding()
             io.bind_ortvalue_input("logits", logits)
-            buffers.bind(io, feeds)
+            fixed.bind(io)
             self._graphs[key] = (io, graph_run_options(len(self._graphs) + 1))
         io, options = self._graphs[key]
         self.session.run_with_iobinding(io, options)
-        return buffers.ids.numpy()
+        return fixed.output.numpy()
 
 
-class FeedBuffers:
-    """The tail's inputs and output at fixed device addresses (what a captured graph reads and writes),
-    for one number of images. `update` copies only the inputs that changed since the last step (a
-    host-to-device copy each is most of a small step's overhead): per code that is the uniforms, and the
-    scale where a schedule moves it."""
+def fixed_feeds(feeds: dict, device: str):
+    """The tail's inputs and output at fixed device addresses, for a captured graph (k stays on the host)."""
+    from .backends.cuda_graph import FixedInputs
+    return FixedInputs(feeds, device, host=HOST_INPUTS, output=(OUTPUT, feeds["sample_cond_rows"].shape, np.int64))
 
-    def __init__(self, feeds: dict, device: str):
-        self.device = device
-        self.values = {name: self.zeros(value.shape, value.dtype) for name, value in feeds.items()
-                       if name not in HOST_INPUTS}
-        self.ids = self.zeros(feeds["sample_cond_rows"].shape, np.int64)
-        self.last: dict = {}
-
-    def zeros(self, shape, dtype):
-        import onnxruntime as ort
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
-
-    def update(self, feeds: dict) -> None:
-        for name, buffer in self.values.items():
-            value = feeds[name]
-            if name not in self.last or not np.array_equal(self.last[name], value):
-                buffer.update_inplace(np.ascontiguousarray(value))
-                self.last[name] = value
-
-    def bind(self, io, feeds: dict) -> None:
-        """Bind the device inputs and the output; the host inputs as given (a captured graph keeps them)."""
-        for name, buffer in self.values.items():
-            io.bind_ortvalue_input(name, buffer)
-        for name in HOST_INPUTS:
-            io.bind_cpu_input(name, feeds[name])
-        io.bind_ortvalue_output(OUTPUT, self.ids)

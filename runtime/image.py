@@ -483,7 +483,7 @@ class ImageGenerator:
             sampler = self._samplers["visual"] = DeviceSampler(layout.lo, layout.hi, self.bundle.vocab_size,
                                                                self.device, self.threads)
         return DeviceCodes(sampler, settings.visual, rows, rngs, layout.hi - layout.lo,
-                           step_draws=getattr(self.backend, "sampler_tail", False))
+                           step_draws=self.backend.sampler_tail)
 
     def sampler_seconds(self) -> float:
         """Time spent in the device sampler graphs so far (benchmarks; 0 with the host sampler)."""

@@ -110,15 +110,16 @@ def session_options(threads: int | None = None, prepack: bool = True, warnings: 
 
 
 def open_session(model: str | Path | bytes, options, device: str = "cpu", name: str | Path | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, edit=None):
     """An InferenceSession of a graph file (or serialized model bytes); a graph ONNX Runtime cannot
     load becomes a BundleError naming `name` (default: the file). cuda_graph: see providers(). A w8a8
-    bundle's graph gets exact int8 products on every x86 CPU (EXACT_INT8_ON_X86)."""
+    bundle's graph gets exact int8 products on every x86 CPU (EXACT_INT8_ON_X86). edit(model): changes
+    a graph file's ModelProto in memory before the session is made (nodes the runtime appends)."""
     import onnxruntime as ort
     if device == "cpu" and wants_exact_int8(model):
         ask_exact_int8(options)
-    if device == "cuda" and isinstance(model, (str, Path)):
-        name, model = name or model, _as_cuda_runs_it(model, options)
+    if isinstance(model, (str, Path)) and (device == "cuda" or edit is not None):
+        name, model = name or model, _edited(model, options, device, edit)
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                     providers=providers(device, cuda_graph))
@@ -128,19 +129,23 @@ def open_session(model: str | Path | bytes, options, device: str = "cpu", name: 
         raise BundleError(f"{name or model}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
 
 
-def _as_cuda_runs_it(path: str | Path, options):
-    """The graph file, or its bytes rewritten where ONNX Runtime's CUDA provider lacks a kernel
-    (runtime/cuda_compat.py), its external data still read from the file's folder."""
-    from .cuda_compat import for_cuda
+def _edited(path: str | Path, options, device: str, edit):
+    """The graph file, or its bytes changed by `edit` and, on CUDA, rewritten where ONNX Runtime's CUDA
+    provider lacks a kernel (runtime/cuda_compat.py); the external data still read from the file's folder."""
+    import onnx
+    from .cuda_compat import dequantize_blocks_by_hand
     try:
-        fixed = for_cuda(path)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception:                   # noqa: BLE001 - unreadable here: ONNX Runtime's own load reports it
         return path
-    if fixed is None:
+    changed = device == "cuda" and dequantize_blocks_by_hand(model) > 0
+    if edit is not None:
+        edit(model)
+    if not changed and edit is None:
         return path
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                      str(Path(path).parent.resolve()))
-    return fixed
+    return model.SerializeToString()
 
 
 def check_io(session, graph: dict, path: str | Path, extra: dict | None = None) -> None:

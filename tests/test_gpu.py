@@ -89,7 +89,7 @@ def test_replayed_cuda_graph_equals_plain_runs(tiny_hf, export_once, name):
         assert replay.backend.cuda_graph and not plain.backend.cuda_graph
         for n in (1, 2, 4, 1, 4, 2):
             assert tokens(replay, prompts[:n]) == tokens(plain, prompts[:n])
-        assert sorted(b for _, b, _ in replay.backend._captured) == [1, 2, 4]
+        assert sorted(b for _, b, _, _ in replay.backend._captured) == [1, 2, 4]
         seq = np.array([prompts[0] + [9]])
         out = []
         for gen in (plain, replay):
@@ -166,7 +166,7 @@ def test_speculative_greedy_on_the_gpu_is_plain_greedy(tiny_hf, export_once):
             prompt = rng_ids(5, seed=seed + 50) + span + rng_ids(3, seed=seed + 60) + span[:4]
             result = gen.generate(prompt, GREEDY, speculation=Speculation("ngram", draft_tokens=6))
             assert result.token_ids == gen.generate(prompt, GREEDY).token_ids
-        assert any(width > 1 for _, _, width in gen.backend._captured)
+        assert any(width > 1 for _, _, width, _ in gen.backend._captured)
 
 
 @needs_gpu

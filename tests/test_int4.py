@@ -213,22 +213,23 @@ def test_blocked_int8_head_rewritten_for_cuda_computes_the_same(tied_peaked, tmp
     sessions on the GPU get it as Cast, Reshape and Mul (runtime/cuda_compat.py). On the CPU, both graphs
     unoptimized, the rewritten one gives bit-identical logits; graphs without such a node are left alone."""
     import onnxruntime as ort
-    from ardeploy.runtime.cuda_compat import blocked_int8_dequantizes, for_cuda
-    from ardeploy.runtime.sessions import _as_cuda_runs_it, open_session, session_options
+    from ardeploy.runtime.cuda_compat import blocked_int8_dequantizes
+    from ardeploy.runtime.sessions import _edited, open_session, session_options
     out = tmp_path / "q"
     calibrate_bundle(tied_peaked, IDS, out, CalibConfig(scheme="w4a16", int4_weights="rtn", samples=4, seq_len=64,
                                                         check_windows=0, quantize_head=True, progress=False,
                                                         threads=threads()))
     score = out / "score.onnx"
     assert len(blocked_int8_dequantizes(onnx.load(str(score), load_external_data=False))) == 1
-    assert for_cuda(out / "decode_ort.onnx") is None and for_cuda(tied_peaked / "score.onnx") is None
+    for untouched in (out / "decode_ort.onnx", tied_peaked / "score.onnx"):
+        assert _edited(untouched, session_options(1), "cuda", None) == untouched
 
     def plain_options():
         options = session_options(threads())
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return options
     options = plain_options()
-    rewritten = _as_cuda_runs_it(score, options)
+    rewritten = _edited(score, options, "cuda", None)
     assert isinstance(rewritten, bytes)
     assert not blocked_int8_dequantizes(onnx.load_from_string(rewritten))
     ids = IDS[None, :32]

@@ -89,7 +89,7 @@ def test_replayed_step_path_matches_the_regular_one(tiny_bundle):
     replay.backend.cuda_graph = True
     for batch in ([prompts[0]], prompts, [prompts[1]]):
         assert [r.token_ids for r in replay.generate(batch, cfg)] == [r.token_ids for r in plain.generate(batch, cfg)]
-    assert sorted(batch for _, batch, _ in replay.backend._captured) == [1, 2]
+    assert sorted(batch for _, batch, _, _ in replay.backend._captured) == [1, 2]
     assert replay.backend.kv_bytes_copied == 0
     x = np.array([prompts[0] + [7]])
     for gen in (plain, replay):
@@ -157,8 +157,8 @@ def test_warmup_records_the_step_and_leaves_the_arena_empty(tiny_bundle):
     cold = Generator.load(tiny_bundle[0], threads=threads(), flavor="ort")
     warm = _replaying_on_cpu(tiny_bundle[0])
     warm.warmup((1, 2), verify_widths=range(2, 5))
-    assert sorted(batch for _, batch, width in warm.backend._captured if width == 1) == [1, 2]
-    assert sorted(width for _, _, width in warm.backend._captured if width > 1) == [2, 3, 4]  # speculation's
+    assert sorted(batch for _, batch, width, _ in warm.backend._captured if width == 1) == [1, 2]
+    assert sorted(width for _, _, width, _ in warm.backend._captured if width > 1) == [2, 3, 4]  # speculation's
     assert warm.warmup_s > 0
     assert warm.arena.length == 0 and warm.cached == []
     assert warm.generate(rng_ids(7, seed=2), cfg).token_ids == cold.generate(rng_ids(7, seed=2), cfg).token_ids
@@ -209,7 +209,8 @@ def _continued_vs_fresh(gen, bundle, prompt, cfg):
     from ardeploy.runtime.generator import Run
     starts = []
     real_step = gen.backend.step
-    gen.backend.step = lambda ids, mask, arena: (starts.append(arena.length), real_step(ids, mask, arena))[1]
+    gen.backend.step = lambda ids, mask, arena, **kw: (starts.append(arena.length),
+                                                       real_step(ids, mask, arena, **kw))[1]
     run = Run(gen.events([prompt], cfg, continue_cache=True))
     for _ in run:
         pass
@@ -309,9 +310,9 @@ def test_chat_reuses_cache_and_matches_fresh_run(smollm2_bundle):
     calls = []
     real_step = gen.backend.step
 
-    def spy(ids, mask, arena):
+    def spy(ids, mask, arena, **kw):
         calls.append((arena.length, ids.shape[1]))
-        return real_step(ids, mask, arena)
+        return real_step(ids, mask, arena, **kw)
     gen.backend.step = spy
     cfg = SamplingConfig(greedy=True, max_new_tokens=24)
     chat = ChatSession(gen)

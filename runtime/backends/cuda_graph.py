@@ -72,12 +72,12 @@ class CapturedStep:
     and replayed as CUDA graph `graph_id` (recorded by ONNX Runtime on its first run)."""
 
     def __init__(self, session, arena: KVArena, batch: int, vocab_size: int, graph_id: int, bind_cache,
-                 device: str = "cuda", next_token: bool = True, width: int = 1, sample: dict | None = None):
+                 device: str = "cuda", next_token: bool = True, width: int = 1, extra: "FixedInputs | None" = None):
         """bind_cache(io) binds every past.* input and present.* output to the arena's buffers and
         returns the present addresses (the backend's own binder, so both paths bind alike).
         device "cpu" runs the same bindings without a CUDA graph (how the tests exercise this path).
-        sample: a session whose graph ends in the image sampler (device_sampler.py) gets its inputs
-        and output bound too, at buffers sized and set up by these inputs."""
+        extra: more inputs and an output of the graph (the image sampler appended to it,
+        device_sampler.py), bound at their fixed buffers too."""
         import onnxruntime as ort
 
         def on_device(array):
@@ -101,22 +101,52 @@ class CapturedStep:
         if next_token:          # bound after the present.* outputs, which come right after logits, in order
             self.next_token = ort.OrtValue.ortvalue_from_shape_and_type([n_out], np.int64, device, 0)
             io.bind_ortvalue_output("next_token", self.next_token)
-        self.sample = None
-        if sample is not None:
-            from ..device_sampler import FeedBuffers
-            self.sample = FeedBuffers(sample, device)
-            self.sample.update(sample)
-            self.sample.bind(io, sample)
+        self.extra = extra
+        if extra is not None:
+            extra.bind(io)
         self.io, self.options = io, graph_run_options(graph_id)
         self.runs = 0
 
-    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray, sample: dict | None = None) -> DeviceLogits:
+    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray, extra: dict | None = None) -> DeviceLogits:
         """One step: new token ids [B, width] and each row's length - 1 in; the logits stay on the device.
-        sample: this step's sampler inputs (the codes come back with the logits); None: the tail runs on
-        what its buffers hold and nothing is read from it."""
+        extra: this step's values of the extra inputs (the extra output comes back with the logits); None:
+        the extra nodes run on what their buffers hold and nothing is read from them."""
         self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         self.seqlens_k.update_inplace(np.ascontiguousarray(seqlens_k, dtype=np.int32))
-        if sample is not None:
-            self.sample.update(sample)
+        if extra is not None:
+            self.extra.update(extra)
         self.session.run_with_iobinding(self.io, self.options)
-        return DeviceLogits(self.logits, self.next_token, None if sample is None else self.sample.ids)
+        return DeviceLogits(self.logits, self.next_token, None if extra is None else self.extra.output)
+
+
+class FixedInputs:
+    """Named inputs of a captured graph at fixed device addresses, and one output (name, shape, dtype)
+    likewise; inputs named in `host` are bound from the host as given first (a captured graph keeps the
+    values it recorded: its key must include them). `update` copies only the values that changed since
+    the last step: each host-to-device copy is a good part of a small step's overhead."""
+
+    def __init__(self, values: dict, device: str, host: tuple = (), output: tuple | None = None):
+        import onnxruntime as ort
+
+        def zeros(shape, dtype):
+            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0)
+        self.host = {name: values[name] for name in host}
+        self.buffers = {name: zeros(value.shape, value.dtype) for name, value in values.items() if name not in host}
+        self.output_name, self.output = (output[0], zeros(output[1], output[2])) if output else (None, None)
+        self.last: dict = {}
+        self.update(values)
+
+    def update(self, values: dict) -> None:
+        for name, buffer in self.buffers.items():
+            value = values[name]
+            if name not in self.last or not np.array_equal(self.last[name], value):
+                buffer.update_inplace(np.ascontiguousarray(value))
+                self.last[name] = value
+
+    def bind(self, io) -> None:
+        for name, buffer in self.buffers.items():
+            io.bind_ortvalue_input(name, buffer)
+        for name, value in self.host.items():
+            io.bind_cpu_input(name, value)
+        if self.output is not None:
+            io.bind_ortvalue_output(self.output_name, self.output)

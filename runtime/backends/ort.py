@@ -95,22 +95,6 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int,
             "total_seq_len": np.array(ends.max(), dtype=np.int32), "last_token": last.astype(np.int64)}
 
 
-def _with_sampler(path, sampler_range: tuple[int, int], vocab: int, device: str, options) -> bytes:
-    """The step graph file with the image sampler appended (device_sampler.add_sampler), as bytes whose
-    external data ONNX Runtime reads from the file's folder (rewritten for CUDA as open_session would)."""
-    import onnx
-    from pathlib import Path
-    from ..cuda_compat import dequantize_blocks_by_hand
-    from ..device_sampler import add_sampler
-    model = onnx.load(str(path), load_external_data=False)
-    if device == "cuda":
-        dequantize_blocks_by_hand(model)
-    add_sampler(model.graph, *sampler_range, vocab)
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                     str(Path(path).parent.resolve()))
-    return model.SerializeToString()
-
-
 def _sampler_io() -> dict:
     """What the sampler tail adds to a step graph's declared I/O (check_io's `extra`)."""
     from ..device_sampler import OUTPUT, default_feeds
@@ -222,20 +206,21 @@ class OrtBackend(Backend):
             options = session_options(self.options.threads, self.options.prepack, spin=self.options.spin)
             if self.weights is not None:
                 self.weights.add_to(options, path)
-            graph = path
-            if self.sampler_tail and kind == self.graph:
-                graph = _with_sampler(path, self.sampler_range, self.bundle.vocab_size, self.device, options)
+            edit = self._append_sampler if self.sampler_tail and kind == self.graph else None
             try:
-                self.sessions[kind] = open_session(graph, options, self.device, name=path,
+                self.sessions[kind] = open_session(path, options, self.device, edit=edit,
                                                    cuda_graph=self.cuda_graph and kind == self.graph)
             except BundleError as e:
                 if self.device == "cpu" and self.bundle.manifest.get("dtype") == "bf16":
                     raise BundleError(f"{path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 "
                                       f"graphs: export fp32 or fp16, or run it with --backend trt") from e
                 raise
-            check_io(self.sessions[kind], self.bundle.graph(kind).raw, path,
-                     extra=_sampler_io() if graph is not path else None)
+            check_io(self.sessions[kind], self.bundle.graph(kind).raw, path, extra=_sampler_io() if edit else None)
         return self.sessions[kind]
+
+    def _append_sampler(self, model) -> None:
+        from ..device_sampler import add_sampler
+        add_sampler(model.graph, *self.sampler_range, self.bundle.vocab_size)
 
     def new_arena(self, max_batch: int | None = None, max_seq: int | None = None) -> KVArena:
         bundle = self.bundle
@@ -315,7 +300,7 @@ class OrtBackend(Backend):
         recorded on first use (width > 1: a batch of one's verify step, logits of every position).
         With the sampler tail, one graph per number of images and top-k (a step without a sample binds
         the tail's defaults). The arena is not advanced here."""
-        from ..device_sampler import default_feeds
+        from ..device_sampler import default_feeds, fixed_feeds
         feeds = (sample or default_feeds()) if self.sampler_tail else None
         tail_key = None if feeds is None else (len(feeds["sample_cond_rows"]), int(feeds["sample_top_k"][0]))
         key = (arena, batch, width, tail_key)
@@ -324,7 +309,8 @@ class OrtBackend(Backend):
             step = CapturedStep(self.session(self.graph), arena, batch, self.bundle.vocab_size,
                                 graph_id=len(self._captured) + 1,       # entries are never replaced or removed
                                 bind_cache=lambda io: self._bind_cache(io, arena, arena.length, width, True),
-                                device=self.device, next_token=self.has_next_token, width=width, sample=feeds)
+                                device=self.device, next_token=self.has_next_token, width=width,
+                                extra=None if feeds is None else fixed_feeds(feeds, self.device))
             self._captured[key] = step
         started = time.perf_counter()
         logits = step.run(inputs["input_ids"], inputs["seqlens_k"], sample)
