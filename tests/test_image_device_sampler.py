@@ -158,3 +158,29 @@ def test_codes_drawn_inside_the_replayed_step_equal_the_host_sampler(llamagen_c2
     assert [r.codes.tolist() for r in got] == [r.codes.tolist() for r in host]
     assert all(r.timings["codes_drawn_in_step"] == 15 for r in got)       # 4x4 codes, the first from the prompt
     assert fused.backend._captured and fused.sampler_seconds() > 0        # the first codes: the sampler graph
+
+
+def test_a_step_graph_that_cannot_take_the_sampler_draws_after_the_step(llamagen_c2i, monkeypatch):
+    """Where ONNX Runtime refuses the step graph with the sampler appended, the backend opens the plain one
+    (one note) and the codes, the same, are drawn after each step."""
+    import onnx
+
+    from ardeploy.runtime import device_sampler
+    from ardeploy.runtime.backends.ort import OrtBackend
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageRequest, ImageSettings
+    real = OrtBackend._append_sampler
+
+    def unloadable(self, model):
+        real(self, model)
+        model.graph.node.append(onnx.helper.make_node("NoSuchOperator", [device_sampler.OUTPUT], ["x"],
+                                                      domain="nowhere"))
+    monkeypatch.setattr(OrtBackend, "_append_sampler", unloadable)
+    gen = drawing_in_the_step(llamagen_c2i)
+    assert not gen.backend.sampler_tail
+    requests = [ImageRequest(class_id=c) for c in (3, 5)]
+    got = {sampler: gen.generate(requests, ImageSettings(Guidance(4.0), SamplingConfig(top_k=9), seed=2,
+                                                          sampler=sampler), decode=False)
+           for sampler in ("host", "device")}
+    assert [r.codes.tolist() for r in got["device"]] == [r.codes.tolist() for r in got["host"]]
+    assert all(r.timings["codes_drawn_in_step"] == 0 for r in got["device"])

@@ -203,6 +203,28 @@ def test_cuda_gives_the_cpu_codes(c2i):
     assert np.abs(runs["cpu"][2].astype(int) - runs["cuda"][2].astype(int)).max() <= 1
 
 
+@pytest.mark.skipif(not has_cuda(), reason="needs an NVIDIA GPU with onnxruntime-gpu")
+def test_cuda_draws_codes_inside_the_captured_step(c2i, tmp_path):
+    """FP16 on ONNX Runtime CUDA: the step graph ends in the sampler, so every code after an image's first is
+    drawn by the replayed CUDA graph itself; the codes equal the host sampler's on the same GPU (both read
+    the same logits), for CFG with top-k and for greedy, and the VQ decoder turns them into pixels there."""
+    from ardeploy.export.bundle import export_path
+    from ardeploy.runtime import SamplingConfig
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageGenerator, ImageRequest, ImageSettings
+    export_path(c2i[3], tmp_path / "b16", family="llamagen-c2i", quiet=True, score_graph=False, max_batch=4,
+                dtype="fp16", family_options={"image_size": IMAGE, "vq": str(c2i[4]), "n_head": HEADS})
+    gen = ImageGenerator.load(tmp_path / "b16", device="cuda")
+    assert gen.backend.cuda_graph and gen.backend.sampler_tail
+    requests = [ImageRequest(class_id=c) for c in (3, 7)]
+    for visual in (SamplingConfig(top_k=20), SamplingConfig(greedy=True)):
+        runs = {sampler: gen.generate(requests, ImageSettings(Guidance(4.0), visual, seed=5, sampler=sampler))
+                for sampler in ("host", "device")}
+        assert [r.codes.tolist() for r in runs["device"]] == [r.codes.tolist() for r in runs["host"]]
+        assert [r.timings["codes_drawn_in_step"] for r in runs["device"]] == [GRID * GRID - 1] * 2
+        assert all(r.image is not None and r.image.std() > 0 for r in runs["device"])
+
+
 def test_vq16_decoder_matches_janus(c2i, generator):
     vq = c2i[1]
     rng = np.random.default_rng(0)

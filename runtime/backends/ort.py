@@ -214,7 +214,12 @@ class OrtBackend(Backend):
                 if self.device == "cpu" and self.bundle.manifest.get("dtype") == "bf16":
                     raise BundleError(f"{path}: a bf16 bundle; ONNX Runtime's CPU provider does not run bfloat16 "
                                       f"graphs: export fp32 or fp16, or run it with --backend trt") from e
-                raise
+                if edit is None:
+                    raise
+                # e.g. a provider that cannot capture the appended nodes: the codes are drawn after the step
+                log.info(f"note: the image sampler could not join the step graph ({e}); it runs after each step")
+                self.sampler_range, self.sampler_tail = None, False
+                return self.session(kind)
             check_io(self.sessions[kind], self.bundle.graph(kind).raw, path, extra=_sampler_io() if edit else None)
         return self.sessions[kind]
 
