@@ -77,17 +77,34 @@ def device_supports(cfg: SamplingConfig) -> str | None:
     return None
 
 
+class SamplerFeeds:
+    """The tail's inputs, code after code, for one batch of images: rows b and images + b (guided), the
+    settings, this code's scale and one uniform per image from its generator (none drawn when greedy, as on
+    the host). What does not change is the same array object every time (a captured step's buffers then
+    skip it at a glance: backends/cuda_graph.FixedInputs)."""
+
+    def __init__(self, cfg: SamplingConfig, images: int, guided: bool, width: int):
+        rows = np.arange(images, dtype=np.int64)
+        self.greedy, self.guided = cfg.is_greedy, guided
+        k = 1 if self.greedy else min(cfg.top_k or width, width)
+        self.settings = {"sample_cond_rows": rows, "sample_uncond_rows": rows + images if guided else rows,
+                         "sample_greedy": np.array(self.greedy),
+                         "sample_temperature": np.array(1.0 if self.greedy else cfg.temperature, np.float32),
+                         "sample_top_k": np.array([k], np.int64)}
+        self.no_draw = np.zeros(images)
+        self.scale = (None, None)
+
+    def __call__(self, scale: float, rngs: list) -> dict:
+        scale = scale if self.guided else 1.0
+        if self.scale[0] != scale:
+            self.scale = (scale, np.array(scale, np.float32))
+        uniform = self.no_draw if self.greedy else np.array([rng.random() for rng in rngs], dtype=np.float64)
+        return {**self.settings, "sample_scale": self.scale[1], "sample_uniform": uniform}
+
+
 def sampler_feeds(cfg: SamplingConfig, images: int, guided: bool, scale: float, rngs: list, width: int) -> dict:
-    """The tail's inputs for one code of each image: rows b and images + b (guided), this step's scale,
-    the settings, and one uniform per image from its generator (none drawn when greedy, as on the host)."""
-    rows = np.arange(images, dtype=np.int64)
-    greedy = cfg.is_greedy
-    k = 1 if greedy else min(cfg.top_k or width, width)
-    uniform = np.zeros(images) if greedy else np.array([rng.random() for rng in rngs], dtype=np.float64)
-    return {"sample_cond_rows": rows, "sample_uncond_rows": rows + images if guided else rows,
-            "sample_scale": np.array(scale if guided else 1.0, np.float32), "sample_greedy": np.array(greedy),
-            "sample_temperature": np.array(1.0 if greedy else cfg.temperature, np.float32),
-            "sample_top_k": np.array([k], np.int64), "sample_uniform": uniform}
+    """The tail's inputs for one code of each image (SamplerFeeds, once)."""
+    return SamplerFeeds(cfg, images, guided, width)(scale, rngs)
 
 
 class _Graph:

@@ -161,13 +161,14 @@ class DeviceCodes:
     else by the sampler graph of its own on the step's logits. `in_step` counts the first kind."""
 
     def __init__(self, sampler, cfg: SamplingConfig, rows: BatchRows, rngs: list, width: int, step_draws: bool):
-        self.sampler, self.cfg, self.rows, self.rngs, self.width = sampler, cfg, rows, rngs, width
+        from .device_sampler import SamplerFeeds
+        self.sampler, self.rows, self.rngs = sampler, rows, rngs
+        self.feeds = SamplerFeeds(cfg, rows.n_images, rows.guided, width)
         self.step_draws, self.in_step = step_draws, 0
 
     def prepare(self, scale: float) -> dict:
         """The sampler inputs of the next code of each image (its uniforms drawn now)."""
-        from .device_sampler import sampler_feeds
-        return sampler_feeds(self.cfg, self.rows.n_images, self.rows.guided, scale, self.rngs, self.width)
+        return self.feeds(scale, self.rngs)
 
     def for_step(self, feeds: dict) -> dict | None:
         """What the step that makes the next logits is given to draw with."""

@@ -139,7 +139,8 @@ class FixedInputs:
     def update(self, values: dict) -> None:
         for name, buffer in self.buffers.items():
             value = values[name]
-            if name not in self.last or not np.array_equal(self.last[name], value):
+            last = self.last.get(name)
+            if last is not value and (last is None or not np.array_equal(last, value)):
                 buffer.update_inplace(np.ascontiguousarray(value))
                 self.last[name] = value
 
