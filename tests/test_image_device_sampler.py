@@ -184,3 +184,27 @@ def test_a_step_graph_that_cannot_take_the_sampler_draws_after_the_step(llamagen
            for sampler in ("host", "device")}
     assert [r.codes.tolist() for r in got["device"]] == [r.codes.tolist() for r in got["host"]]
     assert all(r.timings["codes_drawn_in_step"] == 0 for r in got["device"])
+
+
+def test_a_captured_step_with_the_sampler_that_fails_to_replay_falls_back(llamagen_c2i, monkeypatch):
+    """Where the first replay of the step with the sampler appended fails (a GPU that cannot capture those
+    nodes), the backend reopens the plain step graph and the generation goes on, with the same codes."""
+    from ardeploy.runtime.backends import cuda_graph
+    from ardeploy.runtime.guidance import Guidance
+    from ardeploy.runtime.image import ImageRequest, ImageSettings
+    run = cuda_graph.CapturedStep.run
+
+    def refuses_the_sampler(self, input_ids, seqlens_k, extra=None):
+        if self.extra is not None:
+            raise RuntimeError("CUDA graph capture failed\nmore lines")
+        return run(self, input_ids, seqlens_k, extra)
+    monkeypatch.setattr(cuda_graph.CapturedStep, "run", refuses_the_sampler)
+    gen = drawing_in_the_step(llamagen_c2i)
+    requests = [ImageRequest(class_id=c) for c in (3, 5)]
+    settings = {sampler: ImageSettings(Guidance(4.0), SamplingConfig(top_k=9), seed=2, sampler=sampler)
+                for sampler in ("host", "device")}
+    got = gen.generate(requests, settings["device"], decode=False)
+    assert not gen.backend.sampler_tail and gen.backend._captured
+    want = gen.generate(requests, settings["host"], decode=False)
+    assert [r.codes.tolist() for r in got] == [r.codes.tolist() for r in want]
+    assert all(r.timings["codes_drawn_in_step"] == 0 for r in got)

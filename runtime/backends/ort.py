@@ -216,12 +216,18 @@ class OrtBackend(Backend):
                                       f"graphs: export fp32 or fp16, or run it with --backend trt") from e
                 if edit is None:
                     raise
-                # e.g. a provider that cannot capture the appended nodes: the codes are drawn after the step
-                log.info(f"note: the image sampler could not join the step graph ({e}); it runs after each step")
-                self.sampler_range, self.sampler_tail = None, False
+                self._drop_sampler(str(e))
                 return self.session(kind)
             check_io(self.sessions[kind], self.bundle.graph(kind).raw, path, extra=_sampler_io() if edit else None)
         return self.sessions[kind]
+
+    def _drop_sampler(self, why: str) -> None:
+        """Run the plain step graph from now on (the image codes are then drawn after each step)."""
+        log.info(f"note: the image sampler could not join the step graph ({why}); it runs after each step")
+        self.sampler_range, self.sampler_tail = None, False
+        self.sessions.pop(self.graph, None)
+        self._captured.clear()
+        self._reusable = None
 
     def _append_sampler(self, model) -> None:
         from ..device_sampler import add_sampler
@@ -318,7 +324,13 @@ class OrtBackend(Backend):
                                 extra=None if feeds is None else fixed_feeds(feeds, self.device))
             self._captured[key] = step
         started = time.perf_counter()
-        logits = step.run(inputs["input_ids"], inputs["seqlens_k"], sample)
+        try:
+            logits = step.run(inputs["input_ids"], inputs["seqlens_k"], sample)
+        except Exception as e:          # noqa: BLE001 - e.g. a provider that cannot capture the appended nodes
+            if feeds is None or step.runs:
+                raise
+            self._drop_sampler(f"its first replay failed: {str(e).splitlines()[0]}")
+            return self._replay(inputs, arena, batch, width)
         self._run_s += time.perf_counter() - started
         step.runs += 1
         if self.options.audit and step.runs % 64 == 1:
