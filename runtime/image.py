@@ -86,9 +86,31 @@ CONDITION_HELP = {
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """VQ output [B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3]."""
-    levels = np.clip(np.rint((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """VQ output [B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3] (float32 arithmetic)."""
+    levels = np.clip(np.rint((np.asarray(pixels, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(levels.transpose(0, 2, 3, 1))
+
+
+def add_image_output(model) -> None:
+    """Give the VQ decoder graph (a ModelProto, edited in place) a second output `image`: to_uint8 of
+    `pixels` in the same arithmetic (float32, rounding half to even), computed where the decoder runs, so
+    that on a GPU only the uint8 image crosses to the host."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value):
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), "image/" + name))
+        return "image/" + name
+    steps = [("Cast", ["pixels"], "float", {"to": TensorProto.FLOAT}),
+             ("Add", ["image/float", const("one", 1.0)], "shifted", {}), ("Mul", ["image/shifted", const("half", 127.5)],
+             "scaled", {}), ("Round", ["image/scaled"], "rounded", {}),
+             ("Clip", ["image/rounded", const("lo", 0.0), const("hi", 255.0)], "clipped", {}),
+             ("Cast", ["image/clipped"], "levels", {"to": TensorProto.UINT8}),
+             ("Transpose", ["image/levels"], "hwc", {"perm": [0, 2, 3, 1]})]
+    for op, inputs, out, attrs in steps:
+        model.graph.node.append(helper.make_node(op, inputs, ["image/" + out], name="image/" + out, **attrs))
+    model.graph.node.append(helper.make_node("Identity", ["image/hwc"], ["image"], name="image/out"))
+    model.graph.output.append(helper.make_tensor_value_info("image", TensorProto.UINT8,
+                                                            ["batch", "height", "width", 3]))
 
 
 class BatchRows:
@@ -320,7 +342,7 @@ class ImageGenerator:
             done = [result for result in batch if result.codes is not None]
             if decode and done:
                 decoding = time.perf_counter()
-                images = to_uint8(self.decode_codes(np.stack([result.codes for result in done])))
+                images = self.decode_codes(np.stack([result.codes for result in done]), as_images=True)
                 decode_s = (time.perf_counter() - decoding) / len(done)
                 for result, image in zip(done, images):
                     result.image = image
@@ -501,8 +523,9 @@ class ImageGenerator:
         return settings.sampler == "device" or (settings.sampler == "auto" and self.device == "cuda" and not why_not)
 
     # -- VQ decoding --------------------------------------------------------------------------------
-    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
-        """codes int [B, h, w] -> pixels float32 [B, 3, h*f, w*f] through the bundle's VQ decoder graph."""
+    def decode_codes(self, codes: np.ndarray, as_images: bool = False) -> np.ndarray:
+        """codes int [B, h, w] -> pixels float32 [B, 3, h*f, w*f] through the bundle's VQ decoder graph, or
+        with as_images the uint8 images [B, h*f, w*f, 3] (to_uint8 of them, made where the decoder runs)."""
         if not self.has_decoder:
             raise BundleError(f"{self.bundle.path}: the bundle has no VQ decoder graph (export with --vq)")
         codes = np.ascontiguousarray(codes, np.int64)
@@ -511,8 +534,8 @@ class ImageGenerator:
             raise UserError(f"VQ codes must be [B, h, w] in [0, {codebook})")
         if self._vq is None:
             self._vq = open_session(self.bundle.graph_path("vq_decoder"), session_options(self.threads),
-                                    self.device)
-        return self._vq.run(["pixels"], {"tokens": codes})[0]
+                                    self.device, edit=add_image_output)
+        return self._vq.run(["image" if as_images else "pixels"], {"tokens": codes})[0]
 
 
 def save_images(results: list[ImageResult], out: str | Path, names: list[str] | None = None) -> list[Path]:

@@ -240,6 +240,31 @@ def test_vq16_decoder_matches_janus(c2i, generator):
         assert err <= ATOL
 
 
+def test_images_made_in_the_decoder_graph_are_to_uint8s(generator):
+    """The VQ decoder's session also gives the uint8 image (so only it crosses from a GPU): exactly to_uint8
+    of the pixels, for float32 and float16 pixels (out-of-range values clipped)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ardeploy.runtime.image import add_image_output, to_uint8
+    from ardeploy.runtime.sessions import open_session, session_options
+    codes = np.random.default_rng(4).integers(0, V, (2, 3, 5))
+    np.testing.assert_array_equal(generator.decode_codes(codes, as_images=True),
+                                  to_uint8(generator.decode_codes(codes)))
+    for kind, dtype in ((TensorProto.FLOAT, np.float32), (TensorProto.FLOAT16, np.float16)):
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["pixels"])], "g",
+                                  [helper.make_tensor_value_info("x", kind, ["batch", 3, "h", "w"])],
+                                  [helper.make_tensor_value_info("pixels", kind, ["batch", 3, "h", "w"])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        model.ir_version = 10
+        add_image_output(model)
+        onnx.checker.check_model(model)
+        pixels = np.random.default_rng(5).uniform(-1.3, 1.3, (2, 3, 7, 9)).astype(dtype)
+        got = open_session(model.SerializeToString(), session_options(1)).run(["image"], {"x": pixels})[0]
+        assert got.dtype == np.uint8 and got.shape == (2, 7, 9, 3)
+        np.testing.assert_array_equal(got, to_uint8(pixels))
+
+
 def test_generate_image_writes_pngs(c2i, tmp_path, capsys):
     from PIL import Image
 
