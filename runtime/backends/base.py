@@ -85,9 +85,26 @@ class Backend(ABC):
         length. row None: one token for each of the arena's rows ([B, 1]); row r: S tokens of that row
         alone ([1, S]: its prompt, or a piece of it), the other rows untouched. lengths: the rows' cached
         positions before the step ([B], or [1] for one row). Returns Logits [B or 1, vocab]; the arena's
-        own length is not used or moved: the caller keeps the rows' lengths (decode.Slots)."""
-        raise BundleError(f"continuous batching needs a graph whose cache keeps each row at its own length "
-                          f"(the ONNX Runtime graph; this is {self.name}, graph {self.graph})")
+        own length is not used or moved: the caller keeps the rows' lengths (decode.Slots). A template
+        method too: checks, timing and `records` here, the step in `_step_rows`."""
+        if not self.rows_own_lengths:
+            raise BundleError(f"continuous batching needs a graph whose cache keeps each row at its own length "
+                              f"(the ONNX Runtime graph; this is {self.name}, graph {self.graph})")
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        batch, n_new = ids.shape
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if row is None and (batch != arena.batch or n_new != 1):
+            raise ValueError(f"a step of all rows takes one token for each of the arena's {arena.batch} rows")
+        if row is not None and batch != 1:
+            raise ValueError("a step of one row takes that row's tokens only ([1, S])")
+        if (lengths + n_new).max() > arena.max_seq:
+            raise IndexError(f"{int((lengths + n_new).max())} positions exceed the cache's max_seq {arena.max_seq}")
+        started, graph_before = time.perf_counter(), self._run_s
+        logits = self._step_rows(ids, lengths, arena, row)
+        if self.records is not None:
+            self.records.append(StepRecord(int(lengths.max()), n_new, time.perf_counter() - started,
+                                           self._run_s - graph_before))
+        return logits
 
     def prefill_features(self, features: np.ndarray, attention_mask: np.ndarray, arena: KVArena):
         """The prefill graph on input features [B, S, dim] into an empty arena; logits as `step`'s."""
@@ -106,6 +123,10 @@ class Backend(ABC):
         """Free sessions, engines, captured graphs and device buffers; the backend is unusable after."""
 
     # -- what subclasses implement -------------------------------------------------------------------
+    def _step_rows(self, input_ids: np.ndarray, lengths: np.ndarray, arena: KVArena, row: int | None):
+        """The rows' step itself (arguments already checked), where rows_own_lengths is declared."""
+        raise NotImplementedError
+
     @abstractmethod
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, arena: KVArena, all_positions: bool,
               sample: dict | None = None):

@@ -34,7 +34,7 @@ from ..kv_arena import KVArena
 from ..log import log
 from ..run_options import RunOptions
 from ..sessions import check_io, graph_run_options, open_session, providers, session_options
-from .base import Backend, StepRecord, check_step
+from .base import Backend, check_step
 from .cuda_graph import CapturedStep
 
 
@@ -281,30 +281,14 @@ class OrtBackend(Backend):
             return logits
         return self._run(self.graph, inputs, arena, batch, n_new, bind_past=True, all_positions=all_positions)
 
-    def step_rows(self, input_ids: np.ndarray, lengths: np.ndarray, arena: KVArena, row: int | None = None):
-        if not self.rows_own_lengths:
-            return super().step_rows(input_ids, lengths, arena, row)
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    def _step_rows(self, ids: np.ndarray, lengths: np.ndarray, arena: KVArena, row: int | None):
         batch, n_new = ids.shape
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if row is None and (batch != arena.batch or n_new != 1):
-            raise ValueError(f"a step of all rows takes one token for each of the arena's {arena.batch} rows")
-        if row is not None and batch != 1:
-            raise ValueError("a step of one row takes that row's tokens only ([1, S])")
-        if (lengths + n_new).max() > arena.max_seq:
-            raise IndexError(f"{int((lengths + n_new).max())} positions exceed the cache's max_seq {arena.max_seq}")
         inputs = {"input_ids": ids, "seqlens_k": (lengths + n_new - 1).astype(np.int32),
                   "total_seq_len": np.array((lengths + n_new).max(), dtype=np.int32),
                   "last_token": (np.arange(batch) * n_new + n_new - 1).astype(np.int64)}
-        started, graph_before = time.perf_counter(), self._run_s
         if row is None and self.cuda_graph:
-            logits = self._replay(inputs, arena, batch, 1)
-        else:
-            logits = self._execute(self.graph, inputs, arena, batch, n_new, bind_past=True, row=row)
-        if self.records is not None:
-            self.records.append(StepRecord(int(lengths.max()), n_new, time.perf_counter() - started,
-                                           self._run_s - graph_before))
-        return logits
+            return self._replay(inputs, arena, batch, 1)
+        return self._execute(self.graph, inputs, arena, batch, n_new, bind_past=True, row=row)
 
     def _replay(self, inputs: dict, arena: KVArena, batch: int, width: int = 1, sample: dict | None = None):
         """A step of `width` tokens per row as this arena's captured CUDA graph for (batch, width),
