@@ -7,6 +7,8 @@ Engines (--engines, comma-separated):
                   drawn on the GPU inside the captured step itself (the sampler appended to the step
                   graph, runtime/device_sampler.py: one replay per code; the first code of an image by
                   the sampler graph of its own), only [B] codes cross to the host
+  ours-after-step the same with the sampler graph run after each step instead of inside it (the path before
+                  the sampler joined the step: one more ONNX Runtime run and host round trip per code)
   ours-host       the same with the numpy sampler on the host (logits copied to the host every step)
   torch-eager     PyTorch loop after LlamaGen's autoregressive/models/generate.py: static KV cache
                   (module buffers [2B, heads, L, hd], L a multiple of 8), boolean causal mask over the
@@ -62,8 +64,9 @@ MODELS = {"gpt-b": dict(dim=768, n_layer=12, n_head=12, vocab=16384, num_classes
           "gpt-l": dict(dim=1024, n_layer=24, n_head=16, vocab=16384, num_classes=1000),
           "gpt-xl": dict(dim=1280, n_layer=36, n_head=20, vocab=16384, num_classes=1000),
           "tiny": dict(dim=64, n_layer=2, n_head=4, vocab=256, num_classes=10)}
-ENGINES = ("ours", "ours-host", "torch-eager", "torch-compiled")
-CHILD_TIMEOUT = {"ours": 240, "ours-host": 240, "torch-eager": 300, "torch-compiled": 420, "codes": 300}
+ENGINES = ("ours", "ours-after-step", "ours-host", "torch-eager", "torch-compiled")
+CHILD_TIMEOUT = {"ours": 240, "ours-after-step": 240, "ours-host": 240, "torch-eager": 300, "torch-compiled": 420,
+                 "codes": 300}
 HERE = Path(__file__).resolve()
 
 
@@ -130,12 +133,19 @@ def bundle(args, work: Path, ckpt: Path, size: int, dtype: str) -> Path:
 
 
 # -- ours ---------------------------------------------------------------------------------------------
-def run_ours(args, size: int, bundle_dir: Path, sampler: str) -> list[dict]:
+def run_ours(args, size: int, bundle_dir: Path, sampler: str, in_step: bool = True) -> list[dict]:
     from ardeploy.runtime import SamplingConfig
+    from ardeploy.runtime.backends import load_backend
     from ardeploy.runtime.guidance import Guidance
     from ardeploy.runtime.image import ImageGenerator, ImageRequest, ImageSettings
-    gen = ImageGenerator.load(bundle_dir, threads=args.threads, device=args.device)
-    say(f"ours ({sampler} sampler): graph {gen.backend.graph}, flavor {gen.backend.flavor}, device {args.device}")
+    from ardeploy.runtime.run_options import RunOptions
+    options = RunOptions(threads=args.threads, device=args.device)
+    gen = ImageGenerator.load(bundle_dir, options)
+    if not in_step:                 # a backend without the sampler appended to its step graph
+        gen.backend.close()
+        gen.backend = load_backend(gen.bundle, options)
+    say(f"ours ({sampler} sampler, in the step: {gen.backend.sampler_tail}): graph {gen.backend.graph}, "
+        f"flavor {gen.backend.flavor}, device {args.device}")
     out = []
     for batch in ints(args.batches):
         requests = [ImageRequest(class_id=c) for c in class_ids(args.model, batch)]
@@ -298,9 +308,10 @@ def one_image(args, bundle_dir: Path, device: str, cuda_options: dict | None = N
 def child(args) -> int:
     work = Path(args.work)
     ckpt = work / f"{args.model}.pt"
-    if args.child in ("ours", "ours-host"):
+    if args.child.startswith("ours"):
         path = work / f"bundle_{args.size}_{args.dtype}_b{2 * max(ints(args.batches))}"
-        result = run_ours(args, args.size, path, "host" if args.child == "ours-host" else "auto")
+        result = run_ours(args, args.size, path, "host" if args.child == "ours-host" else "auto",
+                          in_step=args.child == "ours")
     elif args.child == "codes":
         result = codes_check(args, work / f"bundle_{args.size}_fp32_b{2 * max(ints(args.batches))}")
     else:
@@ -345,7 +356,7 @@ def ratios(results: list) -> dict:
           for row in r["rows"]}
     out = {}
     for (engine, batch), rate in by.items():
-        if engine.startswith("torch") and ("ours", batch) in by:
+        if engine != "ours" and ("ours", batch) in by:
             out[f"ours/{engine} batch {batch}"] = round(by[("ours", batch)] / rate, 3)
     return out
 
