@@ -30,6 +30,7 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 from ..errors import UserError
+from ..device_sampler import OUTPUT as SAMPLED, add_sampler, default_feeds, fixed_feeds
 from ..kv_arena import KVArena
 from ..log import log
 from ..run_options import RunOptions
@@ -97,8 +98,7 @@ def gqa_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, past: int,
 
 def _sampler_io() -> dict:
     """What the sampler tail adds to a step graph's declared I/O (check_io's `extra`)."""
-    from ..device_sampler import OUTPUT, default_feeds
-    return {"inputs": [{"name": name} for name in default_feeds()], "outputs": [{"name": OUTPUT}]}
+    return {"inputs": [{"name": name} for name in default_feeds()], "outputs": [{"name": SAMPLED}]}
 
 
 def _decode_graph(bundle: Bundle, flavor: str, device: str = "cpu") -> str:
@@ -230,7 +230,6 @@ class OrtBackend(Backend):
         self._reusable = None
 
     def _append_sampler(self, model) -> None:
-        from ..device_sampler import add_sampler
         add_sampler(model.graph, *self.sampler_range, self.bundle.vocab_size)
 
     def new_arena(self, max_batch: int | None = None, max_seq: int | None = None) -> KVArena:
@@ -295,9 +294,10 @@ class OrtBackend(Backend):
         recorded on first use (width > 1: a batch of one's verify step, logits of every position).
         With the sampler tail, one graph per number of images and top-k (a step without a sample binds
         the tail's defaults). The arena is not advanced here."""
-        from ..device_sampler import default_feeds, fixed_feeds
-        feeds = (sample or default_feeds()) if self.sampler_tail else None
-        tail_key = None if feeds is None else (len(feeds["sample_cond_rows"]), int(feeds["sample_top_k"][0]))
+        feeds = tail_key = None
+        if self.sampler_tail:
+            feeds = sample or default_feeds()
+            tail_key = (len(feeds["sample_cond_rows"]), int(feeds["sample_top_k"][0]))
         key = (arena, batch, width, tail_key)
         step = self._captured.get(key)
         if step is None:
@@ -372,7 +372,6 @@ class OrtBackend(Backend):
         n_out = n_new if all_positions else batch
         io, present = self._binding(session, kind, arena, batch, past, n_new, bind_past, n_out, row)
         if self.sampler_tail and kind == self.graph:      # its codes are not read: a step that draws nothing
-            from ..device_sampler import default_feeds
             inputs = {**default_feeds(), **inputs}
         for name, value in inputs.items():
             io.bind_cpu_input(name, value)
