@@ -68,6 +68,8 @@ def verify_widths(spec) -> range:
 
 def read_prompt_file(path: str) -> str:
     """--prompt-file PATH (- for standard input), as UTF-8 text."""
+    if path == "-" and (sys.stdin is None or sys.stdin.closed):
+        raise UserError("--prompt-file -: standard input is closed (pipe the prompt in, or give a file's path)")
     try:
         raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     except OSError as e:

@@ -664,15 +664,31 @@ def test_calibrate_cannot_overwrite_a_file_beside_out(tiny_bundle, tmp_path, cap
     assert (work / "notes.txt").read_text() == "the user's notes"
 
 
+LAYERS_REPORT = {"source": "test", "layers": []}
+
+
 def _engines_record(bundle: Path, **changes) -> Path:
+    """BUNDLE/engines with every field `inspect` prints: without the path rule inspect ran to the end (exit 0)
+    on the layers, graphs and folder escapes below (checked on 51ebece: exit 0, the outside layers file read)."""
     engines = bundle / "engines"
     engines.mkdir()
     (engines / "engine.plan").write_bytes(b"plan")
-    (engines / "layers.json").write_text("{}")
-    record = {"format": "ardeploy-engines", "format_version": 1, "engines": [{"file": "engine.plan"}],
-              "layers": {"file": "layers.json"}, "graphs": {}, **changes}
+    (engines / "layers.json").write_text(json.dumps(LAYERS_REPORT))
+    record = {"format": "ardeploy-engines", "format_version": 1,
+              "engines": [{"file": "engine.plan", "graph": "decode", "bytes": 4, "profiles": []}],
+              "layers": {"file": "layers.json"}, "graphs": {}, "tensorrt": {"label": "TensorRT"},
+              "target": {"compute_capability": "any"}, "precision": "fp16",
+              "max_seq": 8, "max_batch": 1, "opt_seq": 8, "build_seconds": 0, "created": "", "plan_bytes": 4,
+              "plan_to_weights": 1.0, "io": {}, **changes}
     (engines / "engines.json").write_text(json.dumps(record))
     return engines
+
+
+def _layers_outside(bundle: Path) -> Path:
+    """An attacker's layers report beside the bundle, named by its absolute path."""
+    outside = bundle.parent / "their_layers.json"
+    outside.write_text(json.dumps(LAYERS_REPORT))
+    return _engines_record(bundle, layers={"file": str(outside.resolve())})
 
 
 def _engines_elsewhere(bundle: Path) -> None:
@@ -684,7 +700,7 @@ def _engines_elsewhere(bundle: Path) -> None:
 
 ENGINE_ESCAPES = {
     "plan-dotdot": lambda b: _engines_record(b, engines=[{"file": "../../secret.plan"}]),
-    "layers-absolute": lambda b: _engines_record(b, layers={"file": "/etc/hostname"}),
+    "layers-absolute": _layers_outside,
     "graph-dotdot": lambda b: _engines_record(b, graphs={"../other/decode.onnx": "0" * 64}),
     "folder-symlink": _engines_elsewhere,
 }
@@ -886,9 +902,11 @@ def test_png_full_disk_leaves_no_partial(tmp_path, monkeypatch):
 # -- signals during writing commands, and a killed run's leftovers ----------------------------------
 def _pausing_cli(argv, module: str, function: str, ready: Path, **popen) -> subprocess.Popen:
     """`ardeploy ARGV` in a fresh interpreter whose `module.function` (a step inside the folder being written)
-    marks `ready` and then waits: the test's moment to send a signal."""
+    marks `ready` and then waits: the test's moment to send a signal. SIGINT and SIGHUP start as in a terminal
+    (Python's own defaults): the CLI leaves a signal alone that its parent ignored (nohup, some CI shells)."""
     code = "\n".join([
-        "import pathlib, sys, time", f"import {module} as target",
+        "import pathlib, signal, sys, time", "signal.signal(signal.SIGINT, signal.default_int_handler); signal.signal(signal.SIGHUP, signal.SIG_DFL)",
+        f"import {module} as target",
         "def pause(*args, **kwargs):", f"    pathlib.Path({str(ready)!r}).write_text('writing')", "    time.sleep(120)",
         f"target.{function} = pause", "from ardeploy.cli import main", f"sys.exit(main({[str(a) for a in argv]!r}))"])
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -1131,6 +1149,14 @@ def test_chat_input(kind, bundle, tmp_path, monkeypatch, capsys):
     assert ("line 2" if kind == "invalid-utf8" else "--system" if "system" in kind else "closed") in err[-1], err
 
 
+@pytest.mark.parametrize("kind", ["closed", "closed-file"])
+def test_prompt_file_from_a_closed_stdin(kind, tiny_bundle, tmp_path, monkeypatch, capsys):
+    """`generate --prompt-file -` with standard input closed (`<&-`): was an internal error (AttributeError)."""
+    monkeypatch.setattr(sys, "stdin", STDIN_CASES[kind]())
+    refused(["generate", tiny_bundle, "--prompt-file", "-", "--max-new-tokens", "2", "--quiet"], capsys, tmp_path,
+            "--prompt-file -", "closed", watch=(tiny_bundle,))
+
+
 def test_stop_strings_taken_literally(tiny_bundle, capsys):
     """A literal --stop (é, a backslash at the end) stops where the text has it; escapes only with
     --stop-escaped. Both used to go through unicode_escape (é never matched; a final backslash crashed)."""
@@ -1256,7 +1282,7 @@ CASES = {
     "absurd or mistyped checkpoint values": len(HF_CONFIG_VALUES) + len(CHECKPOINT_FILES) + len(SAFETENSORS_ENTRIES) + 2,
     "manifest against its graphs and bounds": len(MANIFEST_VS_GRAPHS) + 1,
     "chat templates": len(TEMPLATES),
-    "text encodings and standard input": len(TEXT_OPTIONS) + len(STDIN_CASES) + 1,
+    "text encodings and standard input": len(TEXT_OPTIONS) + len(STDIN_CASES) + 1 + 2,
     "broken pipes": len(BROKEN_PIPES),
     "argparse errors": len(ARGPARSE_CASES),
     "numerics": 4,
