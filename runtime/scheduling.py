@@ -7,7 +7,7 @@
     handle.result                          # the GenerationResult (stop_reason "cancelled" after cancel())
 
 A scheduler owns one generator and the thread that runs it; `submit` and `Handle` are safe to use from
-other threads (an ASGI server's event loop bridges them with run_in_executor or a thread). Each request
+other threads (an ASGI server's event loop takes the events through `Handle.listen`). Each request
 keeps its own sampling settings, seed, stop strings and (optional) constraint: a structured-output
 grammar that says which tokens may come next.
 """
@@ -72,6 +72,8 @@ class Handle:
         self.result = None               # GenerationResult once finished
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue()
+        self._listener = None
+        self._lock = threading.Lock()    # orders listen() against the scheduler's deliveries
         self._cancelled = threading.Event()
         self._finished = threading.Event()
 
@@ -86,6 +88,16 @@ class Handle:
                 return
             yield item
 
+    def listen(self, callback) -> None:
+        """Instead of events(): `callback(event)` for each TokenEvent, then `callback(None)` at the end (see
+        `error`), called on the scheduler's thread, those emitted before this call first. A server's event
+        loop passes its call_soon_threadsafe here: no thread per request waits on the queue."""
+        with self._lock:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                callback(None if item is _DONE else item)
+            self._listener = callback
+
     def cancel(self) -> None:
         self._cancelled.set()
 
@@ -98,12 +110,19 @@ class Handle:
 
     # -- the scheduler's side --------------------------------------------------------------------
     def _emit(self, token: int, text: str) -> None:
-        self._queue.put(TokenEvent(token, text))
+        self._deliver(TokenEvent(token, text))
 
     def _finish(self, result=None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self._finished.set()
-        self._queue.put(_DONE)
+        self._deliver(_DONE)
+
+    def _deliver(self, item) -> None:
+        with self._lock:
+            if self._listener is None:
+                self._queue.put(item)
+            else:
+                self._listener(None if item is _DONE else item)
 
 
 class Scheduler(Protocol):

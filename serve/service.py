@@ -144,26 +144,28 @@ class ModelService:
     # -- scheduler -> event loop ------------------------------------------------------------------
     async def events(self, job: Job):
         """The job's TokenEvents on the event loop; leaving early (a client gone) cancels the request."""
-        loop = asyncio.get_running_loop()
+        loop, handle = asyncio.get_running_loop(), job.handle
         inbox: asyncio.Queue = asyncio.Queue()
-        threading.Thread(target=_pump, args=(job.handle, loop, inbox), daemon=True,
-                         name=f"ardeploy-pump-{job.id}").start()
+
+        def deliver(item) -> None:                     # on the scheduler's thread
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, item)
+            except RuntimeError:                       # the loop has closed: nobody is listening
+                handle.cancel()
+        handle.listen(deliver)
         try:
             while True:
                 item = await inbox.get()
-                if item is _END:
+                if item is None:
+                    if handle.error is not None:
+                        raise handle.error
                     return
-                if isinstance(item, BaseException):
-                    raise item
                 if job.first_token_at is None:
                     job.first_token_at = time.perf_counter()
                 yield item
         finally:
             if not job.handle.wait(0):
                 job.handle.cancel()
-
-
-_END = object()
 
 
 def result_of(job: Job):
@@ -175,18 +177,3 @@ def result_of(job: Job):
                                   stop_reason="cancelled", ttft_s=0.0, decode_tokens_per_s=0.0)
     return result
 
-
-def _pump(handle: Handle, loop, inbox: asyncio.Queue) -> None:
-    """Thread: moves a handle's blocking event stream onto the event loop."""
-    def put(item):
-        try:
-            loop.call_soon_threadsafe(inbox.put_nowait, item)
-        except RuntimeError:                           # the loop has closed: nobody is listening
-            handle.cancel()
-    try:
-        for event in handle.events():
-            put(event)
-    except BaseException as e:                         # noqa: BLE001 - handed to the request's coroutine
-        put(e)
-        return
-    put(_END)

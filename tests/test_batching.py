@@ -187,3 +187,25 @@ def test_a_lone_request_runs_at_batch_one(bundle, monkeypatch):
     assert [e.token for e in scheduler.submit(request).events(timeout=30)] == alone(bundle, request)
     scheduler.close()
     assert widths and set(widths) == {1}
+
+
+def test_a_listener_gets_every_event_once_in_order_then_the_end():
+    """Handle.listen (the server's bridge to its event loop): events emitted before it are delivered first,
+    then each later one as it comes, then None; a failed request's error is on the handle."""
+    from ardeploy.runtime.scheduling import Handle
+    handle, got = Handle(Request([1])), []
+    handle._emit(1, "a")
+    handle._emit(2, "b")
+    handle.listen(got.append)
+    handle._emit(3, "c")
+    handle._finish(error=RuntimeError("boom"))
+    assert [None if e is None else (e.token, e.text) for e in got] == [(1, "a"), (2, "b"), (3, "c"), None]
+    assert isinstance(handle.error, RuntimeError)
+    # delivered from the scheduler's thread while a listener attaches: none lost, none twice, in order
+    for _ in range(20):
+        handle, got = Handle(Request([1])), []
+        emitter = threading.Thread(target=lambda h=handle: ([h._emit(i, "") for i in range(500)], h._finish()))
+        emitter.start()
+        handle.listen(got.append)
+        emitter.join()
+        assert [e.token for e in got[:-1]] == list(range(500)) and got[-1] is None
