@@ -140,9 +140,11 @@ class FixedInputs:
         for name, buffer in self.buffers.items():
             value = values[name]
             last = self.last.get(name)
-            if last is not value and (last is None or not np.array_equal(last, value)):
+            if last is value:
+                continue
+            if last is None or not np.array_equal(last, value):
                 buffer.update_inplace(np.ascontiguousarray(value))
-                self.last[name] = value
+            self.last[name] = value     # equal or copied: the next step with this array skips it at a glance
 
     def bind(self, io) -> None:
         for name, buffer in self.buffers.items():
