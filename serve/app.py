@@ -163,17 +163,19 @@ async def _cancel_on_disconnect(request: HttpRequest, job: Job) -> None:
 
 
 async def _sse(request, service, metrics, endpoint, job: Job, shape, include_usage: bool):
-    """Server-sent events: one chunk per printable piece, the finish reason, [DONE]. If the client goes away
-    its request is cancelled: by the disconnect watcher (also while the request still waits for a row), or
-    when the next piece cannot be sent (the generator is closed and `service.events` cancels)."""
+    """Server-sent events: one chunk per printable piece (pieces that arrived together: one chunk), the
+    finish reason, [DONE]. If the client goes away its request is cancelled: by the disconnect watcher
+    (also while the request still waits for a row), or when the next piece cannot be sent (the generator
+    is closed and `service.events` cancels)."""
     finished = False
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         yield _data(shape.first())
         try:
-            async for event in service.events(job):
-                if event.text:
-                    yield _data(shape.piece(event.text))
+            async for events in service.events(job):
+                text = "".join(event.text for event in events)
+                if text:
+                    yield _data(shape.piece(text))
         except Exception as e:                       # noqa: BLE001
             finished = True
             _failed(metrics, endpoint, e)

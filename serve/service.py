@@ -143,7 +143,9 @@ class ModelService:
 
     # -- scheduler -> event loop ------------------------------------------------------------------
     async def events(self, job: Job):
-        """The job's TokenEvents on the event loop; leaving early (a client gone) cancels the request."""
+        """The job's TokenEvents on the event loop, in lists: every event that has arrived since the last
+        list, at least one (a stream that falls behind the scheduler catches up in one write). Leaving early
+        (a client gone) cancels the request."""
         loop, handle = asyncio.get_running_loop(), job.handle
         inbox: asyncio.Queue = asyncio.Queue()
 
@@ -155,14 +157,18 @@ class ModelService:
         handle.listen(deliver)
         try:
             while True:
-                item = await inbox.get()
-                if item is None:
+                batch = [await inbox.get()]
+                while batch[-1] is not None and not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                events = batch[:-1] if batch[-1] is None else batch
+                if events:
+                    if job.first_token_at is None:
+                        job.first_token_at = time.perf_counter()
+                    yield events
+                if batch[-1] is None:
                     if handle.error is not None:
                         raise handle.error
                     return
-                if job.first_token_at is None:
-                    job.first_token_at = time.perf_counter()
-                yield item
         finally:
             if not job.handle.wait(0):
                 job.handle.cancel()

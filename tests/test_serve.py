@@ -510,3 +510,39 @@ def test_serve_command_bad_input_is_one_line(tiny_chat_bundle, tmp_path, capsys)
         one_line_error(main(["serve", str(tiny_chat_bundle), "--port", port, "--threads", "1"]), capsys,
                        "cannot listen", port)
     assert os.environ.get("ARDEPLOY_API_KEY") is None
+
+
+def test_a_stream_behind_the_scheduler_catches_up_in_one_write():
+    """ModelService.events hands the event loop every event that has arrived since its last write as one
+    list (one SSE chunk): a stream that falls behind under load writes once, not once per token; then the
+    end, or a failed request's error."""
+    import asyncio
+
+    from ardeploy.runtime.scheduling import Handle, Request
+    from ardeploy.serve.service import Job, ModelService
+
+    async def collect(handle, during=lambda handle, n: None):
+        got = []
+        try:
+            async for events in ModelService.events(None, Job("x", handle, 1, 0.0)):
+                got.append([e.token for e in events])
+                during(handle, len(got))
+        except RuntimeError as e:
+            got.append(str(e))
+        return got
+
+    behind = Handle(Request([1]))
+    for token in range(5):
+        behind._emit(token, "t")
+    behind._finish()
+    assert asyncio.run(collect(behind)) == [[0, 1, 2, 3, 4]]
+
+    def scheduler(handle, n):          # two more tokens while the stream writes, then a failure
+        if n == 1:
+            handle._emit(8, "t")
+            handle._emit(9, "t")
+        else:
+            handle._finish(error=RuntimeError("boom"))
+    live = Handle(Request([1]))
+    live._emit(7, "t")
+    assert asyncio.run(collect(live, scheduler)) == [[7], [8, 9], "boom"]
