@@ -521,10 +521,13 @@ def test_a_stream_behind_the_scheduler_catches_up_in_one_write():
     from ardeploy.runtime.scheduling import Handle, Request
     from ardeploy.serve.service import Job, ModelService
 
+    from types import SimpleNamespace
+    service = ModelService(SimpleNamespace(tokenizer=None), None, "m")     # events() needs only the job
+
     async def collect(handle, during=lambda handle, n: None):
         got = []
         try:
-            async for events in ModelService.events(None, Job("x", handle, 1, 0.0)):
+            async for events in service.events(Job("x", handle, 1, 0.0)):
                 got.append([e.token for e in events])
                 during(handle, len(got))
         except RuntimeError as e:
