@@ -24,9 +24,10 @@ operation for operation in the same precision:
                                    drawn on the host from that image's numpy generator (the same
                                    stream the host sampler uses), token = #{j: cdf[j] <= u * cdf[-1]}
 
-Slices, not reductions, find the k-th and the largest value: on an H200 (2026-12-07) ONNX Runtime's CUDA
-ReduceMin over the [rows, k] values went to a cuDNN kernel of ~96 us per step and the float64 Softmax took
-~26 us, about half the tail's time (TopK itself ~88 us at k = 2000).
+Slices, not reductions, find the k-th and the largest value: on an H200 (2026-12-07) a cuDNN reduction
+kernel ran once per step for ~96 us (by elimination the ReduceMin over the [rows, k] values: the ReduceSum
+and ArgMax ran as ONNX Runtime's own kernels) and the float64 Softmax took ~26 us, about half the tail's
+time (TopK itself ~88 us at k = 2000).
 
 Every setting is an input (`sampler_feeds`), so one graph serves every batch and setting; a step that
 draws nothing (a prompt) is given `default_feeds()` and computes a throwaway code for row 0. k is read
