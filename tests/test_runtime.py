@@ -437,3 +437,17 @@ def test_a_kv_budget_sizes_the_cache(tiny_bundle, capsys):
     assert code == 2 and "KV budget" in err and "\n" not in err
     assert main(["generate", str(tiny_bundle[0]), "--prompt-ids", "5,6", "--max-new-tokens", "2",
                  "--kv-budget", "1MiB", "--threads", str(threads())]) == 0
+
+
+def test_a_chat_template_is_compiled_once_and_its_errors_stay_errors():
+    """A server renders the template once per request: compiling it (about 1 ms for SmolLM2's) happens once.
+    A template that fails keeps failing, with the same one-line error, every time."""
+    from ardeploy.runtime.text import ChatTemplateError, _compiled, render_chat
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{{ 'go' if add_generation_prompt }}"
+    before = _compiled.cache_info().misses
+    texts = [render_chat(template, [{"role": "user", "content": word}]) for word in ("hi", "there", "hi")]
+    assert texts == ["<user>higo", "<user>therego", "<user>higo"]
+    assert _compiled.cache_info().misses == before + 1
+    for _ in range(2):
+        with pytest.raises(ChatTemplateError, match="not a valid template"):
+            render_chat("{% for %}", [{"role": "user", "content": "x"}])
