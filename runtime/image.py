@@ -101,8 +101,9 @@ def add_image_output(model) -> None:
         model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), "image/" + name))
         return "image/" + name
     steps = [("Cast", ["pixels"], "float", {"to": TensorProto.FLOAT}),
-             ("Add", ["image/float", const("one", 1.0)], "shifted", {}), ("Mul", ["image/shifted", const("half", 127.5)],
-             "scaled", {}), ("Round", ["image/scaled"], "rounded", {}),
+             ("Add", ["image/float", const("one", 1.0)], "shifted", {}),
+             ("Mul", ["image/shifted", const("half", 127.5)], "scaled", {}),
+             ("Round", ["image/scaled"], "rounded", {}),
              ("Clip", ["image/rounded", const("lo", 0.0), const("hi", 255.0)], "clipped", {}),
              ("Cast", ["image/clipped"], "levels", {"to": TensorProto.UINT8}),
              ("Transpose", ["image/levels"], "hwc", {"perm": [0, 2, 3, 1]})]
