@@ -17,17 +17,16 @@ operation for operation in the same precision:
                                    themselves when this step's scale is 1 (cfg_interval, no guidance)
     greedy                         ArgMax (the first maximum, as numpy's argmax)
     temperature                    Div (float32; x / 1 is x)
-    top-k                          the last (smallest) of TopK's k sorted values; entries below it -> -inf
-                                   (ties kept)
+    top-k                          the smallest of TopK's k values; entries below it -> -inf (ties kept)
     draw                           exp(x - max) in float64 (the softmax before its division, which the
                                    draw does not need), the CDF in token order, one uniform per image
                                    drawn on the host from that image's numpy generator (the same
                                    stream the host sampler uses), token = #{j: cdf[j] <= u * cdf[-1]}
 
-Slices, not reductions, find the k-th and the largest value: on an H200 (2026-12-07) a cuDNN reduction
-kernel ran once per step for ~96 us (by elimination the ReduceMin over the [rows, k] values: the ReduceSum
-and ArgMax ran as ONNX Runtime's own kernels) and the float64 Softmax took ~26 us, about half the tail's
-time (TopK itself ~88 us at k = 2000).
+ArgMin and ArgMax, not reductions, find the k-th and the largest value, and TopK leaves its k values
+unsorted: on an H200 (2026-12-07) a cuDNN reduction kernel ran once per step for ~96 us (by elimination a
+ReduceMin over the [rows, k] values; ArgMax runs as ONNX Runtime's own ~4 us kernel), the float64 Softmax
+took ~26 us, and TopK ~88 us at k = 2000, whose CUDA kernel sorts the k values it selected when asked to.
 
 Every setting is an input (`sampler_feeds`), so one graph serves every batch and setting; a step that
 draws nothing (a prompt) is given `default_feeds()` and computes a throwaway code for row 0. k is read
@@ -152,10 +151,11 @@ def add_sampler(graph, lo: int, hi: int, vocab: int, logits: str = "logits") -> 
     guided = g.op("Where", [off, cond, mixed], "guided")
     best = g.op("ArgMax", [guided], "best", axis=1, keepdims=0)
     tempered = g.op("Div", [guided, "sample_temperature"], "tempered")
-    top = g.op("TopK", [tempered, "sample_top_k"], "top_values", n_out=2, axis=1)     # sorted, largest first
-    axis1 = g.const("axis1t", [1], np.int64)
-    kth = g.op("Slice", [top, g.const("kth_lo", [-1], np.int64), g.const("kth_hi", [2**62], np.int64), axis1], "kth")
-    peak = g.op("Slice", [top, g.const("peak_lo", [0], np.int64), g.const("peak_hi", [1], np.int64), axis1], "peak")
+    # the k largest in any order (sorting them was most of TopK's time), the smallest of them found by ArgMin
+    top = g.op("TopK", [tempered, "sample_top_k"], "top_values", n_out=2, axis=1, sorted=0)
+    kth = g.op("GatherElements", [top, g.op("ArgMin", [top], "kth_at", axis=1, keepdims=1)], "kth", axis=1)
+    at_best = g.op("Unsqueeze", [best, g.const("axis1b", [1], np.int64)], "best_at")
+    peak = g.op("GatherElements", [tempered, at_best], "peak", axis=1)     # the largest: where ArgMax found it
     kept = g.op("Where", [g.op("Less", [tempered, kth], "below"), g.const("neg_inf", -np.inf, np.float32), tempered],
                 "top_k")
     drawn = _draw(g, kept, peak, hi - lo)
