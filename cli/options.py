@@ -67,7 +67,7 @@ def run_options(args, **fields):
     given = {name: getattr(args, name) for name in ("backend", "device", "flavor", "threads", "cuda_graph")
              if name in vars(args)}
     if getattr(args, "draft", None):
-        given["spin"] = False          # the model and its draft take turns on the same cores (RunOptions.spin)
+        given["shared_threads"] = True  # the model and its draft take turns on the same cores (RunOptions)
     return RunOptions(**{**given, **fields})
 
 

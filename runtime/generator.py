@@ -318,9 +318,9 @@ class Generator:
             return NgramDrafter(speculation.ngram)
         if speculation.draft not in self._drafts_met:     # once per draft: comparing vocabularies takes ~40 ms
             check_same_vocabulary(speculation.draft, self.bundle, self.tokenizer)
-            if self.backend.spins or speculation.draft.backend.spins:
-                log.warning("note: the model and its draft take turns on the CPU; load both with spin=False "
-                            "(RunOptions) or each one's spinning threads slow the other down")
+            if self.backend.own_threads or speculation.draft.backend.own_threads:
+                log.warning("note: the model and its draft take turns on the CPU; load both with shared_threads=True "
+                            "(RunOptions) or each one's idle threads slow the other down")
             self._drafts_met.add(speculation.draft)
         drafter = DraftModel(speculation.draft)
         drafter.start(sampler.cfg, (sampler.seed + 7919) % (1 << 63))    # its own random stream, fixed by the seed

@@ -25,10 +25,13 @@ class RunOptions:
     threads: int | None = None        # ort on the CPU: intra-op threads (None: all cores)
     cuda_graph: bool = True           # on the GPU: replay the one-token step as a captured CUDA graph
     prepack: bool = True              # ort: pre-pack MatMul weights (faster; a private copy of them)
-    # ort on the CPU: idle intra-op threads spin between runs (faster for one model). Two models that take
-    # turns (a draft model and its target) must not: each one's spinning threads take the cores the other
-    # needs (SmolLM2 with its w4a16 draft, 2 threads: 0.75x plain with spinning, 1.24x without)
-    spin: bool = True
+    # ort on the CPU: run on the process's one shared thread pool (its size: the first such session's
+    # threads; from then on every session of the process runs on it: ONNX Runtime allows no other kind)
+    # instead of threads of the session's own. Models that take turns (a draft model and its target)
+    # share it: with a pool each, one's idle threads, spinning, take the cores the other needs (SmolLM2
+    # with its w8a16 draft, 2 threads, open prompts: 72-74 tok/s with a pool each and spinning off, 94-97
+    # sharing one pool that spins)
+    shared_threads: bool = False
     audit: bool = False               # count K/V bytes a backend copies outside the graph (benchmarks, tests)
     prefill_chunk: int | None = 256   # ort on the CPU: feed longer prompts in pieces of this many tokens
     check_replay_every: int = 256     # check a captured step's first replay and every Nth (0: never)

@@ -87,11 +87,31 @@ def ask_exact_int8(options) -> None:
     options.add_session_config_entry(*EXACT_INT8_ON_X86)
 
 
-def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True, spin: bool = True):
+_shared_pool_threads: list = []     # the size the process's shared CPU thread pool was asked for, once
+
+
+def shared_pool(threads: int | None) -> int | None:
+    """Ask ONNX Runtime for the process's one shared CPU thread pool (`threads` intra-op threads, None: all
+    cores) the first time; later calls keep the first size. Returns the size the pool has. Once the pool
+    exists ONNX Runtime refuses sessions with threads of their own, so every later session uses it."""
+    if not _shared_pool_threads:
+        from onnxruntime.capi import _pybind_state
+        _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+        _shared_pool_threads.append(threads)
+    return _shared_pool_threads[0]
+
+
+def uses_shared_pool() -> bool:
+    """Whether this process's sessions run on the shared thread pool (see shared_pool)."""
+    return bool(_shared_pool_threads)
+
+
+def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True, shared: bool = False):
     """Full graph optimization, `threads` intra-op threads (None: all cores), one inter-op thread.
     prepack=False keeps ONNX Runtime from making packed copies of the weights;
     warnings=False hides ONNX Runtime's warnings (used when running graphs held in memory);
-    spin=False: idle intra-op threads sleep instead of spinning (RunOptions.spin says when)."""
+    shared=True: the session runs on the process's shared thread pool (`shared_pool`; RunOptions.shared_threads
+    says when) instead of threads of its own; once that pool exists every session does."""
     import onnxruntime as ort
     if threads is not None and threads < 0:
         raise UserError(f"--threads must be at least 1 (got {threads})")
@@ -99,13 +119,15 @@ def session_options(threads: int | None = None, prepack: bool = True, warnings: 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not warnings:
         options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    if shared or uses_shared_pool():
+        shared_pool(threads)
+        options.use_per_session_threads = False
+    else:
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

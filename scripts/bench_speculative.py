@@ -30,9 +30,9 @@ def ours(args, prompts: dict) -> dict:
     modes = {"plain": None, "ngram": Speculation("ngram", draft_tokens=args.draft_tokens)}
     gens = {"plain": gen, "ngram": gen}
     if args.draft and "draft" in args.modes:
-        # the model and its draft take turns on the same cores: both without spinning threads (RunOptions.spin);
-        # plain decoding keeps them, as it runs fastest that way
-        turns = options.replace(spin=False)
+        # the model and its draft take turns on the same cores: both on one shared thread pool
+        # (RunOptions.shared_threads); plain decoding keeps a pool of its own
+        turns = options.replace(shared_threads=True)
         draft = Generator.load(args.draft, turns, max_batch=1, warmup=True)
         draft.warmup(verify_widths=range(2, args.draft_tokens + 2))
         modes["draft"] = Speculation("draft", draft_tokens=min(args.draft_tokens, 6), draft=draft)

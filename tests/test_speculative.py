@@ -180,32 +180,55 @@ def test_greedy_tokens_are_plain_decodings_with_a_draft_model(tiny, draft_of, na
         assert result.timings["speculation"]["drafted"] > 0
 
 
-def test_a_model_and_its_draft_take_turns_without_spinning_threads(tiny, draft_of, capsys):
-    """Spinning idle threads of one session take the cores the other needs (0.75x plain instead of 1.24x
-    for SmolLM2 with its w4a16 draft on 2 threads): the CLI turns spinning off for both when --draft is
-    given, the API says so once when it is on."""
-    from ardeploy.cli.options import run_options
-    from ardeploy.runtime.sessions import session_options
-    args = type("Args", (), {"device": "cpu", "threads": 2, "draft": "D"})()
-    assert run_options(args).spin is False
-    args.draft = None
-    assert run_options(args).spin is True
-    def spinning(options) -> str | None:
-        try:
-            return options.get_session_config_entry("session.intra_op.allow_spinning")
-        except RuntimeError:                # not set: ONNX Runtime's default, spinning
-            return None
-    assert spinning(session_options(2, spin=False)) == "0"
-    assert spinning(session_options(2)) is None
-    name = TINY[0]
-    for spin, told in ((True, True), (False, False)):
-        gen = Generator.load(tiny[name], threads=threads(), spin=spin)
-        draft = Generator.load(tiny[name], threads=threads(), spin=spin)
-        assert gen.backend.spins is spin
-        capsys.readouterr()
-        for _ in range(2):
-            gen.generate(rng_ids(5), GREEDY, speculation=Speculation("draft", draft_tokens=2, draft=draft))
-        assert capsys.readouterr().err.count("spin=False") == (1 if told else 0)
+SHARED_POOL_CHECK = """
+import json, sys
+import numpy as np
+from ardeploy.cli.options import run_options
+from ardeploy.runtime import Generator, SamplingConfig
+from ardeploy.runtime.sessions import session_options, uses_shared_pool
+from ardeploy.runtime.speculative import Speculation
+bundle, out = sys.argv[1], {}
+args = type("Args", (), {"device": "cpu", "threads": 2, "draft": "D"})()
+out["cli_draft"] = run_options(args).shared_threads
+args.draft = None
+out["cli_plain"] = run_options(args).shared_threads
+out["own_pool_before"] = session_options(2).use_per_session_threads
+greedy, prompt = SamplingConfig(greedy=True, max_new_tokens=12), list(range(3, 8))
+plain = Generator.load(bundle, threads=2)                   # threads of its own, made before the shared pool
+out["plain_own_threads"] = plain.backend.own_threads
+expected = plain.generate(prompt, greedy).token_ids
+gen = Generator.load(bundle, threads=2, shared_threads=True)
+draft = Generator.load(bundle, threads=2)                   # made after: on the shared pool too
+out["shared"] = [uses_shared_pool(), gen.backend.own_threads, draft.backend.own_threads,
+                 session_options(2).use_per_session_threads]
+spec = Speculation("draft", draft_tokens=2, draft=draft)
+out["same_tokens"] = [gen.generate(prompt, greedy, speculation=spec).token_ids == expected for _ in range(2)]
+out["plain_again"] = plain.generate(prompt, greedy).token_ids == expected
+print(json.dumps(out))
+"""
+
+
+def test_a_model_and_its_draft_take_turns_on_one_shared_thread_pool(tiny, capsys):
+    """With a thread pool each, one session's idle spinning threads take the cores the other needs (SmolLM2
+    with its w4a16 draft on 2 threads: 0.75x plain): the CLI puts both on the process's one shared pool when
+    --draft is given. Once that pool exists ONNX Runtime refuses sessions with threads of their own, so every
+    later session uses it (a process of its own here, so that this one's sessions keep their pools); the
+    tokens are plain greedy decoding's. The API says once when a model or its draft has threads of its own."""
+    import json
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", SHARED_POOL_CHECK, str(tiny[TINY[0]])], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out == {"cli_draft": True, "cli_plain": False, "own_pool_before": True, "plain_own_threads": True,
+                   "shared": [True, False, False, False], "same_tokens": [True, True], "plain_again": True}
+    gen = Generator.load(tiny[TINY[0]], threads=threads())
+    draft = Generator.load(tiny[TINY[0]], threads=threads())
+    capsys.readouterr()
+    for _ in range(2):
+        gen.generate(rng_ids(5), GREEDY, speculation=Speculation("draft", draft_tokens=2, draft=draft))
+    assert capsys.readouterr().err.count("shared_threads=True") == 1
 
 
 def test_a_rejected_draft_leaves_the_cache_as_plain_decoding_would(tiny):

@@ -49,7 +49,7 @@ class Backend(ABC):
     features_prefill: bool = False       # prefill_features is available (LlamaGen t2i captions)
     all_positions: bool = False          # step(..., all_positions=True) at batch 1: every new token's logits
     rows_own_lengths: bool = False       # step_rows: each arena row at its own length (continuous batching)
-    spins: bool = False                  # idle CPU threads spin between steps (RunOptions.spin)
+    own_threads: bool = False            # CPU sessions with thread pools of their own (RunOptions.shared_threads)
     sampler_tail: bool = False           # the step graph ends in the image sampler (device_sampler.add_sampler)
 
     def __init__(self):

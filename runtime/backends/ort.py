@@ -34,7 +34,7 @@ from ..device_sampler import OUTPUT as SAMPLED, add_sampler, default_feeds, fixe
 from ..kv_arena import KVArena
 from ..log import log
 from ..run_options import RunOptions
-from ..sessions import check_io, graph_run_options, open_session, providers, session_options
+from ..sessions import check_io, graph_run_options, open_session, providers, session_options, uses_shared_pool
 from .base import Backend, check_step
 from .cuda_graph import CapturedStep
 
@@ -162,7 +162,7 @@ class OrtBackend(Backend):
         super().__init__()
         options = (options or RunOptions()).replace(**changes)
         self.options, self.bundle, self.device = options, bundle, options.where
-        self.spins = options.spin and self.device == "cpu"
+        self.own_threads = self.device == "cpu" and not (options.shared_threads or uses_shared_pool())
         self.graph = _decode_graph(bundle, options.flavor, self.device)
         self.flavor = "portable" if self.graph == "decode" else "ort"
         # Pieces bound the host memory ONNX Runtime keeps on the CPU; on the GPU one piece is fastest.
@@ -203,7 +203,7 @@ class OrtBackend(Backend):
         """Sessions are created on first use (the score graph only when evaluating)."""
         if kind not in self.sessions:
             path = self.bundle.graph_path(kind)
-            options = session_options(self.options.threads, self.options.prepack, spin=self.options.spin)
+            options = session_options(self.options.threads, self.options.prepack, shared=self.options.shared_threads)
             if self.weights is not None:
                 self.weights.add_to(options, path)
             edit = self._append_sampler if self.sampler_tail and kind == self.graph else None
