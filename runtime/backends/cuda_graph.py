@@ -16,9 +16,10 @@ graph on every later run with the same id. What must stay fixed, and how the ONN
 
 Prompts (several tokens per row) run without a graph; only the one-token step is replayed.
 
-ONNX Runtime's CUDA provider waits for the stream after every replay (onnxruntime 1.31: no option skips
-it), so what the host does between two steps (write the next inputs, read the tokens) adds to each step;
-a loop that queues step n+1 while step n runs, as a torch loop does, is out of reach through ONNX Runtime.
+ONNX Runtime's CUDA provider waits for the stream at the end of every replay (its CUDA graph manager's
+Replay; we found no run option that skips it), so what the host does between two steps (write the next
+inputs, read the tokens) adds to each step: a loop that queues step n+1 while step n runs, as a torch loop
+does, is out of reach this way.
 """
 from __future__ import annotations
 
