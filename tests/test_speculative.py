@@ -182,7 +182,6 @@ def test_greedy_tokens_are_plain_decodings_with_a_draft_model(tiny, draft_of, na
 
 SHARED_POOL_CHECK = """
 import json, sys
-import numpy as np
 from ardeploy.cli.options import run_options
 from ardeploy.runtime import Generator, SamplingConfig
 from ardeploy.runtime.sessions import session_options, uses_shared_pool
