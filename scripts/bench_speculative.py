@@ -1,14 +1,17 @@
 """Speculative decoding against plain decoding, and transformers' prompt lookup, in the same run.
 
     python scripts/bench_speculative.py --bundle bundles/smollm2 --draft bundles/smollm2-w4a16 --threads 2 \
-        --gguf ~/.cache/ardeploy/SmolLM2-135M-Instruct.Q4_1.gguf --json spec.json
+        --gguf ~/.cache/ardeploy/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --llamacpp-gguf ~/.cache/ardeploy/SmolLM2-135M-Instruct.F32.gguf --json spec.json
     python scripts/bench_speculative.py --bundle bundles/smollm2-fp16 --device cuda --modes plain,ngram
 
 Prompts: scripts/prompts/speculation.json ("copy": answers that repeat the prompt with changes; "open":
 open-ended chat), chat template applied, greedy, up to --new-tokens tokens or end of sequence. For each
 set and mode: decode tokens per second over all its prompts (tokens after the first / time after the
 first), the ratio to plain decoding of the same run, and whether every token equals plain decoding's.
-transformers runs the same prompts from the same GGUF with and without `prompt_lookup_num_tokens`.
+transformers runs the same prompts from the same GGUF with and without `prompt_lookup_num_tokens`; llama.cpp
+(llama-cpp-python, if installed; not a dependency) our prompt ids on an F32 GGUF of the same weights (written by
+scripts/bench_peers.py) with and without its prompt-lookup decoding.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from pathlib import Path
 PROMPTS = Path(__file__).with_name("prompts") / "speculation.json"
 
 
-def ours(args, prompts: dict) -> dict:
+def ours(args, prompts: dict) -> tuple[dict, dict]:
+    """Our modes on each prompt set; returns (results, the prompt ids of each set, chat template applied)."""
     from ardeploy.runtime import Generator, SamplingConfig
     from ardeploy.runtime.run_options import RunOptions
     from ardeploy.runtime.speculative import Speculation
@@ -39,9 +43,9 @@ def ours(args, prompts: dict) -> dict:
         gens["draft"] = Generator.load(args.bundle, turns, max_batch=1, warmup=True)
     modes = {name: spec for name, spec in modes.items() if name in args.modes}
     cfg = SamplingConfig(greedy=True, max_new_tokens=args.new_tokens)
-    out = {}
+    out, encoded = {}, {}
     for kind, texts in prompts.items():
-        ids = [gen.encode(text, chat=True) for text in texts]
+        ids = encoded[kind] = [gen.encode(text, chat=True) for text in texts]
         # each prompt length's and verify width's first-run cost (GPU: ~40 ms each) kept out of the timing
         for g in {id(g): g for g in gens.values()}.values():
             g.warmup(prompt_lengths=[len(x) for x in ids], verify_widths=range(2, args.draft_tokens + 2))
@@ -56,7 +60,7 @@ def ours(args, prompts: dict) -> dict:
             row["same_tokens_as_plain"] = tokens[name] == tokens["plain"]
             row["prompts_identical_to_plain"] = f"{sum(a == b for a, b in zip(tokens[name], tokens['plain']))}/{len(texts)}"
         out[kind] = rows
-    return out
+    return out, encoded
 
 
 def summarize(runs) -> dict:
@@ -110,6 +114,35 @@ def transformers_peer(args, prompts: dict) -> dict:
     return out
 
 
+def llamacpp_peer(args, encoded: dict) -> dict:
+    """llama.cpp (llama-cpp-python) on a GGUF of the same weights, greedy, our prompt ids: plain and with its
+    prompt-lookup decoding (LlamaPromptLookupDecoding, 10 tokens drafted)."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    out = {}
+    for kind, prompt_ids in encoded.items():
+        rows = {}
+        for name, draft in (("plain", None), ("prompt_lookup", LlamaPromptLookupDecoding(num_pred_tokens=10))):
+            llm = Llama(model_path=args.llamacpp_gguf, n_ctx=2048, n_threads=args.threads, draft_model=draft,
+                        verbose=False)
+            tokens = seconds = 0.0
+            for ids in prompt_ids:
+                n, first = 0, None
+                for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                    n += 1
+                    first = first or time.perf_counter()
+                    if token == llm.token_eos() or n >= args.new_tokens:
+                        break
+                tokens, seconds = tokens + n - 1, seconds + time.perf_counter() - first
+            rows[name] = {"decode_tokens_per_s": round(tokens / seconds, 2)}
+            print(f"  llama.cpp {kind:5} {name:13} {rows[name]['decode_tokens_per_s']:8.1f} tok/s",
+                  file=sys.stderr, flush=True)
+        rows["prompt_lookup"]["vs_plain"] = round(rows["prompt_lookup"]["decode_tokens_per_s"]
+                                                  / rows["plain"]["decode_tokens_per_s"], 3)
+        out[kind] = rows
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)
@@ -120,14 +153,19 @@ def main() -> int:
     p.add_argument("--draft-tokens", type=int, default=8)
     p.add_argument("--modes", default="plain,ngram,draft")
     p.add_argument("--gguf", help="run transformers (plain and prompt lookup) from this GGUF too")
+    p.add_argument("--llamacpp-gguf", help="run llama.cpp (llama-cpp-python, plain and its prompt-lookup decoding) "
+                                           "on this GGUF too (e.g. the F32 one scripts/bench_peers.py writes)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.modes = set(args.modes.split(",")) | {"plain"}
     prompts = {k: v for k, v in json.loads(PROMPTS.read_text()).items() if k in ("copy", "open")}
     result = {"bundle": args.bundle, "draft": args.draft, "device": args.device, "threads": args.threads,
-              "new_tokens": args.new_tokens, "ours": ours(args, prompts)}
+              "new_tokens": args.new_tokens}
+    result["ours"], encoded = ours(args, prompts)
     if args.gguf:
         result["transformers"] = transformers_peer(args, prompts)
+    if args.llamacpp_gguf:
+        result["llamacpp"] = llamacpp_peer(args, encoded)
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).write_text(text)
