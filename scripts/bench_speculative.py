@@ -157,6 +157,9 @@ def main() -> int:
                                            "on this GGUF too (e.g. the F32 one scripts/bench_peers.py writes)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    for given in (args.gguf, args.llamacpp_gguf):
+        if given and not Path(given).is_file():
+            p.error(f"no GGUF file at {given}")
     args.modes = set(args.modes.split(",")) | {"plain"}
     prompts = {k: v for k, v in json.loads(PROMPTS.read_text()).items() if k in ("copy", "open")}
     result = {"bundle": args.bundle, "draft": args.draft, "device": args.device, "threads": args.threads,
@@ -165,7 +168,12 @@ def main() -> int:
     if args.gguf:
         result["transformers"] = transformers_peer(args, prompts)
     if args.llamacpp_gguf:
-        result["llamacpp"] = llamacpp_peer(args, encoded)
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp peer skipped: pip install llama-cpp-python", file=sys.stderr)
+        else:
+            result["llamacpp"] = llamacpp_peer(args, encoded)
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).write_text(text)
