@@ -80,6 +80,8 @@ class Handle:
     # -- the submitter's side --------------------------------------------------------------------
     def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
         """The request's tokens as they come; raises the scheduler's error if the request failed."""
+        if self._listener is not None:
+            raise RuntimeError("this request's tokens go to the callback given to listen(), not to events()")
         while True:
             item = self._queue.get(timeout=timeout)
             if item is _DONE:
@@ -93,6 +95,8 @@ class Handle:
         `error`), called on the scheduler's thread, those emitted before this call first. A server's event
         loop passes its call_soon_threadsafe here: no thread per request waits on the queue."""
         with self._lock:
+            if self._listener is not None:
+                raise RuntimeError("a request's tokens go to one listener; listen() was called already")
             while not self._queue.empty():
                 item = self._queue.get_nowait()
                 callback(None if item is _DONE else item)

@@ -209,3 +209,8 @@ def test_a_listener_gets_every_event_once_in_order_then_the_end():
         handle.listen(got.append)
         emitter.join()
         assert [e.token for e in got[:-1]] == list(range(500)) and got[-1] is None
+    # a handle with a listener has no queue to read: events() and a second listen() say so instead of waiting
+    with pytest.raises(RuntimeError, match="listen"):
+        next(handle.events(timeout=0.1))
+    with pytest.raises(RuntimeError, match="listen"):
+        handle.listen(got.append)
