@@ -105,12 +105,8 @@ def transformers_peer(args, prompts: dict) -> dict:
                 n = new.shape[1] - ids.shape[1]
                 tokens += n - 1
                 seconds += max(total - first, 1e-9)
-            rows[name] = {"decode_tokens_per_s": round(tokens / seconds, 2)}
-            print(f"  transformers {kind:5} {name:13} {rows[name]['decode_tokens_per_s']:8.1f} tok/s",
-                  file=sys.stderr, flush=True)
-        rows["prompt_lookup"]["vs_plain"] = round(rows["prompt_lookup"]["decode_tokens_per_s"]
-                                                  / rows["plain"]["decode_tokens_per_s"], 3)
-        out[kind] = rows
+            peer_row(rows, "transformers", kind, name, tokens, seconds)
+        out[kind] = with_ratio(rows)
     return out
 
 
@@ -134,13 +130,21 @@ def llamacpp_peer(args, encoded: dict) -> dict:
                     if token == llm.token_eos() or n >= args.new_tokens:
                         break
                 tokens, seconds = tokens + n - 1, seconds + time.perf_counter() - first
-            rows[name] = {"decode_tokens_per_s": round(tokens / seconds, 2)}
-            print(f"  llama.cpp {kind:5} {name:13} {rows[name]['decode_tokens_per_s']:8.1f} tok/s",
-                  file=sys.stderr, flush=True)
-        rows["prompt_lookup"]["vs_plain"] = round(rows["prompt_lookup"]["decode_tokens_per_s"]
-                                                  / rows["plain"]["decode_tokens_per_s"], 3)
-        out[kind] = rows
+            peer_row(rows, "llama.cpp", kind, name, tokens, seconds)
+        out[kind] = with_ratio(rows)
     return out
+
+
+def peer_row(rows: dict, peer: str, kind: str, name: str, tokens: float, seconds: float) -> None:
+    rows[name] = {"decode_tokens_per_s": round(tokens / seconds, 2)}
+    print(f"  {peer} {kind:5} {name:13} {rows[name]['decode_tokens_per_s']:8.1f} tok/s", file=sys.stderr, flush=True)
+
+
+def with_ratio(rows: dict) -> dict:
+    """A peer's rows with prompt lookup's speed-up over its own plain decoding."""
+    rows["prompt_lookup"]["vs_plain"] = round(rows["prompt_lookup"]["decode_tokens_per_s"]
+                                              / rows["plain"]["decode_tokens_per_s"], 3)
+    return rows
 
 
 def main() -> int:

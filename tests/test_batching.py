@@ -40,15 +40,19 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(bundle):
     returns exactly the tokens of the same request run alone (greedy and seeded sampling)."""
     scheduler = BatchingScheduler(Generator.load(bundle, threads=threads()), max_queue=16)
     reqs = requests(10)
-    handles = [None] * len(reqs)
+    gate = Gate()        # allows every token; holds the first request in its row until the others are queued,
+    reqs[0] = Request(reqs[0].prompt_ids, reqs[0].sampling, gate)   # so that rows surely run together
+    handles = [scheduler.submit(reqs[0])] + [None] * (len(reqs) - 1)
+    assert gate.reached.wait(30)
 
     def submit(i):
         handles[i] = scheduler.submit(reqs[i])
-    workers = [threading.Thread(target=submit, args=(i,)) for i in range(len(reqs))]
+    workers = [threading.Thread(target=submit, args=(i,)) for i in range(1, len(reqs))]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    gate.open.set()
     got = [[e.token for e in h.events(timeout=60)] for h in handles]
     stats = scheduler.stats()
     scheduler.close()
