@@ -170,8 +170,8 @@ class ModelService:
                         raise handle.error
                     return
         finally:
-            if not job.handle.wait(0):
-                job.handle.cancel()
+            if not handle.wait(0):
+                handle.cancel()
 
 
 def result_of(job: Job):
