@@ -10,7 +10,6 @@ needs a GPU (see test_engines_binding.py for the backend's logic without one).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -26,21 +25,9 @@ from ardeploy.runtime import engine_record                                      
 from ardeploy.runtime import trt_compat as compat                                   # noqa: E402
 from ardeploy.runtime.bundle import Bundle, BundleError                             # noqa: E402
 from ardeploy.runtime.files import sha256_file                                      # noqa: E402
+from bundle_copies import shadow                                                    # noqa: E402
 
 OPT_LEVEL = 0       # the cheapest builder setting; measured no slower to build and the same plan size as 3
-
-
-def shadow(src: Path, dst: Path) -> Path:
-    """A bundle sharing src's files through hard links (no copies; symlinks would lead out of the bundle
-    folder, which Bundle.load refuses). Tests replace a file by unlinking it first, never in place."""
-    dst.mkdir(parents=True)
-    for f in Path(src).iterdir():
-        if f.is_file():
-            try:
-                os.link(f.resolve(), dst / f.name)
-            except OSError:                      # another file system
-                shutil.copy2(f, dst / f.name)
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,25 +16,13 @@ from ardeploy.runtime import trt_compat as compat
 from ardeploy.runtime.backends.trt import engine_runs
 from ardeploy.runtime.bundle import BundleError
 from ardeploy.runtime.errors import EngineError
+from bundle_copies import shadow
 
 
 @pytest.fixture(scope="module")
 def tiny16(tiny_hf, export_once):
     folder, _ = tiny_hf("gqa_tied_llama3_bias")
     return export_once(folder, dtype="fp16", max_seq=128, max_batch=2)
-
-
-def shadow(src: Path, dst: Path) -> Path:
-    """A bundle sharing src's files through hard links (no copies; symlinks would lead out of the bundle
-    folder, which Bundle.load refuses). Tests replace a file by unlinking it first, never in place."""
-    dst.mkdir(parents=True)
-    for f in Path(src).iterdir():
-        if f.is_file():
-            try:
-                os.link(f.resolve(), dst / f.name)
-            except OSError:                      # another file system
-                shutil.copy2(f, dst / f.name)
-    return dst
 
 
 def one_error_line(capsys, argv) -> str:
