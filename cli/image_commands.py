@@ -8,6 +8,7 @@ Sampling settings default to the family's published ones (manifest.json "image.d
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def cmd_generate_image(args) -> int:
     from ardeploy.runtime.image import ImageGenerator, save_images
     size = _size(args.size)
     out = Path(args.out)
+    _check_writable(out, "--out", out.parent if out.suffix.lower() == ".png" else out)
+    if args.save_tokens:
+        _check_writable(Path(args.save_tokens), "--save-tokens", Path(args.save_tokens).parent)
     gen = ImageGenerator.load(args.bundle, run_options(args, prepack=not args.no_prepack))
     requests = _requests(args, gen)
     if out.suffix.lower() == ".png" and len(requests) > 1:
@@ -150,6 +154,14 @@ def cmd_generate_image(args) -> int:
     return 0
 
 
+def _check_writable(path: Path, flag: str, folder: Path) -> None:
+    """Before any token is generated: `folder` (made later if missing) must be, or be able to become, a
+    writable folder, so that a bad path fails now in one line rather than after the images are made."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write there ({existing} is not a writable folder)")
+
+
 def _image_json(result, path) -> dict:
     """One image's file and seconds: its share of its batch's token generation, VQ decoding and PNG."""
     t = result.timings
@@ -162,7 +174,10 @@ def _image_json(result, path) -> dict:
 def _save_tokens(results, path) -> None:
     import numpy as np
     codes = [r.codes for r in results if r.codes is not None]
-    np.save(path, np.stack(codes) if codes else np.zeros((0, 0, 0), np.int64))
+    try:
+        np.save(path, np.stack(codes) if codes else np.zeros((0, 0, 0), np.int64))
+    except OSError as e:
+        raise UserError(f"--save-tokens {path}: cannot write there: {e.strerror or e}") from None
 
 
 def register(sub) -> None:

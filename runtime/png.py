@@ -38,5 +38,7 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in FULL_OR_READ_ONLY:
             raise UserError(describe_write_error(path, e)) from None
+        if isinstance(e, OSError):             # named by the file asked for, not by its temporary name
+            raise UserError(f"{path}: cannot write there: {e.strerror or e}") from None
         raise
     return path

@@ -899,6 +899,14 @@ def test_png_full_disk_leaves_no_partial(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_png_write_error_names_the_file_asked_for(tmp_path):
+    from ardeploy.runtime.errors import UserError
+    from ardeploy.runtime.png import write_png
+    with pytest.raises(UserError, match=r"missing/img\.png: cannot write there: No such file") as caught:
+        write_png(tmp_path / "missing" / "img.png", np.zeros((4, 4, 3), np.uint8))
+    assert "partial" not in str(caught.value)
+
+
 # -- signals during writing commands, and a killed run's leftovers ----------------------------------
 def _pausing_cli(argv, module: str, function: str, ready: Path, **popen) -> subprocess.Popen:
     """`ardeploy ARGV` in a fresh interpreter whose `module.function` (a step inside the folder being written)

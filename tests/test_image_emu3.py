@@ -269,6 +269,14 @@ def test_bad_input(emu3, tmp_path, capsys):
     one_line_error(main(["export", hf, "--image-size", "256", "--out", str(tmp_path / "b")]), capsys,
                    "does not apply")
     assert not any(tmp_path.iterdir())
+    # an output path that cannot be written fails before any token is generated
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for flags in (["--out", str(blocker / "x.png")], ["--out", str(blocker / "dir")],
+                  ["--out", out, "--save-tokens", str(blocker / "codes.npy")]):
+        one_line_error(main(["generate-image", bundle, "--prompt", "a cat", "--size", "8x8", *flags]), capsys,
+                       f"{blocker} is not a writable folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
 def test_emu35_loader(tiny_hf, tmp_path):
