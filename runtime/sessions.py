@@ -87,22 +87,23 @@ def ask_exact_int8(options) -> None:
     options.add_session_config_entry(*EXACT_INT8_ON_X86)
 
 
-_shared_pool_made: list = []        # non-empty once the process's shared CPU thread pool was asked for
+_shared_pool_made = False           # True once the process's shared CPU thread pool was asked for
 
 
 def shared_pool(threads: int | None) -> None:
     """Ask ONNX Runtime for the process's one shared CPU thread pool (`threads` intra-op threads, None: all
     cores) the first time; later calls keep the first size. Once the pool exists ONNX Runtime refuses
     sessions with threads of their own, so every later session uses it."""
+    global _shared_pool_made
     if not _shared_pool_made:
         from onnxruntime.capi import _pybind_state
         _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
-        _shared_pool_made.append(True)
+        _shared_pool_made = True
 
 
 def uses_shared_pool() -> bool:
     """Whether this process's sessions run on the shared thread pool (see shared_pool)."""
-    return bool(_shared_pool_made)
+    return _shared_pool_made
 
 
 def session_options(threads: int | None = None, prepack: bool = True, warnings: bool = True, shared: bool = False):
