@@ -1285,7 +1285,7 @@ CASES = {
     # the second pass (issue 21)
     "path confinement (bundle, engines.json, calibrate)": len(PATH_ESCAPES) + 1 + len(ENGINE_ESCAPES),
     "--force and concurrent writers": 7,
-    "file system (ENOSPC, EDQUOT, EROFS, EACCES, non-empty --out)": len(FS_ERRORS) + 2,
+    "file system (ENOSPC, EDQUOT, EROFS, EACCES, non-empty --out, a PNG under a missing folder)": len(FS_ERRORS) + 3,
     "signals and killed runs": len(SIGNAL_CASES) + 1,
     "absurd or mistyped checkpoint values": len(HF_CONFIG_VALUES) + len(CHECKPOINT_FILES) + len(SAFETENSORS_ENTRIES) + 2,
     "manifest against its graphs and bounds": len(MANIFEST_VS_GRAPHS) + 1,
