@@ -15,8 +15,8 @@ from pathlib import Path
 from ardeploy.runtime.text import check_text
 
 from .errors import UserError
-from .options import (add_backend_threads, add_device, add_flavor, add_json, add_token_filters, add_verbosity,
-                      run_options)
+from .options import (add_backend_threads, add_device, add_flavor, add_json, add_out_force, add_token_filters,
+                      add_verbosity, run_options)
 
 
 def _size(text: str | None):
@@ -116,7 +116,7 @@ class _TokenBar:
 
 
 def cmd_generate_image(args) -> int:
-    from ardeploy.runtime.image import ImageGenerator, save_images
+    from ardeploy.runtime.image import ImageGenerator, image_paths, save_images
     size = _size(args.size)
     out = Path(args.out)
     _check_writable(out, "--out", out.parent if out.suffix.lower() == ".png" else out)
@@ -130,6 +130,8 @@ def cmd_generate_image(args) -> int:
     decode = not args.no_decode
     if not decode and not args.save_tokens:
         raise UserError("--no-decode needs --save-tokens (otherwise nothing would be written)")
+    _check_not_there([*(image_paths(out, len(requests)) if decode else []),
+                      *([Path(args.save_tokens)] if args.save_tokens else [])], args.force)
     w, h = size or gen.default_size
     factor = gen.layout.downsample
     bar = _TokenBar(len(requests) * (w // factor) * (h // factor))
@@ -162,6 +164,14 @@ def _check_writable(path: Path, flag: str, folder: Path) -> None:
         raise UserError(f"{flag} {path}: cannot write there ({existing} is not a writable folder)")
 
 
+def _check_not_there(paths: list[Path], force: bool) -> None:
+    """Files this run would write must not exist yet (a file is replaced only with --force)."""
+    there = [path for path in paths if path.exists() or path.is_symlink()]
+    if there and not force:
+        more = f" and {len(there) - 1} more" if len(there) > 1 else ""
+        raise UserError(f"{there[0]}{more}: already there (use --force to replace)")
+
+
 def _image_json(result, path) -> dict:
     """One image's file and seconds: its share of its batch's token generation, VQ decoding and PNG."""
     t = result.timings
@@ -172,12 +182,16 @@ def _image_json(result, path) -> dict:
 
 
 def _save_tokens(results, path) -> None:
+    """The codes as a .npy array, written whole at exactly `path` (np.save would add .npy to a name without it)."""
+    import io
+
     import numpy as np
+
+    from ardeploy.runtime.atomic import write_file_whole
     codes = [r.codes for r in results if r.codes is not None]
-    try:
-        np.save(path, np.stack(codes) if codes else np.zeros((0, 0, 0), np.int64))
-    except OSError as e:
-        raise UserError(f"--save-tokens {path}: cannot write there: {e.strerror or e}") from None
+    data = io.BytesIO()
+    np.save(data, np.stack(codes) if codes else np.zeros((0, 0, 0), np.int64))
+    write_file_whole(path, data.getvalue())
 
 
 def register(sub) -> None:
@@ -198,7 +212,8 @@ def register(sub) -> None:
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per condition")
     p.add_argument("--size",
                    help="WIDTHxHEIGHT in pixels, a multiple of the VQ decoder's factor (default: the bundle's)")
-    p.add_argument("--out", required=True, help="a .png file (one image) or a folder")
+    add_out_force(p, "a .png file (one image) or a folder (000.png, 001.png, ...)",
+                  "replace PNG files (and the --save-tokens file) already there")
     p.add_argument("--save-tokens", help="also save the codes as a .npy array [N, h, w]")
     p.add_argument("--no-decode", action="store_true", help="tokens only (with --save-tokens)")
     add_json(p, "each image's file and seconds (its share of the batch's tokens, VQ decoding, PNG)")

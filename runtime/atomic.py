@@ -229,6 +229,23 @@ def move_into_place(tmp: Path, out: Path, replace: bool = False, error: type[Exc
         raise
 
 
+def write_file_whole(path: str | Path, data: bytes) -> Path:
+    """One file written whole or not at all: the bytes go to a hidden file beside `path`, renamed onto it at
+    the end; a failure (a full disk, Ctrl-C, SIGTERM) removes that file and leaves `path` as it was. A file
+    system error becomes a UserError naming `path`, not the temporary name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: cannot write there: {e.strerror or e}") from None
+        raise
+    return path
+
+
 def describe_write_error(out: Path, e: OSError) -> str:
     where = f" ({e.filename})" if e.filename else ""
     return f"{out}: cannot write there: {e.strerror or e}{where}"

@@ -539,19 +539,24 @@ class ImageGenerator:
         return self._vq.run(["image" if as_images else "pixels"], {"tokens": codes})[0]
 
 
-def save_images(results: list[ImageResult], out: str | Path, names: list[str] | None = None) -> list[Path]:
-    """PNG files: `out` itself when it ends in .png and there is one image, else out/<name>.png."""
-    from .png import write_png
+def image_paths(out: str | Path, count: int, names: list[str] | None = None) -> list[Path]:
+    """Where save_images puts `count` images: `out` itself when it ends in .png (one image), else
+    out/<name>.png (names: 000, 001, ... unless given)."""
     out = Path(out)
-    images = [result for result in results if result.image is not None]
     if out.suffix.lower() == ".png":
-        if len(images) != 1:
-            raise UserError(f"{out}: one file name for {len(images)} images; give a folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        paths = [out]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / f"{name}.png" for name in (names or [f"{index:03d}" for index in range(len(images))])]
+        if count != 1:
+            raise UserError(f"{out}: one file name for {count} images; give a folder")
+        return [out]
+    return [out / f"{name}.png" for name in (names or [f"{index:03d}" for index in range(count)])]
+
+
+def save_images(results: list[ImageResult], out: str | Path, names: list[str] | None = None) -> list[Path]:
+    """PNG files at image_paths(out, ...), the folder made if missing."""
+    from .png import write_png
+    images = [result for result in results if result.image is not None]
+    paths = image_paths(out, len(images), names)
+    if paths:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, result in zip(paths, images):
         started = time.perf_counter()
         write_png(path, result.image)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import FULL_OR_READ_ONLY, describe_write_error
-from .errors import UserError
+from .atomic import write_file_whole
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -28,17 +27,4 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     """Write atomically: a failed write never leaves a truncated file under the final name."""
-    path = Path(path)
-    data = png_bytes(rgb)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except BaseException as e:                     # a full disk, Ctrl-C, SIGTERM: no partial file stays
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in FULL_OR_READ_ONLY:
-            raise UserError(describe_write_error(path, e)) from None
-        if isinstance(e, OSError):             # named by the file asked for, not by its temporary name
-            raise UserError(f"{path}: cannot write there: {e.strerror or e}") from None
-        raise
-    return path
+    return write_file_whole(path, png_bytes(rgb))

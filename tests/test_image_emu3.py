@@ -249,6 +249,18 @@ def test_generate_image_cli_writes_png(emu3, tmp_path, capsys):
     with Image.open(out) as im:
         im.load()
         assert im.size == (8, 6) and im.mode == "RGB"
+    # a second run refuses to replace what is there (before generating), unless --force
+    first = out.read_bytes()
+    again = ["generate-image", str(emu3[2]), "--prompt", "a cat", "--size", "8x6", "--seed", "1", "--out", str(out)]
+    one_line_error(main(again), capsys, f"{out}: already there (use --force")
+    codes = tmp_path / "codes"                       # no .npy: written at exactly this name
+    codes.write_text("mine")
+    one_line_error(main([*again[:-1], str(tmp_path / "new.png"), "--save-tokens", str(codes)]), capsys,
+                   f"{codes}: already there")
+    assert out.read_bytes() == first and codes.read_text() == "mine" and not (tmp_path / "new.png").exists()
+    assert main([*again, "--force", "--save-tokens", str(codes)]) == 0, capsys.readouterr().err
+    assert out.read_bytes() != first and np.load(codes).shape == (1, 6 // 2, 8 // 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "img.png"]
 
 
 def test_bad_input(emu3, tmp_path, capsys):
