@@ -119,18 +119,16 @@ def cmd_generate_image(args) -> int:
     from ardeploy.runtime.image import ImageGenerator, image_paths, save_images
     size = _size(args.size)
     out = Path(args.out)
-    _check_writable(out, "--out", out.parent if out.suffix.lower() == ".png" else out)
+    _check_writable(out, "--out", image_paths(out, 1)[0].parent)
     if args.save_tokens:
         _check_writable(Path(args.save_tokens), "--save-tokens", Path(args.save_tokens).parent)
     gen = ImageGenerator.load(args.bundle, run_options(args, prepack=not args.no_prepack))
     requests = _requests(args, gen)
-    if out.suffix.lower() == ".png" and len(requests) > 1:
-        raise UserError(f"--out {out}: {len(requests)} images need a folder, not one .png file")
     settings = _settings(args, gen, size)
     decode = not args.no_decode
     if not decode and not args.save_tokens:
         raise UserError("--no-decode needs --save-tokens (otherwise nothing would be written)")
-    _check_not_there([*(image_paths(out, len(requests)) if decode else []),
+    _check_not_there([*(image_paths(out, len(requests)) if decode else []),    # a .png for several: refused there
                       *([Path(args.save_tokens)] if args.save_tokens else [])], args.force)
     w, h = size or gen.default_size
     factor = gen.layout.downsample
